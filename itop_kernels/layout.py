@@ -1,0 +1,235 @@
+"""Block layouts: which blocks of a weight are active, plus the index metadata the kernels need.
+
+A weight of shape ``[rows, cols]`` (a linear layer's ``[out, in]``, or a convolution's
+``[Cout, Cin]`` channel plane) is cut into ``block_size × block_size`` blocks, giving a block
+grid of ``R = rows / block_size`` block-rows and ``C = cols / block_size`` block-columns.
+A :class:`BlockLayout` records which of those ``R × C`` blocks are active and carries three
+views of the same set, each built on the mask's device with torch ops and no Python loop over
+blocks:
+
+* row-wise CSR (``row_ptr``, ``col_idx``) for the forward ``Y = X·Wᵀ``: the blocks of block-row
+  ``r`` are ``values[row_ptr[r]:row_ptr[r+1]]`` and sit in block-columns ``col_idx[...]``.
+  The order of active blocks in ``values`` is row-major (the order of ``block_mask.flatten()``).
+* column-wise CSR, the transpose metadata (``col_ptr``, ``t_row_idx``, ``t_block_idx``), for
+  ``dX = dY·W``: the ``k``-th active block in column-major order lies in block-column ``c`` with
+  ``col_ptr[c] <= k < col_ptr[c+1]``, in block-row ``t_row_idx[k]``, and its values are
+  ``values[t_block_idx[k]]``. Kernels read columns through it, so no atomics are needed.
+* the active-block list (``row_idx``, ``col_idx``) for the sampled ``dW``: block ``i`` is at
+  ``(row_idx[i], col_idx[i])``.
+
+All index tensors are ``int32`` on the mask's device.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["BlockLayout"]
+
+
+def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    """``[n] -> [n + 1]`` int32 prefix sums starting at 0 (a CSR pointer array)."""
+    out = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    out[1:] = torch.cumsum(counts, 0)
+    return out
+
+
+def _active_positions(flat_mask: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Ascending flat positions of the ``True`` entries of a 1-D bool mask, as int64.
+
+    Uses a stable sort instead of ``nonzero`` so that, when ``nnz`` is already known, nothing
+    waits on the device.
+    """
+    order = torch.sort((~flat_mask).to(torch.uint8), stable=True).indices
+    return order[:nnz]
+
+
+class BlockLayout:
+    """Active blocks of a block-sparse weight and the index metadata the kernels need.
+
+    Build one with :meth:`from_mask`. Attributes (index tensors are int32, on the mask's device):
+
+    - ``block_mask``: bool ``[R, C]``.
+    - ``block_size``: int, the side of a square block.
+    - ``nnz``: int, the number of active blocks.
+    - ``row_ptr`` ``[R+1]``, ``col_idx`` ``[nnz]``: row-wise CSR, in ``values`` order.
+    - ``row_idx`` ``[nnz]``: the block-row of each active block (with ``col_idx``, the
+      active-block list used by ``dW``).
+    - ``col_ptr`` ``[C+1]``, ``t_row_idx`` ``[nnz]``, ``t_block_idx`` ``[nnz]``: column-wise CSR
+      (transpose metadata); ``t_block_idx`` points into ``values``.
+
+    ``values`` holds one entry per active block, in row-major block order:
+    ``[nnz, bs, bs]`` for a linear weight (``values[i] = W[r*bs:(r+1)*bs, c*bs:(c+1)*bs]``) and
+    ``[nnz, kh, kw, bs, bs]`` for a conv weight (``values[i, a, b] = W[r-block, c-block, a, b]``,
+    each kernel tap a contiguous ``[out, in]`` tile).
+    """
+
+    __slots__ = (
+        "block_mask", "block_size", "nnz", "row_ptr", "col_idx", "row_idx",
+        "col_ptr", "t_row_idx", "t_block_idx", "_host_cache",
+    )
+
+    def __init__(self, *args, **kwargs):  # pragma: no cover - guard against misuse
+        raise TypeError("build a BlockLayout with BlockLayout.from_mask(block_mask, block_size)")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mask(cls, block_mask: torch.Tensor, block_size: int, *, nnz: Optional[int] = None
+                  ) -> "BlockLayout":
+        """Build a layout from a bool block mask.
+
+        Args:
+            block_mask: bool tensor ``[R, C]``; ``True`` marks an active block. For a conv weight
+                ``R`` counts out-channel blocks and ``C`` in-channel blocks.
+            block_size: side of a square block, a positive int (the Triton kernels take 16, 32,
+                64 or 128; the CPU path takes any).
+            nnz: the number of active blocks, if the caller already knows it. Passing it avoids
+                the one device-to-host sync (counting the mask) that the build otherwise needs.
+
+        Returns:
+            A :class:`BlockLayout` whose index tensors live on ``block_mask.device``.
+        """
+        if not isinstance(block_mask, torch.Tensor):
+            raise TypeError(f"block_mask must be a torch.Tensor, got {type(block_mask).__name__}")
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must have dtype torch.bool, got {block_mask.dtype}")
+        if block_mask.dim() != 2:
+            raise ValueError(f"block_mask must be 2-D [R, C], got shape {tuple(block_mask.shape)}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        mask = block_mask.contiguous()
+        R, C = mask.shape
+        if nnz is None:
+            nnz = int(mask.sum())  # the one unavoidable sync: the sizes below depend on it
+        elif isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= R * C:
+            raise ValueError(f"nnz must be an int in [0, {R * C}], got {nnz!r}")
+
+        self = object.__new__(cls)
+        self.block_mask = mask
+        self.block_size = block_size
+        self.nnz = nnz
+        flat = mask.reshape(-1)
+        # Row-major active positions p = r*C + c: the order of `values`.
+        pos = _active_positions(flat, nnz)
+        self.row_idx = torch.div(pos, C, rounding_mode="floor").to(torch.int32)
+        self.col_idx = (pos % C).to(torch.int32)
+        self.row_ptr = _exclusive_cumsum(mask.sum(1))
+        # Column-major active positions q = c*R + r, for the transpose view.
+        tpos = _active_positions(mask.t().reshape(-1), nnz)
+        t_col = torch.div(tpos, R, rounding_mode="floor")
+        t_row = tpos % R
+        self.t_row_idx = t_row.to(torch.int32)
+        # Index into `values` of block (r, c) = number of active blocks before it in row-major
+        # order = inclusive prefix count at r*C + c, minus one.
+        rank = torch.cumsum(flat.to(torch.int32), 0) - 1
+        self.t_block_idx = rank[t_row * C + t_col].to(torch.int32)
+        self.col_ptr = _exclusive_cumsum(mask.sum(0))
+        self._host_cache = None
+        return self
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(R, C)``: block-rows and block-columns."""
+        return tuple(self.block_mask.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the dense weight plane: ``(R * block_size, C * block_size)``."""
+        R, C = self.block_mask.shape
+        return (R * self.block_size, C * self.block_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.block_mask.device
+
+    @property
+    def density(self) -> float:
+        """Fraction of active blocks (``nnz / (R*C)``); 0.0 for an empty grid."""
+        R, C = self.block_mask.shape
+        return self.nnz / (R * C) if R * C else 0.0
+
+    def host_pointers(self) -> tuple[list[int], list[int]]:
+        """``(row_ptr, col_ptr)`` as Python lists, cached; used by the CPU implementation."""
+        if self._host_cache is None:
+            self._host_cache = (self.row_ptr.tolist(), self.col_ptr.tolist())
+        return self._host_cache
+
+    def to(self, device) -> "BlockLayout":
+        """A copy of this layout on ``device`` (``self`` if already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        out = object.__new__(BlockLayout)
+        for name in self.__slots__:
+            val = getattr(self, name)
+            setattr(out, name, val.to(device) if isinstance(val, torch.Tensor) else val)
+        out._host_cache = self._host_cache
+        return out
+
+    def values_shape(self, kernel_size: Sequence[int] = ()) -> tuple[int, ...]:
+        """Shape of ``values`` for this layout: ``[nnz, *kernel_size, bs, bs]``."""
+        bs = self.block_size
+        return (self.nnz, *tuple(kernel_size), bs, bs)
+
+    def __repr__(self) -> str:
+        R, C = self.block_mask.shape
+        return (f"BlockLayout(grid={R}x{C}, block_size={self.block_size}, nnz={self.nnz}, "
+                f"density={self.density:.4f}, device={self.device})")
+
+    # ------------------------------------------------------------------ gather / scatter
+    def _check_dense(self, dense: torch.Tensor) -> None:
+        if not isinstance(dense, torch.Tensor):
+            raise TypeError(f"dense_weight must be a torch.Tensor, got {type(dense).__name__}")
+        if dense.dim() not in (2, 4):
+            raise ValueError("dense_weight must be 2-D [out, in] or 4-D [Cout, Cin, kh, kw], "
+                             f"got shape {tuple(dense.shape)}")
+        if tuple(dense.shape[:2]) != self.shape:
+            raise ValueError(f"dense_weight has shape {tuple(dense.shape)}, but the layout covers "
+                             f"[{self.shape[0]}, {self.shape[1]}] (block grid "
+                             f"{self.grid_shape} of block_size {self.block_size})")
+        if dense.device != self.device:
+            raise ValueError(f"dense_weight is on {dense.device}, the layout on {self.device}")
+
+    def gather(self, dense_weight: torch.Tensor) -> torch.Tensor:
+        """Pick the active blocks out of a dense weight.
+
+        ``[out, in] -> [nnz, bs, bs]`` and ``[Cout, Cin, kh, kw] -> [nnz, kh, kw, bs, bs]``.
+        Differentiable; returns a new contiguous tensor.
+        """
+        self._check_dense(dense_weight)
+        R, C = self.grid_shape
+        bs = self.block_size
+        rows, cols = self.row_idx.long(), self.col_idx.long()
+        if dense_weight.dim() == 2:
+            blocks = dense_weight.reshape(R, bs, C, bs).permute(0, 2, 1, 3)  # [R, C, bs, bs]
+        else:
+            kh, kw = dense_weight.shape[2:]
+            # [R, bs, C, bs, kh, kw] -> [R, C, kh, kw, bs_out, bs_in]
+            blocks = dense_weight.reshape(R, bs, C, bs, kh, kw).permute(0, 2, 4, 5, 1, 3)
+        return blocks[rows, cols].contiguous()
+
+    def scatter(self, values: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`gather`: a dense weight with zeros outside the active blocks.
+
+        ``[nnz, bs, bs] -> [out, in]`` and ``[nnz, kh, kw, bs, bs] -> [Cout, Cin, kh, kw]``.
+        Differentiable with respect to ``values``.
+        """
+        bs = self.block_size
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+        if values.dim() not in (3, 5) or values.shape[0] != self.nnz or tuple(values.shape[-2:]) != (bs, bs):
+            raise ValueError(f"values must have shape [nnz={self.nnz}, bs, bs] or "
+                             f"[nnz={self.nnz}, kh, kw, bs, bs] with bs={bs}, got {tuple(values.shape)}")
+        if values.device != self.device:
+            raise ValueError(f"values is on {values.device}, the layout on {self.device}")
+        R, C = self.grid_shape
+        taps = tuple(values.shape[1:-2])
+        grid = values.new_zeros((R, C, *taps, bs, bs))
+        grid = grid.index_put((self.row_idx.long(), self.col_idx.long()), values)
+        if not taps:
+            return grid.permute(0, 2, 1, 3).reshape(R * bs, C * bs)
+        kh, kw = taps
+        # [R, C, kh, kw, bs_out, bs_in] -> [R, bs_out, C, bs_in, kh, kw]
+        return grid.permute(0, 4, 1, 5, 2, 3).reshape(R * bs, C * bs, kh, kw)

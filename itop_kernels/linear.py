@@ -1,0 +1,160 @@
+"""``block_sparse_linear``: ``Y = X·Wᵀ + b`` with a block-sparse ``W``, and its autograd.
+
+The three computations are ``torch.library`` custom ops, so ``torch.compile`` traces through
+them without a graph break and AMP casts their inputs:
+
+- ``itop_kernels::bsl_forward``     ``Y = X·Wᵀ + b``          ``[M, K] -> [M, N]``
+- ``itop_kernels::bsl_grad_input``  ``dX = dY·W``             ``[M, N] -> [M, K]``
+- ``itop_kernels::bsl_grad_weight`` ``dW`` at active blocks   ``-> [nnz, bs, bs]``
+
+Each op runs the Triton kernels on CUDA tensors (and on CPU tensors under
+``TRITON_INTERPRET=1``), and the CPU implementation otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cpu_linear
+from .dispatch import use_triton
+from .layout import BlockLayout
+
+__all__ = ["block_sparse_linear"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _triton():
+    from . import triton_linear  # imported lazily: the CPU path needs no Triton
+    return triton_linear
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("itop_kernels::bsl_forward", mutates_args=())
+def _bsl_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+                 col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
+                 bias: Optional[Tensor], block_size: int, out_features: int) -> Tensor:
+    if use_triton(x):
+        return _triton().linear_forward(x, values, row_ptr, col_idx, bias, block_size, out_features)
+    return cpu_linear.linear_forward(x, values, row_ptr, col_idx, bias, block_size, out_features)
+
+
+@_bsl_forward.register_fake
+def _(x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, block_size,
+      out_features):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("itop_kernels::bsl_grad_input", mutates_args=())
+def _bsl_grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, t_row_idx: Tensor,
+                    t_block_idx: Tensor, block_size: int, in_features: int) -> Tensor:
+    if use_triton(dy):
+        return _triton().linear_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx,
+                                           block_size, in_features)
+    return cpu_linear.linear_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size,
+                                        in_features)
+
+
+@_bsl_grad_input.register_fake
+def _(dy, values, col_ptr, t_row_idx, t_block_idx, block_size, in_features):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
+@torch.library.custom_op("itop_kernels::bsl_grad_weight", mutates_args=())
+def _bsl_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, col_ptr: Tensor,
+                     t_row_idx: Tensor, t_block_idx: Tensor, block_size: int) -> Tensor:
+    if use_triton(dy):
+        return _triton().linear_grad_weight(dy, x, row_idx, col_idx, block_size)
+    return cpu_linear.linear_grad_weight(dy, x, col_ptr, t_row_idx, t_block_idx, block_size)
+
+
+@_bsl_grad_weight.register_fake
+def _(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, block_size):
+    return dy.new_empty((row_idx.shape[0], block_size, block_size))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, block_size,
+     out_features) = inputs
+    ctx.save_for_backward(x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx)
+    ctx.block_size = block_size
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
+    bs = ctx.block_size
+    dy = dy.contiguous()
+    dx = dv = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _bsl_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, bs, x.shape[1])
+    if ctx.needs_input_grad[1]:
+        dv = _bsl_grad_weight(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, bs)
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dv, None, None, None, None, None, None, db, None, None
+
+
+_bsl_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+def _check_args(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor]) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    for name, t in (("x", x), ("values", values)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values has dtype {values.dtype} but x has {x.dtype}; they must match")
+    if x.dim() < 1 or x.shape[-1] != layout.shape[1]:
+        raise ValueError(f"x must have shape [..., in_features={layout.shape[1]}], "
+                         f"got {tuple(x.shape)}")
+    bs = layout.block_size
+    if tuple(values.shape) != (layout.nnz, bs, bs):
+        raise ValueError(f"values must have shape [nnz, bs, bs] = {[layout.nnz, bs, bs]}, "
+                         f"got {list(values.shape)}")
+    if x.device != values.device or x.device != layout.device:
+        raise ValueError(f"x ({x.device}), values ({values.device}) and layout "
+                         f"({layout.device}) must be on the same device")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (layout.shape[0],):
+            raise ValueError(f"bias must have shape [out_features={layout.shape[0]}], "
+                             f"got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match x "
+                             f"({x.dtype}, {x.device})")
+    if x.dtype == torch.float64 and use_triton(x):
+        raise TypeError("float64 runs on the CPU path only; the Triton kernels take "
+                        "float16, bfloat16 and float32")
+
+
+def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """``y = x · Wᵀ + bias`` where ``W`` is block-sparse, computing only the active blocks.
+
+    Args:
+        x: ``[..., in_features]`` with any number of leading dims (any strides), float16,
+            bfloat16, float32, or float64 (CPU only).
+        values: ``[nnz, bs, bs]`` active blocks of ``W [out_features, in_features]`` in the
+            layout's row-major block order (see :meth:`BlockLayout.gather`); same dtype as ``x``.
+        layout: the :class:`BlockLayout` of ``W``, on ``x``'s device.
+        bias: optional ``[out_features]``.
+
+    Returns:
+        ``[..., out_features]`` in ``x``'s dtype. Products accumulate in float32 (float64 for
+        float64 inputs). Differentiable with respect to ``x``, ``values`` and ``bias``.
+    """
+    _check_args(x, values, layout, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = _bsl_forward(x2, values.contiguous(), layout.row_ptr, layout.col_idx, layout.row_idx,
+                     layout.col_ptr, layout.t_row_idx, layout.t_block_idx, bias,
+                     layout.block_size, layout.shape[0])
+    return y.reshape(*lead, layout.shape[0])

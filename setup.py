@@ -1,0 +1,22 @@
+"""itop: dynamic sparse training that is really faster (block-sparse Triton kernels + ITOP)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="itop",
+    version="0.1.0",
+    description="Dynamic sparse training (In-Time Over-Parameterization) on real block-sparse "
+                "kernels: Triton on GPUs, a sparse path on CPUs.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["itop_kernels", "itop_kernels.*", "itop", "itop.*"]),
+    # torch itself is installed first (see README): a bare `torch` requirement resolved by pip
+    # on a machine without it would pull a multi-GB CUDA build.
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        # Triton runs the GPU kernels, and in tests its interpreter runs them on the CPU.
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton==3.8.0", "matplotlib"],
+        "bench": ["matplotlib", "pytest-benchmark", "triton==3.8.0"],
+    },
+    entry_points={"console_scripts": []},
+)
