@@ -5,7 +5,7 @@ import os
 
 import torch
 
-__all__ = ["use_triton", "triton_interpreting"]
+__all__ = ["use_triton", "triton_interpreting", "poison_enabled", "empty_output"]
 
 
 def triton_interpreting() -> bool:
@@ -16,3 +16,17 @@ def triton_interpreting() -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors under Triton's interpreter."""
     return t.is_cuda or (t.device.type == "cpu" and triton_interpreting())
+
+
+def poison_enabled() -> bool:
+    """True when ``ITOP_POISON_OUTPUTS=1``: kernel outputs start as NaN (tests use this so that
+    an element a kernel forgot to write shows up)."""
+    return os.environ.get("ITOP_POISON_OUTPUTS", "0") not in ("", "0")
+
+
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output, filled with NaN when poisoning is on."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_enabled():
+        out.fill_(float("nan"))
+    return out
