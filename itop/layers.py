@@ -1,0 +1,583 @@
+"""Sparse layers: :class:`SparseLinear` and :class:`SparseConv2d`.
+
+A sparse layer keeps the weight of an ``nn.Linear``/``nn.Conv2d`` in one of two storages, chosen
+by ``block_size``:
+
+* **block storage** (``block_size >= 2``): the weight plane ``[out, in]`` (for a convolution
+  ``[Cout, Cin]``, with every kernel tap of a block) is cut into ``bs × bs`` blocks. Only the
+  active blocks are stored, in ``values`` (``[nnz, bs, bs]``, or ``[nnz, kh, kw, bs, bs]`` for a
+  convolution), and ``layout`` (a :class:`itop_kernels.BlockLayout`) says where they sit. The
+  forward and backward run the block-sparse kernels and never touch inactive blocks.
+* **element storage** (``block_size == 1``): the paper's unstructured setting. ``values`` is
+  the plain dense weight (``[out, in]`` or ``[Cout, Cin/groups, kh, kw]``), kept at zero outside
+  an element mask, and the forward multiplies it by the mask (no speedup). ``layout`` is
+  ``None``. This storage sits behind the same small interface as block storage (the
+  ``_magnitude_scores``/``_grad_scores``/``_apply_topology`` methods), so a true CPU sparse
+  path for block 1 can replace it without touching the topology manager.
+
+In both storages the *topology mask* ``block_mask`` is a bool buffer (``[R, C]`` blocks, or the
+weight's shape for element storage) saved in the ``state_dict``. Loading a ``state_dict``
+rebuilds the layout and resizes ``values`` when the checkpoint's nnz differs, so a freshly
+built model loads a trained checkpoint.
+
+Feature counts the block size does not divide: the constructors raise ``ValueError`` naming the
+argument; :func:`itop.sparsify` leaves such layers dense with one warning listing them
+(no internal padding: padded blocks would take part of the nnz budget and distort densities).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterator, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from itop_kernels import BlockLayout, block_sparse_linear
+from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
+
+__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "check_density", "nnz_for_density"]
+
+
+def check_density(density, name: str = "density") -> float:
+    """Validate a density: a real number in ``(0, 1]``; returns it as a float."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {type(density).__name__}")
+    density = float(density)
+    if math.isnan(density) or not 0.0 < density <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {density!r}")
+    return density
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def _check_positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def nnz_for_density(density: float, units: int) -> int:
+    """Active units for a density: ``round(density · units)``, clamped to ``[1, units]``."""
+    return min(units, max(1, int(round(density * units))))
+
+
+def _random_mask(shape, nnz: int, device) -> Tensor:
+    """A bool mask of ``shape`` with exactly ``nnz`` True entries, uniformly at random (global RNG)."""
+    units = math.prod(shape)
+    flat = torch.zeros(units, dtype=torch.bool, device=device)
+    flat[torch.randperm(units, device="cpu")[:nnz].to(device)] = True
+    return flat.view(shape)
+
+
+def _magnitude_mask(scores: Tensor, nnz: int) -> Tensor:
+    """The ``nnz`` largest entries of ``scores`` (any shape), as a bool mask."""
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    flat[torch.topk(scores.reshape(-1).float(), nnz).indices] = True
+    return flat.view(scores.shape)
+
+
+def _capture_forward_hook(module: "SparseLayer", args, output) -> None:
+    """Forward hook armed by the topology manager: keep the input, and the output's gradient."""
+    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        return
+    slot = len(module._captured)
+    module._captured.append([args[0].detach(), None])
+    output.register_hook(partial(_capture_grad_hook, module, slot))
+
+
+def _capture_grad_hook(module: "SparseLayer", slot: int, grad: Tensor) -> None:
+    if slot < len(module._captured):
+        entry = module._captured[slot]
+        entry[1] = grad.detach() if entry[1] is None else entry[1] + grad.detach()
+
+
+class SparseLayer(nn.Module):
+    """Base class of the sparse layers; holds what :class:`itop.TopologyManager` relies on.
+
+    Attributes:
+        values: ``nn.Parameter``, the stored weights (see the module docstring for the shapes).
+        block_mask: bool buffer, the topology mask (``[R, C]`` blocks, or element-level).
+        layout: :class:`itop_kernels.BlockLayout` (block storage) or ``None`` (``block_size=1``).
+        block_size: int.
+        bias: ``nn.Parameter`` ``[out]`` or ``None``.
+    """
+
+    values: nn.Parameter
+    block_mask: Tensor
+    layout: Optional[BlockLayout]
+    block_size: int
+
+    def _setup_sparse(self, mask: Tensor, nnz: int) -> None:
+        self.register_buffer("block_mask", mask.clone())
+        self._nnz = int(nnz)
+        self._captured: list = []
+        self._capture_handle = None
+        self.layout = (BlockLayout.from_mask(mask.clone(), self.block_size, nnz=self._nnz)
+                       if self.block_size > 1 else None)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def nnz(self) -> int:
+        """Active units: blocks (block storage) or weights (``block_size=1``)."""
+        return self._nnz
+
+    @property
+    def num_units(self) -> int:
+        """All units (active or not) of the topology mask."""
+        return self.block_mask.numel()
+
+    @property
+    def unit_numel(self) -> int:
+        """Weights per unit of the mask (``bs²``, ``bs²·kh·kw`` for a conv, 1 for element storage)."""
+        raise NotImplementedError
+
+    @property
+    def density(self) -> float:
+        """Current fraction of active weights, ``nnz / num_units``."""
+        return self._nnz / self.num_units
+
+    @property
+    def dense_weight_shape(self) -> Tuple[int, ...]:
+        """Shape of the equivalent dense weight."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> Tensor:
+        """The dense weight, zeros outside the active units (differentiable w.r.t. ``values``)."""
+        if self.layout is None:
+            return self.values * self.block_mask
+        return self.layout.scatter(self.values)
+
+    # ------------------------------------------------------------------ topology interface
+    def _magnitude_scores(self, p: int = 1) -> Tensor:
+        """float32 score per unit (mask-shaped): the Lp norm of the unit's values (0 if inactive)."""
+        v = self.values.detach()
+        if self.layout is None:
+            return v.abs().float() * self.block_mask
+        flat = v.reshape(v.shape[0], -1).float()
+        s = flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()
+        grid = torch.zeros(self.block_mask.shape, dtype=torch.float32, device=v.device)
+        return grid.index_put_((self.layout.row_idx.long(), self.layout.col_idx.long()), s)
+
+    def _start_capture(self) -> None:
+        """Arm the hooks that keep this step's input and output gradient (for growth scores)."""
+        if self._capture_handle is None:
+            self._captured = []
+            self._capture_handle = self.register_forward_hook(_capture_forward_hook)
+
+    def _stop_capture(self) -> None:
+        """Remove the capture hooks and drop whatever they kept."""
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+        self._captured = []
+
+    @property
+    def _capturing(self) -> bool:
+        return self._capture_handle is not None
+
+    def _captured_pairs(self) -> List[Tuple[Tensor, Tensor]]:
+        return [(x, g) for x, g in self._captured if g is not None]
+
+    def _grad_scores(self) -> Optional[Tensor]:
+        """float32 mask-shaped norms of the dense weight gradient of the captured batch(es),
+        or ``None`` when nothing was captured. Never materializes the dense gradient (block
+        storage)."""
+        raise NotImplementedError
+
+    def _state_tensors(self, optimizer) -> Iterator[Tensor]:
+        """``values``, its gradient, and every optimizer state tensor shaped like ``values``."""
+        p = self.values
+        yield p.data
+        if p.grad is not None:
+            yield p.grad
+        if optimizer is not None:
+            for v in optimizer.state.get(p, {}).values():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.data_ptr() != p.data_ptr():
+                    yield v
+
+    @torch.no_grad()
+    def _apply_topology(self, new_mask: Tensor, optimizer=None) -> None:
+        """Switch to ``new_mask`` (bool, mask-shaped, exactly ``nnz`` True entries), in place.
+
+        Surviving units keep their values, gradient and optimizer state; new units start at zero
+        with zero state. ``values`` stays the same Parameter with the same shape. No host sync.
+        """
+        if self.layout is None:
+            survive = self.block_mask & new_mask
+            for t in self._state_tensors(optimizer):
+                t.mul_(survive)
+            self.block_mask.copy_(new_mask)
+            return
+        old = self.layout
+        R, C = self.block_mask.shape
+        dev = self.block_mask.device
+        rank = torch.full((R * C,), -1, dtype=torch.long, device=dev)
+        rank[old.row_idx.long() * C + old.col_idx.long()] = torch.arange(self._nnz, device=dev)
+        new_layout = BlockLayout.from_mask(new_mask, self.block_size, nnz=self._nnz)
+        src = rank[new_layout.row_idx.long() * C + new_layout.col_idx.long()]
+        fresh = src < 0
+        idx = src.clamp(min=0)
+        for t in self._state_tensors(optimizer):
+            moved = t.index_select(0, idx)
+            moved.masked_fill_(fresh.view(-1, *([1] * (t.dim() - 1))), 0)
+            t.copy_(moved)
+        self.block_mask.copy_(new_mask)
+        self.layout = new_layout
+
+    def _copy_dense(self, w: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                    init: str) -> None:
+        bs = self.block_size
+        if mask is None:
+            if init == "magnitude":
+                if bs == 1:
+                    scores = w.abs()
+                else:
+                    R, C = self.block_mask.shape
+                    scores = w.reshape(R, bs, C, bs, *w.shape[2:]).float().square()
+                    scores = scores.sum(dim=tuple(d for d in range(scores.dim()) if d not in (0, 2)))
+                mask = _magnitude_mask(scores, self._nnz)
+            elif init == "random":
+                mask = self.block_mask
+            else:
+                raise ValueError(f"init must be 'random' or 'magnitude', got {init!r}")
+        else:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or \
+                    tuple(mask.shape) != tuple(self.block_mask.shape):
+                raise ValueError(f"mask must be a bool tensor of shape "
+                                 f"{tuple(self.block_mask.shape)}")
+            mask = mask.to(self.block_mask.device)
+        nnz = int(mask.sum())
+        if nnz < 1:
+            raise ValueError("mask must have at least one active unit")
+        with torch.no_grad():
+            self.block_mask.copy_(mask)
+            self._nnz = nnz
+            self._rebuild_layout()
+            if self.layout is None:
+                self.values.data = (w * mask).to(self.values.dtype).clone()
+            else:
+                self.values.data = self.layout.gather(w.to(self.values.dtype))
+            if bias is not None:
+                self.bias.data.copy_(bias.detach())
+
+    # ------------------------------------------------------------------ state dict / device
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "block_mask"
+        if key in state_dict:
+            mask = state_dict[key]
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(self.block_mask.shape):
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a mask of shape "
+                    f"{tuple(getattr(mask, 'shape', ()))}, the layer's is "
+                    f"{tuple(self.block_mask.shape)}")
+                return
+            nnz = int(mask.bool().sum())
+            if nnz < 1:
+                error_msgs.append(f"{key} has no active unit")
+                return
+            if nnz != self._nnz and self.layout is not None:
+                shape = (nnz, *self.values.shape[1:])
+                self.values.data = self.values.data.new_zeros(shape)
+                if self.values.grad is not None:
+                    self.values.grad = None
+            self._nnz = nnz
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._rebuild_layout()
+
+    def _rebuild_layout(self) -> None:
+        if self.block_size > 1:
+            self.layout = BlockLayout.from_mask(self.block_mask.clone(), self.block_size,
+                                                nnz=self._nnz)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.layout is not None and self.layout.device != self.block_mask.device:
+            self.layout = self.layout.to(self.block_mask.device)
+        return out
+
+    def _density_repr(self) -> str:
+        return f"density={self.density:.4f}, nnz={self._nnz}/{self.num_units}, " \
+               f"block_size={self.block_size}"
+
+
+class SparseLinear(SparseLayer):
+    """A linear layer ``y = x·Wᵀ + b`` whose weight ``W [out_features, in_features]`` is sparse.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``; ``block_size`` must divide both
+            (``ValueError`` otherwise).
+        bias: learn an additive bias ``[out_features]`` (dense).
+        density: fraction of active blocks in ``(0, 1]``; the layer gets exactly
+            ``nnz = round(density · R · C)`` blocks (at least 1), placed uniformly at random
+            (torch's global RNG).
+        block_size: side of a square block; 1 means element-level masks on a dense weight.
+        device, dtype: of the parameters.
+
+    Attributes:
+        values: ``nn.Parameter`` ``[nnz, bs, bs]`` (block storage) or ``[out, in]``
+            (``block_size=1``), initialized like ``nn.Linear``: ``U(-1/√in, 1/√in)``.
+        layout: :class:`~itop_kernels.BlockLayout` or ``None`` for ``block_size=1``.
+        block_mask: bool buffer ``[out/bs, in/bs]`` (``[out, in]`` for ``block_size=1``).
+
+    Input ``[..., in_features]`` -> output ``[..., out_features]``, in the parameters' dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 density: float = 0.1, block_size: int = 32, device=None, dtype=None):
+        super().__init__()
+        self.in_features = _check_positive_int(in_features, "in_features")
+        self.out_features = _check_positive_int(out_features, "out_features")
+        density = check_density(density)
+        self.block_size = bs = _check_block_size(block_size)
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if n % bs:
+                raise ValueError(f"block_size={bs} does not divide {name}={n}; use a block size "
+                                 "that divides it (itop.sparsify leaves such layers dense)")
+        factory = {"device": device, "dtype": dtype}
+        bound = 1.0 / math.sqrt(in_features)
+        shape = (out_features // bs, in_features // bs)
+        nnz = nnz_for_density(density, math.prod(shape))
+        mask = _random_mask(shape, nnz, device)
+        if bs == 1:
+            w = torch.empty(out_features, in_features, **factory).uniform_(-bound, bound)
+            self.values = nn.Parameter(w * mask)
+        else:
+            self.values = nn.Parameter(torch.empty(nnz, bs, bs, **factory).uniform_(-bound, bound))
+        self.bias = (nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+                     if bias else None)
+        self._setup_sparse(mask, nnz)
+
+    @property
+    def unit_numel(self) -> int:
+        return self.block_size * self.block_size
+
+    @property
+    def dense_weight_shape(self) -> Tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., in_features] -> [..., out_features]``."""
+        if self.layout is None:
+            return F.linear(x, self.values * self.block_mask, self.bias)
+        return block_sparse_linear(x, self.values, self.layout, self.bias)
+
+    def _grad_scores(self) -> Optional[Tensor]:
+        pairs = self._captured_pairs()
+        if not pairs:
+            return None
+        x = torch.cat([a.reshape(-1, self.in_features) for a, _ in pairs])
+        dy = torch.cat([g.reshape(-1, self.out_features) for _, g in pairs]).to(x.dtype)
+        return block_grad_norms(x, dy, self.block_size)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, *, density: float = 0.1, block_size: int = 32,
+                   mask: Optional[Tensor] = None, init: str = "random") -> "SparseLinear":
+        """A :class:`SparseLinear` holding ``module``'s weights at the active blocks.
+
+        Args:
+            module: an ``nn.Linear``.
+            density: fraction of active blocks (ignored when ``mask`` is given).
+            block_size: must divide both feature counts.
+            mask: optional bool topology mask ``[out/bs, in/bs]`` (``[out, in]`` for block 1).
+            init: how to pick the blocks when ``mask`` is None: ``"random"`` (uniform, exact
+                nnz) or ``"magnitude"`` (the blocks of largest L2 norm).
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+        w = module.weight
+        layer = cls(module.in_features, module.out_features, module.bias is not None,
+                    density=density, block_size=block_size, device=w.device, dtype=w.dtype)
+        layer._copy_dense(w.detach(), module.bias, mask, init)
+        return layer
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the dense weight (zeros outside the active blocks) and bias."""
+        w = self.values
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._density_repr()}")
+
+
+def _pair(v, name: str) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+            isinstance(a, int) and not isinstance(a, bool) for a in v):
+        return (int(v[0]), int(v[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+class SparseConv2d(SparseLayer):
+    """A 2-D convolution whose weight ``[Cout, Cin, kh, kw]`` is block-sparse over channels.
+
+    A block covers ``bs`` output × ``bs`` input channels and every kernel tap; the weight has
+    ``R × C = (Cout/bs) × (Cin/bs)`` blocks.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            ``nn.Conv2d`` (zero padding only; ``padding`` may be ints, a pair, ``"valid"`` or
+            ``"same"`` for stride 1). ``groups`` must be 1 unless ``block_size == 1``.
+        density: fraction of active blocks in ``(0, 1]``; exactly ``round(density·R·C)``
+            blocks (at least 1), placed uniformly at random.
+        block_size: side of a channel block (must divide ``in_channels`` and ``out_channels``);
+            1 means element-level masks (every weight, tap by tap) on a dense weight.
+        device, dtype: of the parameters.
+
+    Attributes:
+        values: ``nn.Parameter`` ``[nnz, kh, kw, bs, bs]`` (block storage) or
+            ``[Cout, Cin/groups, kh, kw]`` (``block_size=1``), initialized like ``nn.Conv2d``:
+            ``U(-1/√fan_in, 1/√fan_in)`` with ``fan_in = Cin/groups·kh·kw``.
+        layout: :class:`~itop_kernels.BlockLayout` or ``None`` for ``block_size=1``.
+        block_mask: bool buffer ``[Cout/bs, Cin/bs]`` (the weight's shape for ``block_size=1``).
+
+    Input ``[B, Cin, H, W]`` -> output ``[B, Cout, Ho, Wo]``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, *, density: float = 0.1,
+                 block_size: int = 16, device=None, dtype=None):
+        super().__init__()
+        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        self.out_channels = _check_positive_int(out_channels, "out_channels")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = _check_positive_int(groups, "groups")
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = 0
+            elif padding == "same":
+                if self.stride != (1, 1):
+                    raise ValueError("padding='same' needs stride 1")
+                tot = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+                if any(t % 2 for t in tot):
+                    raise ValueError("padding='same' needs an even dilation·(kernel_size-1)")
+                padding = (tot[0] // 2, tot[1] // 2)
+            else:
+                raise ValueError(f"padding must be ints, a pair, 'valid' or 'same', got {padding!r}")
+        self.padding = _pair(padding, "padding")
+        density = check_density(density)
+        self.block_size = bs = _check_block_size(block_size)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        if groups != 1 and bs != 1:
+            raise ValueError(f"groups={groups} needs block_size=1 (block-sparse convolutions "
+                             "are not grouped)")
+        for name, n in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if n % bs:
+                raise ValueError(f"block_size={bs} does not divide {name}={n}; use a block size "
+                                 "that divides it (itop.sparsify leaves such layers dense)")
+        factory = {"device": device, "dtype": dtype}
+        kh, kw = self.kernel_size
+        cin_g = in_channels // groups
+        bound = 1.0 / math.sqrt(cin_g * kh * kw)
+        if bs == 1:
+            shape = (out_channels, cin_g, kh, kw)
+        else:
+            shape = (out_channels // bs, in_channels // bs)
+        nnz = nnz_for_density(density, math.prod(shape))
+        mask = _random_mask(shape, nnz, device)
+        if bs == 1:
+            w = torch.empty(shape, **factory).uniform_(-bound, bound)
+            self.values = nn.Parameter(w * mask)
+        else:
+            self.values = nn.Parameter(
+                torch.empty(nnz, kh, kw, bs, bs, **factory).uniform_(-bound, bound))
+        self.bias = (nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+                     if bias else None)
+        self._setup_sparse(mask, nnz)
+
+    @property
+    def unit_numel(self) -> int:
+        if self.block_size == 1:
+            return 1
+        return self.block_size * self.block_size * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def dense_weight_shape(self) -> Tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, Cin, H, W] -> [B, Cout, Ho, Wo]``."""
+        if self.layout is None:
+            return F.conv2d(x, self.values * self.block_mask, self.bias, self.stride,
+                            self.padding, self.dilation, self.groups)
+        try:
+            from itop_kernels import block_sparse_conv2d
+        except ImportError as exc:  # the conv kernels are not installed in this build
+            raise RuntimeError("SparseConv2d with block_size > 1 needs "
+                               "itop_kernels.block_sparse_conv2d, which is missing") from exc
+        return block_sparse_conv2d(x, self.values, self.layout, self.bias, stride=self.stride,
+                                   padding=self.padding, dilation=self.dilation)
+
+    def _grad_scores(self) -> Optional[Tensor]:
+        pairs = self._captured_pairs()
+        if not pairs:
+            return None
+        args = dict(weight_shape=self.dense_weight_shape, block_size=self.block_size,
+                    stride=self.stride, padding=self.padding, dilation=self.dilation,
+                    groups=self.groups, reduce_taps=self.block_size > 1)
+        if len({tuple(x.shape[1:]) for x, _ in pairs}) == 1:
+            x = torch.cat([a for a, _ in pairs])
+            dy = torch.cat([g for _, g in pairs]).to(x.dtype)
+            return conv2d_block_grad_norms(x, dy, **args)
+        # micro-batches of different spatial sizes: add their norms
+        return sum(conv2d_block_grad_norms(a, g.to(a.dtype), **args) for a, g in pairs)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, *, density: float = 0.1, block_size: int = 16,
+                   mask: Optional[Tensor] = None, init: str = "random") -> "SparseConv2d":
+        """A :class:`SparseConv2d` holding ``module``'s weights at the active blocks.
+
+        Args:
+            module: an ``nn.Conv2d`` with ``padding_mode='zeros'``.
+            density, block_size, mask, init: as :meth:`SparseLinear.from_dense`.
+        """
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"only padding_mode='zeros' is supported, got {module.padding_mode!r}")
+        w = module.weight
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                    module.padding, module.dilation, module.groups, module.bias is not None,
+                    density=density, block_size=block_size, device=w.device, dtype=w.dtype)
+        layer._copy_dense(w.detach(), module.bias, mask, init)
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` with the dense weight (zeros outside the active blocks) and bias."""
+        w = self.values
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, self.bias is not None,
+                         device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", bias={self.bias is not None}, {self._density_repr()}"

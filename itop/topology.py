@@ -1,0 +1,380 @@
+"""The :class:`TopologyManager`: prune and regrow blocks every ``update_every`` steps (SET/RigL
+with In-Time Over-Parameterization).
+
+Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each sparse layer
+(see DESIGN.md, "How a topology update works"):
+
+1. **Prune** ``k = ceil(prune_rate_t · nnz)`` active units (blocks, or weights for block 1)
+   with the smallest magnitude (L1 norm of the unit's values; ``prune="magnitude_l2"`` for L2).
+2. **Grow** exactly ``k`` units that were inactive before the update (so nothing pruned in this
+   update comes straight back and nnz stays exact), by the growth score:
+
+   - ``"random"`` (SET): uniform scores from the manager's own seeded generator.
+   - ``"gradient"`` (RigL): the L2 norm of each unit's block of the *dense* weight gradient of
+     the current batch. The manager arms forward hooks on the sparse layers during the step
+     before an update step only: the forward hook keeps the layer input ``X`` and registers a
+     tensor hook on the output that keeps ``dY``. At the update, an op from
+     :mod:`itop_kernels.block_norms` reduces ``dYᵀ·X`` to block norms block-row chunk by
+     chunk, never holding the dense ``dW``. All other steps run with no hook at all.
+   - ``"momentum"`` (SNFS-like): an exponential moving average of those block-gradient norms,
+     with the optimizer's momentum (SGD ``momentum`` or Adam ``betas[0]``, else 0.9). It needs
+     the hooks on *every* step, so each step pays one block-norm reduction per layer.
+   - ``"random_unfired"``: random among units never active so far, then random among the rest.
+
+   NaN/Inf scores are mapped to finite values, so the choice always has exactly ``k`` units.
+3. New units start at zero and their gradient and optimizer state (every state tensor shaped
+   like ``values``: SGD momentum, Adam/AdamW moments, ...) are zeroed; surviving units keep
+   values and state. Everything is rewritten in place in the same Parameter; the layout is
+   rebuilt on the device with a known nnz, so no host sync is needed.
+4. ``fired |= active``; :attr:`TopologyManager.itop_rate` is the explored fraction of the
+   weights of all sparse layers.
+
+``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
+``H = stop_step or total_steps`` (``cosine``: ``prune_rate·(1+cos(πt/H))/2``; ``linear``:
+``prune_rate·(1-t/H)``; ``constant``); updates happen at steps ``t = update_every, 2·update_every,
+... < H`` (RigL's end step when ``stop_step`` is given).
+
+Distributed (DDP): growth scores are all-reduced (sum), random growth uses the same seed on
+every rank, and the new masks are broadcast from rank 0, so every rank applies the same
+topology.
+
+AMP: pass the ``torch.amp.GradScaler`` as ``grad_scaler``. When it skipped the update step's
+optimizer step (its scale went down), the update is postponed to the next step that was not
+skipped and scores come from that step's gradients. Gradient scores are divided by the scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .layers import SparseLayer
+from .sparsify import SparsitySummary, _unwrap
+
+__all__ = ["TopologyManager", "GROWTH_MODES", "SCHEDULES", "PRUNE_MODES"]
+
+GROWTH_MODES = ("random", "gradient", "momentum", "random_unfired")
+SCHEDULES = ("cosine", "linear", "constant")
+PRUNE_MODES = ("magnitude", "magnitude_l2")
+
+
+def _check_int(v, name: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _dist_world():
+    """``(rank, world_size)`` if torch.distributed runs with more than one process, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _finite(scores: Tensor) -> Tensor:
+    """float32 copy with NaN -> lowest, ±Inf -> largest/lowest finite values."""
+    s = scores.float()
+    lo, hi = torch.finfo(torch.float32).min, torch.finfo(torch.float32).max
+    return torch.nan_to_num(s, nan=lo, posinf=hi, neginf=lo)
+
+
+class TopologyManager:
+    """Dynamic sparse training schedule for the sparse layers of a model.
+
+    Args:
+        model: a model holding :class:`~itop.SparseLinear`/:class:`~itop.SparseConv2d` layers,
+            possibly wrapped in ``DistributedDataParallel`` (layers are found in
+            ``model.module``).
+        optimizer: the ``torch.optim.Optimizer`` that trains the layers' ``values``.
+        update_every: ``ΔT``, steps between topology updates (int >= 1).
+        prune_rate: initial fraction of each layer's active units replaced per update, [0, 1].
+        schedule: ``"cosine"`` (default), ``"linear"`` or ``"constant"`` decay of the rate.
+        total_steps: training length in optimizer steps (int >= 1).
+        stop_step: optional last step (exclusive) with updates, and the decay horizon (RigL).
+        prune: ``"magnitude"`` (L1 norm of a unit) or ``"magnitude_l2"``.
+        growth: ``"gradient"`` (default, RigL), ``"random"`` (SET), ``"momentum"`` or
+            ``"random_unfired"``.
+        seed: seed of the manager's generator (random growth, tie-free fallbacks).
+        grad_scaler: optional ``torch.amp.GradScaler`` used with the optimizer.
+
+    Attributes:
+        layers: list of ``(name, layer)`` for the sparse layers, names relative to the
+            unwrapped model.
+        step_count: optimizer steps seen so far.
+        fired: ``{name: bool tensor}`` units ever active (mask-shaped).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, update_every: int,
+                 prune_rate: float = 0.5, schedule: str = "cosine", total_steps: int,
+                 stop_step: Optional[int] = None, prune: str = "magnitude",
+                 growth: str = "gradient", seed: int = 0, grad_scaler=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        self.update_every = _check_int(update_every, "update_every", 1)
+        self.total_steps = _check_int(total_steps, "total_steps", 1)
+        if stop_step is not None:
+            _check_int(stop_step, "stop_step", 1)
+            if stop_step > total_steps:
+                raise ValueError(f"stop_step ({stop_step}) must be <= total_steps ({total_steps})")
+        self.stop_step = stop_step
+        if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float)) or \
+                not 0.0 <= float(prune_rate) <= 1.0:
+            raise ValueError(f"prune_rate must be a float in [0, 1], got {prune_rate!r}")
+        self.prune_rate = float(prune_rate)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if prune not in PRUNE_MODES:
+            raise ValueError(f"prune must be one of {PRUNE_MODES}, got {prune!r}")
+        if growth not in GROWTH_MODES:
+            raise ValueError(f"growth must be one of {GROWTH_MODES}, got {growth!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.schedule, self.prune, self.growth, self.seed = schedule, prune, growth, seed
+        self.model = model
+        self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
+        root = _unwrap(model)
+        self.layers: List[Tuple[str, SparseLayer]] = [
+            (n, m) for n, m in root.named_modules() if isinstance(m, SparseLayer)]
+        if not self.layers:
+            raise ValueError("model has no sparse layers (itop.SparseLinear/SparseConv2d); "
+                             "call itop.sparsify(model, ...) first")
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, m in self.layers if id(m.values) not in in_opt]
+        if missing:
+            raise ValueError(f"the optimizer does not train the values of sparse layers {missing}")
+        self._generator = torch.Generator().manual_seed(seed)
+        self.step_count = 0
+        self._pending = False
+        self._scale_prev: Optional[float] = None
+        self.fired: Dict[str, Tensor] = {n: m.block_mask.clone() for n, m in self.layers}
+        self._ema: Dict[str, Tensor] = {}
+        self._beta = self._momentum_beta()
+        self._arm()
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def horizon(self) -> int:
+        """Step at which the prune rate reaches 0 and updates stop: ``stop_step or total_steps``."""
+        return self.stop_step if self.stop_step is not None else self.total_steps
+
+    def prune_rate_at(self, step: int) -> float:
+        """The prune rate ``prune_rate_t`` of the schedule at ``step`` (0 from the horizon on)."""
+        H = self.horizon
+        if step >= H:
+            return 0.0
+        if self.schedule == "constant":
+            return self.prune_rate
+        if self.schedule == "linear":
+            return self.prune_rate * (1.0 - step / H)
+        return self.prune_rate * 0.5 * (1.0 + math.cos(math.pi * step / H))
+
+    def is_update_step(self, step: int) -> bool:
+        """True if a topology update is scheduled after optimizer step ``step`` (1-based)."""
+        return step > 0 and step % self.update_every == 0 and step < self.horizon
+
+    # ------------------------------------------------------------------ hooks
+    def _needs_capture(self, step: int) -> bool:
+        if self.growth == "momentum":
+            return step < self.horizon
+        if self.growth != "gradient":
+            return False
+        return self._pending or self.is_update_step(step)
+
+    def _arm(self) -> None:
+        """Arm or disarm the capture hooks for the next step (``step_count + 1``)."""
+        want = self._needs_capture(self.step_count + 1)
+        for _, m in self.layers:
+            m._stop_capture()
+            if want:
+                m._start_capture()
+        self._scale_prev = (float(self.grad_scaler.get_scale())
+                            if want and self.grad_scaler is not None else None)
+
+    def _scaler_skipped(self) -> bool:
+        """True when the GradScaler skipped this step's optimizer step (its scale went down)."""
+        if self.grad_scaler is None or self._scale_prev is None:
+            return False
+        return float(self.grad_scaler.get_scale()) < self._scale_prev
+
+    def _momentum_beta(self) -> float:
+        g = self.optimizer.param_groups[0]
+        if "betas" in g:
+            return float(g["betas"][0])
+        if float(g.get("momentum", 0.0) or 0.0) > 0.0:
+            return float(g["momentum"])
+        return 0.9
+
+    def _grad_scores(self) -> List[Optional[Tensor]]:
+        inv_scale = 1.0
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            inv_scale = 1.0 / float(self.grad_scaler.get_scale())
+        out = []
+        for _, m in self.layers:
+            s = m._grad_scores()
+            out.append(None if s is None else s * inv_scale)
+        return out
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> bool:
+        """Advance one optimizer step; update the topology on update steps.
+
+        Returns:
+            True if the topology changed at this step.
+        """
+        self.step_count += 1
+        t = self.step_count
+        due = self._pending or self.is_update_step(t)
+        skipped = (due or self.growth == "momentum") and self._scaler_skipped()
+        changed = False
+        if self.growth == "momentum" and not skipped:
+            self._update_ema()
+        if due:
+            if skipped:
+                self._pending = True
+            else:
+                self._pending = False
+                changed = self._update(t)
+        self._arm()
+        return changed
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for (name, _), s in zip(self.layers, self._grad_scores()):
+            if s is None:
+                continue
+            s = _finite(s)
+            prev = self._ema.get(name)
+            self._ema[name] = (1.0 - self._beta) * s if prev is None else \
+                prev.mul_(self._beta).add_(s, alpha=1.0 - self._beta)
+
+    def _random_scores(self, m: SparseLayer) -> Tensor:
+        r = torch.rand(m.block_mask.shape, generator=self._generator)
+        return r.to(m.block_mask.device, non_blocking=True)
+
+    @torch.no_grad()
+    def _update(self, t: int) -> bool:
+        rate = self.prune_rate_at(t)
+        ks = [min(math.ceil(rate * m.nnz), m.num_units - m.nnz) for _, m in self.layers]
+        if not any(ks):
+            return False
+        # ---- growth scores (mask-shaped, one per layer)
+        if self.growth == "gradient":
+            scores = self._grad_scores()
+            scores = [self._random_scores(m) if s is None else s
+                      for s, (_, m) in zip(scores, self.layers)]
+        elif self.growth == "momentum":
+            scores = [self._ema[n] if n in self._ema else self._random_scores(m)
+                      for n, m in self.layers]
+        else:
+            scores = [self._random_scores(m) for _, m in self.layers]
+            if self.growth == "random_unfired":
+                scores = [s + (~self.fired[n]).to(s.dtype) * 2.0
+                          for s, (n, _) in zip(scores, self.layers)]
+        world = _dist_world()
+        if world is not None and self.growth in ("gradient", "momentum"):
+            flat = torch.cat([_finite(s).reshape(-1) for s in scores])
+            torch.distributed.all_reduce(flat)
+            scores, off = [], 0
+            for _, m in self.layers:
+                n = m.num_units
+                scores.append(flat[off:off + n].view(m.block_mask.shape))
+                off += n
+        # ---- new masks
+        p = 1 if self.prune == "magnitude" else 2
+        new_masks = []
+        for (name, m), k, grow in zip(self.layers, ks, scores):
+            mask = m.block_mask.reshape(-1)
+            if k == 0:
+                new_masks.append(m.block_mask.clone())
+                continue
+            mag = _finite(m._magnitude_scores(p)).reshape(-1)
+            prune_key = torch.where(mask, mag, torch.full_like(mag, float("inf")))
+            drop = torch.topk(prune_key, k, largest=False, sorted=False).indices
+            grow_key = _finite(grow).reshape(-1).to(mag.device)
+            grow_key = torch.where(mask, torch.full_like(grow_key, float("-inf")), grow_key)
+            add = torch.topk(grow_key, k, largest=True, sorted=False).indices
+            new = mask.clone()
+            new[drop] = False
+            new[add] = True
+            new_masks.append(new.view(m.block_mask.shape))
+        if world is not None:
+            flat = torch.cat([nm.reshape(-1) for nm in new_masks]).to(torch.uint8)
+            torch.distributed.broadcast(flat, src=0)
+            off = 0
+            for i, (_, m) in enumerate(self.layers):
+                n = m.num_units
+                new_masks[i] = flat[off:off + n].bool().view(m.block_mask.shape)
+                off += n
+        # ---- apply
+        for (name, m), k, new in zip(self.layers, ks, new_masks):
+            if k == 0:
+                continue
+            m._apply_topology(new, self.optimizer)
+            self.fired[name] |= new
+        return True
+
+    # ------------------------------------------------------------------ ITOP rate / summary
+    @property
+    def itop_rate(self) -> float:
+        """Fraction of all sparse-layer weights that have ever been active (host sync)."""
+        fired = total = 0
+        for name, m in self.layers:
+            fired += int(self.fired[name].sum()) * m.unit_numel
+            total += m.num_units * m.unit_numel
+        return fired / total
+
+    def layer_itop_rates(self) -> Dict[str, float]:
+        """``{layer name: fraction of its weights ever active}``."""
+        return {n: float(self.fired[n].float().mean()) for n, _ in self.layers}
+
+    def summary(self) -> SparsitySummary:
+        """Per-layer table: shape, block size, density, weights and ITOP rate (printable)."""
+        rates = self.layer_itop_rates()
+        rows = []
+        for name, m in self.layers:
+            shape = m.dense_weight_shape
+            rows.append({"name": name, "kind": type(m).__name__, "shape": shape,
+                         "block_size": m.block_size, "density": m.density,
+                         "weights": math.prod(shape), "itop_rate": rates[name]})
+        return SparsitySummary(rows)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """Step, fired masks, generator state, momentum scores and the AMP bookkeeping."""
+        return {
+            "step_count": self.step_count,
+            "pending": self._pending,
+            "scale_prev": self._scale_prev,
+            "fired": {n: f.clone() for n, f in self.fired.items()},
+            "rng_state": self._generator.get_state(),
+            "ema": {n: e.clone() for n, e in self._ema.items()},
+            "config": {"update_every": self.update_every, "growth": self.growth,
+                       "total_steps": self.total_steps},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; load the model's and optimizer's state dicts as well."""
+        names = [n for n, _ in self.layers]
+        if set(state["fired"]) != set(names):
+            raise ValueError(f"state has layers {sorted(state['fired'])}, the model "
+                             f"{sorted(names)}")
+        self.step_count = int(state["step_count"])
+        self._pending = bool(state.get("pending", False))
+        self._scale_prev = state.get("scale_prev")
+        for n, m in self.layers:
+            f = state["fired"][n]
+            if tuple(f.shape) != tuple(m.block_mask.shape):
+                raise ValueError(f"fired mask of {n} has shape {tuple(f.shape)}, the layer "
+                                 f"{tuple(m.block_mask.shape)}")
+            self.fired[n] = f.to(device=m.block_mask.device, dtype=torch.bool).clone()
+        self._generator.set_state(state["rng_state"])
+        self._ema = {n: e.to(dict(self.layers)[n].block_mask.device).clone()
+                     for n, e in state.get("ema", {}).items()}
+        self._arm()

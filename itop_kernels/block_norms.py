@@ -1,0 +1,176 @@
+"""Block norms of a dense weight gradient, without materializing that gradient.
+
+Gradient-based growth (RigL) scores every block ``(r, c)`` of a weight, active or not, by the
+norm of the dense gradient restricted to that block. For a linear layer ``Y = X·Wᵀ`` that block
+is ``dW[r, c] = dY[:, r-block]ᵀ · X[:, c-block]``. The ops below compute ``‖dW[r, c]‖₂`` for
+all ``R × C`` blocks while only ever holding a chunk of block-rows of ``dW`` at a time: each
+chunk is one GEMM (or one weight-gradient convolution) whose result is reduced to its block
+norms at once and freed. The extra memory is bounded by ``max(bs·K, 2**18)`` elements whatever
+the number of output features ``N``.
+
+Two ``torch.library`` custom ops (the implementation is plain torch ops, so it runs on any
+device; on CUDA tensors the chunked GEMMs are cuBLAS calls):
+
+- ``itop_kernels::block_grad_norms(x [M, K], dy [M, N], block_size) -> [N/bs, K/bs]`` float32
+- ``itop_kernels::conv2d_block_grad_norms(x [B, Cin, H, W], dy [B, Cout, Ho, Wo], weight_shape,
+  block_size, stride, padding, dilation, groups, reduce_taps) -> [Cout/bs, Cin/bs]`` float32
+  (or ``[Cout, Cin/groups, kh, kw]`` element magnitudes when ``block_size == 1`` and
+  ``reduce_taps`` is False).
+
+float16/bfloat16 inputs are computed in float32.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+__all__ = ["block_grad_norms", "conv2d_block_grad_norms"]
+
+# Elements of dW held at once (per chunk of block-rows), unless one block-row is larger.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _rows_per_chunk(R: int, row_elements: int) -> int:
+    return max(1, min(R, _CHUNK_ELEMENTS // max(1, row_elements)))
+
+
+@torch.library.custom_op("itop_kernels::block_grad_norms", mutates_args=())
+def _block_grad_norms(x: Tensor, dy: Tensor, block_size: int) -> Tensor:
+    bs = block_size
+    M, K = x.shape
+    N = dy.shape[1]
+    R, C = N // bs, K // bs
+    ct = _compute_dtype(x.dtype)
+    xc = x.to(ct)
+    dyt = dy.to(ct).t()                                    # [N, M] view
+    out = torch.empty(R, C, dtype=torch.float32, device=x.device)
+    step = _rows_per_chunk(R, bs * K)
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        g = torch.mm(dyt[r0 * bs:r1 * bs], xc)             # [(r1-r0)·bs, K]: these block-rows of dW
+        sq = g.view(r1 - r0, bs, C, bs).square().sum(dim=(1, 3))
+        out[r0:r1] = sq.sqrt().to(torch.float32)
+    return out
+
+
+@_block_grad_norms.register_fake
+def _(x, dy, block_size):
+    return x.new_empty((dy.shape[1] // block_size, x.shape[1] // block_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("itop_kernels::conv2d_block_grad_norms", mutates_args=())
+def _conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape: List[int], block_size: int,
+                             stride: List[int], padding: List[int], dilation: List[int],
+                             groups: int, reduce_taps: bool) -> Tensor:
+    bs = block_size
+    cout, cin_g, kh, kw = weight_shape
+    ct = _compute_dtype(x.dtype)
+    xc = x.to(ct)
+    dyc = dy.to(ct)
+    if groups != 1:
+        # Only element-level (block 1) layers may be grouped; the gradient has the size of the
+        # weight, which such a layer stores densely anyway.
+        g = torch.nn.grad.conv2d_weight(xc, list(weight_shape), dyc, stride, padding, dilation,
+                                        groups)
+        g = g.abs().to(torch.float32)
+        return g if not reduce_taps else g.square().sum(dim=(2, 3)).sqrt()
+    R, C = cout // bs, cin_g // bs
+    out_shape = (R, C) if reduce_taps else (R, C, kh, kw)
+    out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
+    step = _rows_per_chunk(R, bs * cin_g * kh * kw)
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        rows = (r1 - r0) * bs
+        g = torch.nn.grad.conv2d_weight(xc, [rows, cin_g, kh, kw],
+                                        dyc[:, r0 * bs:r1 * bs].contiguous(), stride, padding,
+                                        dilation, 1)        # [rows, Cin, kh, kw]
+        sq = g.view(r1 - r0, bs, C, bs, kh, kw).square()
+        sq = sq.sum(dim=(1, 3, 4, 5)) if reduce_taps else sq.sum(dim=(1, 3))
+        out[r0:r1] = sq.sqrt().to(torch.float32)
+    return out
+
+
+@_conv2d_block_grad_norms.register_fake
+def _(x, dy, weight_shape, block_size, stride, padding, dilation, groups, reduce_taps):
+    cout, cin_g, kh, kw = weight_shape
+    R, C = cout // block_size, cin_g // block_size
+    shape = (R, C) if reduce_taps else (R, C, kh, kw)
+    return x.new_empty(shape, dtype=torch.float32)
+
+
+def block_grad_norms(x: Tensor, dy: Tensor, block_size: int) -> Tensor:
+    """Block norms of the dense gradient of a linear weight, ``‖dY[:, r]ᵀ·X[:, c]‖₂``.
+
+    Args:
+        x: ``[M, K]`` layer input (rows are samples), float16/bfloat16/float32/float64.
+        dy: ``[M, N]`` gradient of the layer output, same dtype and device as ``x``.
+        block_size: ``bs``, which must divide ``N`` and ``K``.
+
+    Returns:
+        float32 ``[N/bs, K/bs]``: entry ``(r, c)`` is the Frobenius norm of block ``(r, c)`` of
+        ``dW = dYᵀ·X`` (for ``bs = 1``, ``|dW|``). ``dW`` is never held whole.
+    """
+    if not isinstance(x, Tensor) or not isinstance(dy, Tensor):
+        raise TypeError("x and dy must be torch.Tensors")
+    if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x must be [M, K] and dy [M, N] with the same M, got "
+                         f"{tuple(x.shape)} and {tuple(dy.shape)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if x.shape[1] % block_size or dy.shape[1] % block_size:
+        raise ValueError(f"block_size {block_size} must divide K={x.shape[1]} and N={dy.shape[1]}")
+    if x.device != dy.device or x.dtype != dy.dtype:
+        raise ValueError(f"x ({x.dtype}, {x.device}) and dy ({dy.dtype}, {dy.device}) must match")
+    return _block_grad_norms(x, dy, block_size)
+
+
+def conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape, block_size: int, stride=1,
+                            padding=0, dilation=1, groups: int = 1,
+                            reduce_taps: bool = True) -> Tensor:
+    """Block norms of the dense gradient of a conv2d weight ``[Cout, Cin/groups, kh, kw]``.
+
+    Args:
+        x: ``[B, Cin, H, W]`` layer input.
+        dy: ``[B, Cout, Ho, Wo]`` gradient of the layer output (same dtype/device as ``x``).
+        weight_shape: ``(Cout, Cin/groups, kh, kw)``.
+        block_size: ``bs``, dividing ``Cout`` and ``Cin``; ``groups`` must be 1 unless ``bs == 1``.
+        stride, padding, dilation: the convolution's, ints or pairs.
+        reduce_taps: True gives one norm per (out-block, in-block) over all kernel taps,
+            ``[Cout/bs, Cin/bs]``; False keeps the taps, ``[Cout/bs, Cin/bs, kh, kw]``.
+
+    Returns:
+        float32 norms; the dense ``dW`` is only ever held a chunk of block-rows at a time
+        (``groups > 1`` computes the weight-sized gradient in one go).
+    """
+    def pair(v, name):
+        if isinstance(v, int):
+            return [v, v]
+        v = list(v)
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+        return [int(a) for a in v]
+
+    weight_shape = [int(s) for s in weight_shape]
+    if len(weight_shape) != 4:
+        raise ValueError(f"weight_shape must be (Cout, Cin/groups, kh, kw), got {weight_shape}")
+    if x.dim() != 4 or dy.dim() != 4 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x must be [B, Cin, H, W] and dy [B, Cout, Ho, Wo], got "
+                         f"{tuple(x.shape)} and {tuple(dy.shape)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if weight_shape[0] % block_size or weight_shape[1] % block_size:
+        raise ValueError(f"block_size {block_size} must divide Cout and Cin/groups of "
+                         f"{weight_shape}")
+    if groups != 1 and block_size != 1:
+        raise ValueError("groups > 1 is only supported with block_size 1")
+    if x.device != dy.device or x.dtype != dy.dtype:
+        raise ValueError(f"x ({x.dtype}, {x.device}) and dy ({dy.dtype}, {dy.device}) must match")
+    return _conv2d_block_grad_norms(x, dy, weight_shape, block_size, pair(stride, "stride"),
+                                    pair(padding, "padding"), pair(dilation, "dilation"),
+                                    int(groups), bool(reduce_taps))
