@@ -12,6 +12,15 @@ import itop
 from itop import er_densities, erk_densities, uniform_densities
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests use tiny matrices: one intra-op thread avoids thread-pool contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --------------------------------------------------------------------------- distributions
 def test_erk_worked_example_no_dense_layer():
     shapes = [(64, 32), (128, 64, 3, 3), (10, 128)]

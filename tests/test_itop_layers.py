@@ -1,0 +1,271 @@
+"""SparseLinear / SparseConv2d: forward, init, conversion, state_dict, errors; block-norm op."""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import itop
+import itop_kernels
+from itop_kernels import block_norms
+from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
+
+needs_conv = pytest.mark.skipif(not hasattr(itop_kernels, "block_sparse_conv2d"),
+                                reason="itop_kernels.block_sparse_conv2d has not landed yet")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests use tiny matrices: one intra-op thread avoids thread-pool contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- SparseLinear
+@pytest.mark.parametrize("bs", [1, 4, 16])
+def test_linear_forward_backward_match_dense(bs):
+    torch.manual_seed(0)
+    layer = itop.SparseLinear(32, 48, density=0.3, block_size=bs, dtype=torch.float64)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    w = layer.dense_weight().detach().requires_grad_()
+    y = layer(x)
+    ref = F.linear(x, w, layer.bias)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    (dx,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(x.grad, dx)
+    dw = torch.autograd.grad(F.linear(x, w, layer.bias), w, g)[0]
+    if bs == 1:
+        torch.testing.assert_close(layer.values.grad, dw * layer.block_mask)
+    else:
+        torch.testing.assert_close(layer.values.grad, layer.layout.gather(dw))
+
+
+@pytest.mark.parametrize("bs,density,units", [(16, 0.1, 24), (8, 0.3, 96), (16, 1e-6, 24),
+                                              (1, 0.05, 96 * 64)])
+def test_exact_nnz(bs, density, units):
+    layer = itop.SparseLinear(64, 96, density=density, block_size=bs)
+    expected = max(1, round(density * units))
+    assert layer.nnz == expected == int(layer.block_mask.sum())
+    if bs > 1:
+        assert layer.values.shape == (expected, bs, bs) and layer.layout.nnz == expected
+    else:
+        assert layer.values.shape == (96, 64) and layer.layout is None
+        assert int((layer.values != 0).sum()) == expected
+
+
+def test_init_matches_nn_linear_distribution():
+    torch.manual_seed(0)
+    layer = itop.SparseLinear(256, 512, density=0.5, block_size=16)
+    bound = 1 / math.sqrt(256)
+    v = layer.values.detach()
+    assert v.abs().max() <= bound and v.abs().max() > 0.99 * bound
+    # uniform(-b, b): mean 0, std b/sqrt(3)
+    assert abs(v.mean().item()) < 0.02 * bound
+    assert v.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert layer.bias.abs().max() <= bound
+    conv = itop.SparseConv2d(32, 64, 3, density=0.5, block_size=16)
+    cb = 1 / math.sqrt(32 * 9)
+    assert conv.values.abs().max() <= cb and conv.values.std().item() == pytest.approx(
+        cb / math.sqrt(3), rel=0.05)
+
+
+def test_extra_repr_shows_density_and_block_size():
+    r = repr(itop.SparseLinear(64, 64, density=0.25, block_size=16))
+    assert "density=0.2500" in r and "block_size=16" in r
+    r = repr(itop.SparseConv2d(16, 16, 3, density=0.5, block_size=8))
+    assert "density=0.5000" in r and "block_size=8" in r
+
+
+@pytest.mark.parametrize("bs", [1, 8])
+def test_from_dense_to_dense(bs):
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    sl = itop.SparseLinear.from_dense(lin, density=0.25, block_size=bs, init="magnitude")
+    w = lin.weight.detach()
+    if bs > 1:
+        norms = w.reshape(2, 8, 4, 8).square().sum((1, 3))
+    else:
+        norms = w.abs()
+    kept = norms[sl.block_mask]
+    dropped = norms[~sl.block_mask]
+    assert kept.min() >= dropped.max()  # magnitude init keeps the largest blocks
+    back = sl.to_dense()
+    assert type(back) is nn.Linear
+    mask = sl.block_mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    assert torch.equal(back.weight, w * mask) and torch.equal(back.bias, lin.bias)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(back(x), sl(x))
+    with pytest.raises(ValueError, match="init"):
+        itop.SparseLinear.from_dense(lin, block_size=bs, init="best")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        itop.SparseLinear.from_dense(nn.Conv2d(8, 8, 1), block_size=bs)
+
+
+def test_state_dict_carries_layout_and_fresh_model_loads_other_nnz():
+    torch.manual_seed(0)
+    trained = itop.SparseLinear(64, 64, density=0.5, block_size=16)
+    sd = trained.state_dict()
+    assert "block_mask" in sd and sd["block_mask"].dtype == torch.bool
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    fresh = itop.SparseLinear(64, 64, density=0.1, block_size=16)
+    param = fresh.values
+    assert fresh.nnz != trained.nnz
+    fresh.load_state_dict(torch.load(buf))
+    assert fresh.values is param  # same Parameter object, resized
+    assert fresh.nnz == trained.nnz == fresh.layout.nnz
+    assert torch.equal(fresh.block_mask, trained.block_mask)
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), trained(x))
+    bad = dict(sd)
+    bad["block_mask"] = torch.ones(3, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="block_mask"):
+        fresh.load_state_dict(bad)
+
+
+def test_module_to_dtype_keeps_layout_consistent():
+    layer = itop.SparseLinear(32, 32, density=0.5, block_size=8).double()
+    assert layer.values.dtype == torch.float64
+    y = layer(torch.randn(2, 32, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+def test_linear_bad_arguments():
+    with pytest.raises(ValueError, match="block_size=16 does not divide in_features=30"):
+        itop.SparseLinear(30, 32, block_size=16)
+    with pytest.raises(ValueError, match="density"):
+        itop.SparseLinear(32, 32, density=0.0, block_size=16)
+    with pytest.raises(ValueError, match="density"):
+        itop.SparseLinear(32, 32, density=1.01, block_size=16)
+    with pytest.raises(ValueError, match="block_size"):
+        itop.SparseLinear(32, 32, block_size=0)
+    with pytest.raises(ValueError, match="in_features"):
+        itop.SparseLinear(0, 32, block_size=1)
+
+
+# --------------------------------------------------------------------------- SparseConv2d
+@needs_conv
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_conv_forward_backward_match_dense(stride, padding, dilation):
+    torch.manual_seed(0)
+    conv = itop.SparseConv2d(16, 24, 3, stride, padding, dilation, density=0.4, block_size=8,
+                             dtype=torch.float64)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = conv.dense_weight().detach().requires_grad_()
+    y = conv(x)
+    ref = F.conv2d(x, w, conv.bias, stride, padding, dilation)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dx, dw = torch.autograd.grad(ref, (x, w), g)
+    torch.testing.assert_close(x.grad, dx)
+    torch.testing.assert_close(conv.values.grad, conv.layout.gather(dw))
+    assert conv.values.shape == (conv.nnz, 3, 3, 8, 8)
+
+
+def test_conv_block1_grouped_matches_masked_dense():
+    torch.manual_seed(0)
+    conv = itop.SparseConv2d(8, 16, 3, padding=1, groups=2, density=0.3, block_size=1,
+                             dtype=torch.float64)
+    assert conv.values.shape == (16, 4, 3, 3) and conv.block_mask.shape == (16, 4, 3, 3)
+    assert conv.nnz == round(0.3 * 16 * 4 * 9)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.values * conv.block_mask, conv.bias,
+                                                 padding=1, groups=2))
+
+
+@needs_conv
+def test_conv_from_dense_to_dense_and_state_dict():
+    torch.manual_seed(0)
+    c = nn.Conv2d(16, 32, 3, padding="same")
+    sc = itop.SparseConv2d.from_dense(c, density=0.5, block_size=8)
+    assert sc.padding == (1, 1)
+    x = torch.randn(2, 16, 7, 7)
+    back = sc.to_dense()
+    torch.testing.assert_close(back(x), sc(x), rtol=1e-5, atol=1e-5)
+    mask = sc.block_mask.repeat_interleave(8, 0).repeat_interleave(8, 1)[:, :, None, None]
+    assert torch.equal(back.weight, c.weight * mask)
+    fresh = itop.SparseConv2d(16, 32, 3, padding=1, density=0.1, block_size=8)
+    fresh.load_state_dict(sc.state_dict())
+    assert torch.equal(fresh(x), sc(x))
+
+
+def test_conv_bad_arguments():
+    with pytest.raises(ValueError, match="groups"):
+        itop.SparseConv2d(16, 16, 3, groups=2, block_size=8)
+    with pytest.raises(ValueError, match="in_channels"):
+        itop.SparseConv2d(12, 16, 3, block_size=8)
+    with pytest.raises(ValueError, match="padding"):
+        itop.SparseConv2d(16, 16, 3, padding="full", block_size=8)
+    with pytest.raises(ValueError, match="kernel_size"):
+        itop.SparseConv2d(16, 16, (3, 3, 3), block_size=8)
+    with pytest.raises(ValueError, match="padding_mode"):
+        itop.SparseConv2d.from_dense(nn.Conv2d(16, 16, 3, padding_mode="reflect"), block_size=8)
+
+
+# --------------------------------------------------------------------------- block-norm op
+def _ref_block_norms(dw, bs):
+    R, C = dw.shape[0] // bs, dw.shape[1] // bs
+    return dw.reshape(R, bs, C, bs, *dw.shape[2:]).square().sum(
+        dim=tuple(d for d in range(dw.dim() + 2) if d not in (0, 2))).sqrt()
+
+
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(1, 20), R=st.integers(1, 6), C=st.integers(1, 6),
+       bs=st.sampled_from([1, 2, 4, 8]), small_chunks=st.booleans())
+def test_block_grad_norms_match_dense_reference(M, R, C, bs, small_chunks):
+    g = torch.Generator().manual_seed(M * 100 + R * 10 + C)
+    x = torch.randn(M, C * bs, dtype=torch.float64, generator=g)
+    dy = torch.randn(M, R * bs, dtype=torch.float64, generator=g)
+    old = block_norms._CHUNK_ELEMENTS
+    block_norms._CHUNK_ELEMENTS = 1 if small_chunks else old  # one block-row per chunk
+    try:
+        got = block_grad_norms(x, dy, bs)
+    finally:
+        block_norms._CHUNK_ELEMENTS = old
+    ref = _ref_block_norms(dy.t() @ x, bs).float()
+    assert got.dtype == torch.float32 and got.shape == (R, C)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduce_taps", [True, False])
+def test_conv2d_block_grad_norms_match_dense_reference(reduce_taps, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64)
+    dy = torch.randn(2, 24, 5, 5, dtype=torch.float64)
+    monkeypatch.setattr(block_norms, "_CHUNK_ELEMENTS", 1)
+    got = conv2d_block_grad_norms(x, dy, (24, 16, 3, 3), 8, stride=2, padding=1,
+                                  reduce_taps=reduce_taps)
+    dw = torch.nn.grad.conv2d_weight(x, (24, 16, 3, 3), dy, stride=2, padding=1)
+    if reduce_taps:
+        ref = _ref_block_norms(dw, 8)
+    else:
+        ref = dw.reshape(3, 8, 2, 8, 3, 3).square().sum((1, 3)).sqrt()
+    torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_block_grad_norms_bad_arguments():
+    with pytest.raises(ValueError, match="block_size"):
+        block_grad_norms(torch.randn(4, 8), torch.randn(4, 8), 3)
+    with pytest.raises(ValueError, match="same M"):
+        block_grad_norms(torch.randn(4, 8), torch.randn(5, 8), 4)
+    with pytest.raises(ValueError, match="groups"):
+        conv2d_block_grad_norms(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2), (8, 4, 3, 3), 4,
+                                groups=2)
+
+
+def test_block_grad_norms_is_a_custom_op():
+    assert hasattr(torch.ops.itop_kernels, "block_grad_norms")
+    assert hasattr(torch.ops.itop_kernels, "conv2d_block_grad_norms")
+    x, dy = torch.randn(6, 16), torch.randn(6, 8)
+    torch.testing.assert_close(torch.ops.itop_kernels.block_grad_norms(x, dy, 4),
+                               block_grad_norms(x, dy, 4))
