@@ -120,6 +120,20 @@ class SparseLayer(nn.Module):
         self._capture_handle = None
         self.layout = (BlockLayout.from_mask(mask.clone(), self.block_size, nnz=self._nnz)
                        if self.block_size > 1 else None)
+        self._mask_version = self.block_mask._version
+
+    def _sync_layout(self) -> None:
+        """Rebuild the layout if ``block_mask`` was overwritten in place from outside (DDP
+        broadcasting rank 0's buffers into a model built with other masks, say). Costs an int
+        comparison when nothing changed."""
+        if self.block_mask._version == self._mask_version:
+            return
+        nnz = int(self.block_mask.sum())
+        if self.layout is not None and nnz != self.values.shape[0]:
+            raise RuntimeError(f"block_mask was overwritten with {nnz} active blocks, but values "
+                               f"holds {self.values.shape[0]}; load masks with load_state_dict")
+        self._nnz = nnz
+        self._rebuild_layout()
 
     # ------------------------------------------------------------------ facts
     @property
@@ -149,6 +163,7 @@ class SparseLayer(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The dense weight, zeros outside the active units (differentiable w.r.t. ``values``)."""
+        self._sync_layout()
         if self.layout is None:
             return self.values * self.block_mask
         return self.layout.scatter(self.values)
@@ -156,6 +171,7 @@ class SparseLayer(nn.Module):
     # ------------------------------------------------------------------ topology interface
     def _magnitude_scores(self, p: int = 1) -> Tensor:
         """float32 score per unit (mask-shaped): the Lp norm of the unit's values (0 if inactive)."""
+        self._sync_layout()
         v = self.values.detach()
         if self.layout is None:
             return v.abs().float() * self.block_mask
@@ -208,11 +224,13 @@ class SparseLayer(nn.Module):
         Surviving units keep their values, gradient and optimizer state; new units start at zero
         with zero state. ``values`` stays the same Parameter with the same shape. No host sync.
         """
+        self._sync_layout()
         if self.layout is None:
             survive = self.block_mask & new_mask
             for t in self._state_tensors(optimizer):
                 t.mul_(survive)
             self.block_mask.copy_(new_mask)
+            self._mask_version = self.block_mask._version
             return
         old = self.layout
         R, C = self.block_mask.shape
@@ -228,6 +246,7 @@ class SparseLayer(nn.Module):
             moved.masked_fill_(fresh.view(-1, *([1] * (t.dim() - 1))), 0)
             t.copy_(moved)
         self.block_mask.copy_(new_mask)
+        self._mask_version = self.block_mask._version
         self.layout = new_layout
 
     def _copy_dense(self, w: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
@@ -296,11 +315,13 @@ class SparseLayer(nn.Module):
         if self.block_size > 1:
             self.layout = BlockLayout.from_mask(self.block_mask.clone(), self.block_size,
                                                 nnz=self._nnz)
+        self._mask_version = self.block_mask._version
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         if self.layout is not None and self.layout.device != self.block_mask.device:
             self.layout = self.layout.to(self.block_mask.device)
+        self._mask_version = self.block_mask._version
         return out
 
     def _density_repr(self) -> str:
@@ -365,6 +386,7 @@ class SparseLinear(SparseLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in_features] -> [..., out_features]``."""
+        self._sync_layout()
         if self.layout is None:
             return F.linear(x, self.values * self.block_mask, self.bias)
         return block_sparse_linear(x, self.values, self.layout, self.bias)
@@ -516,6 +538,7 @@ class SparseConv2d(SparseLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, Cin, H, W] -> [B, Cout, Ho, Wo]``."""
+        self._sync_layout()
         if self.layout is None:
             return F.conv2d(x, self.values * self.block_mask, self.bias, self.stride,
                             self.padding, self.dilation, self.groups)

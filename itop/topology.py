@@ -149,6 +149,8 @@ class TopologyManager:
         missing = [n for n, m in self.layers if id(m.values) not in in_opt]
         if missing:
             raise ValueError(f"the optimizer does not train the values of sparse layers {missing}")
+        if _dist_world() is not None:
+            self._broadcast_layers()
         self._generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self._pending = False
@@ -157,6 +159,16 @@ class TopologyManager:
         self._ema: Dict[str, Tensor] = {}
         self._beta = self._momentum_beta()
         self._arm()
+
+    @torch.no_grad()
+    def _broadcast_layers(self) -> None:
+        """Give every rank rank 0's masks and values (the layouts follow on their next use)."""
+        for _, m in self.layers:
+            flat = m.block_mask.to(torch.uint8)
+            torch.distributed.broadcast(flat, src=0)
+            m.block_mask.copy_(flat.bool())
+            torch.distributed.broadcast(m.values.data, src=0)
+            m._sync_layout()
 
     # ------------------------------------------------------------------ schedule
     @property

@@ -1,0 +1,68 @@
+"""TopologyManager under DistributedDataParallel: 2 CPU processes, gloo, gradient growth."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import itop
+
+STEPS = 12
+UPDATE_EVERY = 2
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(rank)  # each rank starts from other masks: rank 0's must win
+        model = nn.Sequential(itop.SparseLinear(16, 32, density=0.3, block_size=4), nn.ReLU(),
+                              itop.SparseLinear(32, 32, density=0.3, block_size=1), nn.ReLU(),
+                              itop.SparseLinear(32, 8, density=0.5, block_size=4))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        mgr = itop.TopologyManager(ddp, opt, update_every=UPDATE_EVERY, total_steps=40,
+                                   growth="gradient", prune_rate=0.5)
+        assert [n for n, _ in mgr.layers] == ["0", "2", "4"]  # found through ddp.module
+        changes = []
+        for t in range(1, STEPS + 1):
+            g = torch.Generator().manual_seed(100 * rank + t)  # each rank sees its own batch
+            x = torch.randn(16, 16, generator=g)
+            y = torch.randint(0, 8, (16,), generator=g)
+            loss = F.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            changes.append(mgr.step())
+        out = {"changes": changes, "itop_rate": mgr.itop_rate,
+               "state": {k: v.clone() for k, v in model.state_dict().items()},
+               "fired": {k: v.clone() for k, v in mgr.fired.items()},
+               "layouts": [(m.layout.row_idx.clone(), m.layout.col_idx.clone())
+                           for m in model if isinstance(m, itop.SparseLayer) and m.layout]}
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_ranks_reach_identical_topologies(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert r0["changes"] == r1["changes"] == [t % UPDATE_EVERY == 0 for t in range(1, STEPS + 1)]
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    for k in r0["fired"]:
+        assert torch.equal(r0["fired"][k], r1["fired"][k]), k
+    for (a_r, a_c), (b_r, b_c) in zip(r0["layouts"], r1["layouts"]):
+        assert torch.equal(a_r, b_r) and torch.equal(a_c, b_c)
+    assert r0["itop_rate"] == r1["itop_rate"] > 0.45  # the topology really moved
+    for k, v in r0["state"].items():
+        if k.endswith("block_mask"):
+            assert int(v.sum()) == {"0.block_mask": 10, "2.block_mask": 307,
+                                    "4.block_mask": 8}[k]
