@@ -324,6 +324,17 @@ class SparseLayer(nn.Module):
         self._mask_version = self.block_mask._version
         return out
 
+    def _operands(self, x: Tensor):
+        """``(x, values, bias)`` cast to the autocast dtype when autocast is on for x's device
+        (as ``nn.Linear``/``nn.Conv2d`` would be); the casts are differentiable."""
+        values, bias = self.values, self.bias
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            ct = torch.get_autocast_dtype(dev)
+            x, values = x.to(ct), values.to(ct)
+            bias = bias.to(ct) if bias is not None else None
+        return x, values, bias
+
     def _density_repr(self) -> str:
         return f"density={self.density:.4f}, nnz={self._nnz}/{self.num_units}, " \
                f"block_size={self.block_size}"
@@ -387,9 +398,10 @@ class SparseLinear(SparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in_features] -> [..., out_features]``."""
         self._sync_layout()
+        x, values, bias = self._operands(x)
         if self.layout is None:
-            return F.linear(x, self.values * self.block_mask, self.bias)
-        return block_sparse_linear(x, self.values, self.layout, self.bias)
+            return F.linear(x, values * self.block_mask, bias)
+        return block_sparse_linear(x, values, self.layout, bias)
 
     def _grad_scores(self) -> Optional[Tensor]:
         pairs = self._captured_pairs()
@@ -539,15 +551,16 @@ class SparseConv2d(SparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         """``[B, Cin, H, W] -> [B, Cout, Ho, Wo]``."""
         self._sync_layout()
+        x, values, bias = self._operands(x)
         if self.layout is None:
-            return F.conv2d(x, self.values * self.block_mask, self.bias, self.stride,
+            return F.conv2d(x, values * self.block_mask, bias, self.stride,
                             self.padding, self.dilation, self.groups)
         try:
             from itop_kernels import block_sparse_conv2d
         except ImportError as exc:  # the conv kernels are not installed in this build
             raise RuntimeError("SparseConv2d with block_size > 1 needs "
                                "itop_kernels.block_sparse_conv2d, which is missing") from exc
-        return block_sparse_conv2d(x, self.values, self.layout, self.bias, stride=self.stride,
+        return block_sparse_conv2d(x, values, self.layout, bias, stride=self.stride,
                                    padding=self.padding, dilation=self.dilation)
 
     def _grad_scores(self) -> Optional[Tensor]:

@@ -269,3 +269,66 @@ def test_block_grad_norms_is_a_custom_op():
     x, dy = torch.randn(6, 16), torch.randn(6, 8)
     torch.testing.assert_close(torch.ops.itop_kernels.block_grad_norms(x, dy, 4),
                                block_grad_norms(x, dy, 4))
+
+
+# --------------------------------------------------------------------------- captured scores
+def test_linear_captured_grad_scores_match_dense_gradient_over_micro_batches():
+    torch.manual_seed(0)
+    layer = itop.SparseLinear(16, 24, density=0.3, block_size=4, dtype=torch.float64)
+    layer._start_capture()
+    w = layer.dense_weight().detach().requires_grad_()
+    dense_grad = torch.zeros_like(w)
+    for _ in range(2):  # gradient accumulation: dW is the sum over both micro-batches
+        x = torch.randn(3, 5, 16, dtype=torch.float64)  # leading dims are flattened
+        layer(x).sin().sum().backward()
+        dense_grad += torch.autograd.grad(F.linear(x, w, layer.bias).sin().sum(), w)[0]
+    with torch.no_grad():
+        layer(torch.randn(2, 16, dtype=torch.float64))  # no grad: nothing captured
+    got = layer._grad_scores()
+    torch.testing.assert_close(got, _ref_block_norms(dense_grad, 4).float())
+    layer._stop_capture()
+    assert layer._grad_scores() is None and not layer._forward_hooks
+
+
+@needs_conv
+@pytest.mark.parametrize("bs", [1, 8])
+def test_conv_captured_grad_scores_match_dense_gradient(bs):
+    torch.manual_seed(0)
+    conv = itop.SparseConv2d(16, 16, 3, stride=2, padding=1, density=0.4, block_size=bs,
+                             dtype=torch.float64)
+    conv._start_capture()
+    x = torch.randn(2, 16, 7, 7, dtype=torch.float64)
+    conv(x).square().sum().backward()
+    w = conv.dense_weight().detach().requires_grad_()
+    dw = torch.autograd.grad(F.conv2d(x, w, conv.bias, 2, 1).square().sum(), w)[0]
+    ref = dw.abs() if bs == 1 else _ref_block_norms(dw, bs)
+    torch.testing.assert_close(conv._grad_scores(), ref.float())
+    conv._stop_capture()
+
+
+def test_autocast_runs_in_the_autocast_dtype_with_fp32_gradients():
+    torch.manual_seed(0)
+    layer = itop.SparseLinear(32, 32, density=0.5, block_size=8)
+    x = torch.randn(4, 32)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+    y.float().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and layer.values.grad.abs().sum() > 0
+
+
+def test_layout_follows_in_place_mask_overwrite():
+    # what DDP does when it broadcasts rank 0's buffers into a model built with other masks
+    torch.manual_seed(0)
+    a = itop.SparseLinear(32, 32, density=0.5, block_size=8)
+    b = itop.SparseLinear(32, 32, density=0.5, block_size=8)
+    assert not torch.equal(a.block_mask, b.block_mask)
+    with torch.no_grad():
+        b.block_mask.copy_(a.block_mask)
+        b.values.copy_(a.values)
+        b.bias.copy_(a.bias)
+    x = torch.randn(3, 32)
+    assert torch.equal(b(x), a(x))
+    assert torch.equal(b.layout.row_idx, a.layout.row_idx)
