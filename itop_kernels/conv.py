@@ -1,0 +1,242 @@
+"""``block_sparse_conv2d``: a 2-D convolution whose weight is block-sparse over channel blocks.
+
+The weight ``W [Cout, Cin, kh, kw]`` is cut into ``bs × bs`` blocks over (out-channel,
+in-channel); an active block carries all of its kernel taps. ``values [nnz, kh, kw, bs, bs]``
+holds the active blocks (see :meth:`BlockLayout.gather`).
+
+The three computations are ``torch.library`` custom ops, so ``torch.compile`` traces through
+them without a graph break and AMP casts their inputs:
+
+- ``itop_kernels::bsc_forward``      ``y = conv2d(x, W) + b``   ``[N, Cin, H, W] -> [N, Cout, Ho, Wo]``
+- ``itop_kernels::bsc_grad_input``   ``dX``                     ``[N, Cout, Ho, Wo] -> [N, Cin, H, W]``
+- ``itop_kernels::bsc_grad_weight``  ``dW`` at active blocks    ``-> [nnz, kh, kw, bs, bs]``
+
+Each op runs the Triton kernels on CUDA tensors (and on CPU tensors under
+``TRITON_INTERPRET=1``), and the CPU implementation otherwise. Every op returns its activation
+output in the memory format of its activation input (NCHW or channels-last).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import cpu_conv
+from .cpu_conv import conv_output_size, output_memory_format
+from .dispatch import use_triton
+from .layout import BlockLayout
+
+__all__ = ["block_sparse_conv2d"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _triton():
+    from . import triton_conv  # imported lazily: the CPU path needs no Triton
+    return triton_conv
+
+
+def _empty_activation(t: Tensor, shape) -> Tensor:
+    """An uninitialized ``shape`` tensor like ``t`` in ``t``'s memory format (fake impls)."""
+    return torch.empty(shape, dtype=t.dtype, device=t.device,
+                       memory_format=output_memory_format(t))
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("itop_kernels::bsc_forward", mutates_args=())
+def _bsc_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+                 col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
+                 bias: Optional[Tensor], block_size: int, out_channels: int,
+                 stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    if use_triton(x):
+        return _triton().conv_forward(x, values, row_ptr, col_idx, bias, block_size,
+                                      out_channels, stride, padding, dilation,
+                                      output_memory_format(x))
+    return cpu_conv.conv_forward(x, values, row_ptr, col_idx, bias, block_size, out_channels,
+                                 stride, padding, dilation)
+
+
+@_bsc_forward.register_fake
+def _(x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, block_size,
+      out_channels, stride, padding, dilation):
+    N, _, H, W = x.shape
+    kh, kw = values.shape[1:3]
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    return _empty_activation(x, (N, out_channels, Ho, Wo))
+
+
+@torch.library.custom_op("itop_kernels::bsc_grad_input", mutates_args=())
+def _bsc_grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, t_row_idx: Tensor,
+                    t_block_idx: Tensor, block_size: int, input_size: list[int],
+                    stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    if use_triton(dy):
+        return _triton().conv_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx,
+                                         block_size, input_size, stride, padding, dilation,
+                                         output_memory_format(dy))
+    return cpu_conv.conv_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size,
+                                    input_size, stride, padding, dilation)
+
+
+@_bsc_grad_input.register_fake
+def _(dy, values, col_ptr, t_row_idx, t_block_idx, block_size, input_size, stride, padding,
+      dilation):
+    return _empty_activation(dy, tuple(input_size))
+
+
+@torch.library.custom_op("itop_kernels::bsc_grad_weight", mutates_args=())
+def _bsc_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, col_ptr: Tensor,
+                     t_row_idx: Tensor, t_block_idx: Tensor, block_size: int,
+                     kernel_size: list[int], stride: list[int], padding: list[int],
+                     dilation: list[int]) -> Tensor:
+    if use_triton(dy):
+        return _triton().conv_grad_weight(dy, x, row_idx, col_idx, block_size, kernel_size,
+                                          stride, padding, dilation)
+    return cpu_conv.conv_grad_weight(dy, x, col_ptr, t_row_idx, t_block_idx, block_size,
+                                     kernel_size, stride, padding, dilation)
+
+
+@_bsc_grad_weight.register_fake
+def _(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, block_size, kernel_size, stride,
+      padding, dilation):
+    return dy.new_empty((row_idx.shape[0], *kernel_size, block_size, block_size))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, block_size,
+     out_channels, stride, padding, dilation) = inputs
+    ctx.save_for_backward(x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx)
+    ctx.block_size = block_size
+    ctx.conv_args = (list(stride), list(padding), list(dilation))
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
+    bs = ctx.block_size
+    stride, padding, dilation = ctx.conv_args
+    # dy may arrive with any strides (even expanded zeros): give it x's memory format, so dX
+    # comes back in that format too.
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    dx = dv = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _bsc_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, bs, list(x.shape),
+                             stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        dv = _bsc_grad_weight(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, bs,
+                              list(values.shape[1:3]), stride, padding, dilation)
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        db = dy.sum((0, 2, 3), dtype=acc).to(dy.dtype)
+    return dx, dv, None, None, None, None, None, None, db, None, None, None, None, None
+
+
+_bsc_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- argument checks
+def _pair(value, name: str, minimum: int) -> list[int]:
+    """An int or a pair of ints (each ``>= minimum``) -> ``[h, w]``."""
+    items = value if isinstance(value, (tuple, list)) else (value,) * 2
+    if (len(items) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in items)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in items):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return [int(items[0]), int(items[1])]
+
+
+def _check_args(x, values, layout, bias, groups) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+    for name, t in (("x", x), ("values", values)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups != 1:
+        raise ValueError(f"groups={groups} is not supported: block_sparse_conv2d takes groups=1 "
+                         "(block sparsity over channel blocks replaces grouping)")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values has dtype {values.dtype} but x has {x.dtype}; they must match")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, Cin, H, W], got shape {tuple(x.shape)}")
+    cout, cin = layout.shape
+    bs = layout.block_size
+    if x.shape[1] != cin:
+        raise ValueError(f"x has {x.shape[1]} channels (shape {tuple(x.shape)}), but the layout "
+                         f"covers Cin={cin} in-channels ({layout.grid_shape[1]} blocks of {bs})")
+    if (values.dim() != 5 or values.shape[0] != layout.nnz or tuple(values.shape[3:]) != (bs, bs)
+            or values.shape[1] < 1 or values.shape[2] < 1):
+        raise ValueError(f"values must have shape [nnz={layout.nnz}, kh, kw, {bs}, {bs}] "
+                         f"(kh, kw >= 1), got {list(values.shape)}")
+    if x.device != values.device or x.device != layout.device:
+        raise ValueError(f"x ({x.device}), values ({values.device}) and layout "
+                         f"({layout.device}) must be on the same device")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (cout,):
+            raise ValueError(f"bias must have shape [Cout={cout}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; they must match")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device}, x on {x.device}")
+    if use_triton(x):
+        if x.dtype == torch.float64:
+            raise TypeError("float64 runs on the CPU path only; the Triton kernels take "
+                            "float16, bfloat16 and float32")
+        if bs not in _TRITON_BLOCK_SIZES:
+            raise ValueError(f"layout.block_size={bs} is not supported by the Triton kernels; "
+                             f"use one of {_TRITON_BLOCK_SIZES}")
+
+
+# --------------------------------------------------------------------------- public function
+def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout,
+                        bias: Optional[Tensor] = None,
+                        stride: Union[int, tuple[int, int]] = 1,
+                        padding: Union[int, tuple[int, int]] = 0,
+                        dilation: Union[int, tuple[int, int]] = 1,
+                        groups: int = 1) -> Tensor:
+    """``y = conv2d(x, W, bias, stride, padding, dilation)`` with a block-sparse weight ``W``,
+    computing only the active blocks.
+
+    Args:
+        x: ``[N, Cin, H, W]``, NCHW or channels-last (other strides are copied to NCHW),
+            float16, bfloat16, float32, or float64 (CPU path only).
+        values: ``[nnz, kh, kw, bs, bs]`` active blocks of ``W [Cout, Cin, kh, kw]`` in the
+            layout's row-major block order, each tap an ``[out, in]`` tile (see
+            :meth:`BlockLayout.gather`); same dtype as ``x``.
+        layout: the :class:`BlockLayout` of ``W`` over ``[Cout/bs, Cin/bs]`` channel blocks, on
+            ``x``'s device. The Triton kernels take ``bs`` in 16, 32, 64, 128.
+        bias: optional ``[Cout]``, same dtype as ``x``.
+        stride, padding, dilation: an int or an ``(h, w)`` pair, as in ``F.conv2d``
+            (``stride``/``dilation`` >= 1, ``padding`` >= 0; zero padding).
+        groups: must be 1.
+
+    Returns:
+        ``[N, Cout, Ho, Wo]`` in ``x``'s dtype and memory format, with
+        ``Ho = (H + 2·padding - dilation·(kh - 1) - 1) // stride + 1`` (likewise ``Wo``).
+        Products accumulate in float32 (float64 for float64 inputs). Differentiable with
+        respect to ``x``, ``values`` and ``bias``.
+    """
+    _check_args(x, values, layout, bias, groups)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    kh, kw = values.shape[1:3]
+    H, W = x.shape[2:]
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"x's spatial size {H}x{W} (padding {padding}) is smaller than the "
+                         f"dilated kernel {kh}x{kw} (dilation {dilation}): empty output")
+    x = x.contiguous(memory_format=output_memory_format(x))
+    return _bsc_forward(x, values.contiguous(), layout.row_ptr, layout.col_idx, layout.row_idx,
+                        layout.col_ptr, layout.t_row_idx, layout.t_block_idx,
+                        None if bias is None else bias.contiguous(), layout.block_size,
+                        layout.shape[0], stride, padding, dilation)

@@ -1,0 +1,198 @@
+"""CPU implementation of the block-sparse conv2d ops. It touches only the active blocks.
+
+The weight ``W [Cout, Cin, kh, kw]`` is block-sparse over (out-channel block, in-channel block)
+pairs; ``values [nnz, kh, kw, bs, bs]`` holds the active blocks (each tap an ``[out, in]`` tile).
+No dense weight is ever formed. Each function loops over block-rows or block-columns of the
+layout (never over blocks) and runs one dense oneDNN convolution per row/column on a *compact*
+problem:
+
+- forward, per out-channel block-row ``r``: gather the input-channel blocks of the row's active
+  columns (``cnt·bs`` channels) and convolve them with the row's compact weight
+  ``[bs, cnt·bs, kh, kw]``;
+- ``dX``, per in-channel block-column ``c`` (through the transpose metadata): gather the
+  ``dY`` channel blocks of the column's active rows and run the input-gradient of a convolution
+  with the column's compact weight ``[cnt·bs, bs, kh, kw]``;
+- ``dW``, per block-column ``c``: the weight-gradient of the same compact convolution, from the
+  input slice of column ``c`` and the gathered ``dY`` blocks.
+
+Tensors stay in their own memory format (NCHW or channels-last; channels-last is faster with
+oneDNN): a channel block is a contiguous plane per sample in NCHW and a contiguous run of ``bs``
+values per pixel in channels-last, so gathers copy whole runs. float16/bfloat16 inputs are
+computed in float32 and rounded once at the end; float32 and float64 compute in their own
+precision.
+
+Shapes: ``x [N, Cin, H, W]``, ``dy [N, Cout, Ho, Wo]`` (any memory format), ``R = Cout/bs``,
+``C = Cin/bs``. Outputs keep the memory format of the tensor they correspond to
+(``x``'s for the forward's input, see :func:`output_memory_format`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "output_memory_format",
+           "conv_output_size"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def output_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` if the 4-D ``t`` is channels-last and not also NCHW-contiguous, else
+    ``contiguous_format``. Every op returns its output in the format of its main input."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_output_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    """Output extent of a convolution along one spatial dimension."""
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+class _ChannelBlocks:
+    """A 4-D tensor ``[N, Ch, H, W]`` cut into channel blocks of ``bs``, stored in dtype ``ct``
+    in its own memory format (NCHW or channels-last), so that no layout conversion is needed.
+
+    ``take(blocks)`` returns channel blocks ``blocks`` as an ``[N, len(blocks)·bs, H, W]``
+    tensor in the same memory format (a view when every block is taken), ``one(c)`` block ``c``
+    as a view.
+    """
+
+    def __init__(self, t: torch.Tensor, ct: torch.dtype, bs: int):
+        n, ch, h, w = t.shape
+        self.shape = (n, ch, h, w)
+        self.nb = ch // bs
+        self.channels_last = output_memory_format(t) == torch.channels_last
+        if self.channels_last:   # [N, H, W, B, bs]: a block is a contiguous run per pixel
+            self.data = t.to(ct).permute(0, 2, 3, 1).contiguous().view(n, h, w, self.nb, bs)
+        else:                    # [N, B, bs, H, W]: a block is a contiguous plane per sample
+            self.data = t.to(ct).contiguous().view(n, self.nb, bs, h, w)
+
+    def take(self, blocks: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = self.shape
+        if self.channels_last:
+            d = self.data if blocks.numel() == self.nb else self.data.index_select(3, blocks)
+            return d.view(n, h, w, -1).permute(0, 3, 1, 2)
+        d = self.data if blocks.numel() == self.nb else self.data.index_select(1, blocks)
+        return d.view(n, -1, h, w)
+
+    def one(self, c: int) -> torch.Tensor:
+        if self.channels_last:
+            return self.data[:, :, :, c].permute(0, 3, 1, 2)
+        return self.data[:, c]
+
+
+def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+                 col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
+                 out_channels: int, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int]) -> torch.Tensor:
+    """``y = conv2d(x, W) (+ bias)`` over the active blocks only.
+
+    ``x [N, Cin, H, W]``, ``values [nnz, kh, kw, bs, bs]``, ``bias [Cout]`` or None ->
+    ``y [N, Cout, Ho, Wo]`` in x's dtype and memory format.
+    """
+    bs = block_size
+    N, Cin, H, W = x.shape
+    kh, kw = values.shape[1:3]
+    Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    R = out_channels // bs
+    ct = _compute_dtype(x.dtype)
+    xb = _ChannelBlocks(x, ct, bs)
+    v = values.to(ct)
+    b = bias.to(ct) if bias is not None else None
+    out = torch.empty(N, out_channels, Ho, Wo, dtype=ct, memory_format=output_memory_format(x))
+    rp = row_ptr.tolist()
+    for r in range(R):
+        lo, hi = rp[r], rp[r + 1]
+        ch = slice(r * bs, (r + 1) * bs)
+        if lo == hi:  # an empty block-row: only the bias
+            out[:, ch] = 0 if b is None else b[ch].view(bs, 1, 1)
+            continue
+        xg = xb.take(col_idx[lo:hi])                               # [N, cnt·bs, H, W]
+        # [cnt, kh, kw, bs_o, bs_i] -> [bs_o, cnt, bs_i, kh, kw] -> [bs, cnt·bs, kh, kw]
+        w_row = v[lo:hi].permute(3, 0, 4, 1, 2).reshape(bs, (hi - lo) * bs, kh, kw)
+        y_r = torch.nn.functional.conv2d(xg, w_row, None if b is None else b[ch],
+                                         stride, padding, dilation)
+        out[:, ch] = y_r
+    return out.to(x.dtype)
+
+
+def _column_weight(v_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Compact weight of block-column ``c`` (blocks ``v_t[lo:hi]`` in column-major order):
+    ``[cnt, kh, kw, bs_o, bs_i] -> [cnt·bs_o, bs_i, kh, kw]``."""
+    cnt, kh, kw, bs, _ = v_t[lo:hi].shape
+    return v_t[lo:hi].permute(0, 3, 4, 1, 2).reshape(cnt * bs, bs, kh, kw)
+
+
+def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor,
+                    t_row_idx: torch.Tensor, t_block_idx: torch.Tensor, block_size: int,
+                    input_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int]) -> torch.Tensor:
+    """``dX`` through the transpose metadata: ``dy [N, Cout, Ho, Wo]`` -> ``[N, Cin, H, W]``
+    (``input_size``) in dy's dtype and memory format."""
+    bs = block_size
+    N, Cin, H, W = input_size
+    C = Cin // bs
+    kh, kw = values.shape[1:3]
+    ct = _compute_dtype(dy.dtype)
+    dyb = _ChannelBlocks(dy, ct, bs)
+    v_t = values.to(ct).index_select(0, t_block_idx)       # blocks in column-major order
+    mf = output_memory_format(dy)
+    dx = torch.empty(N, Cin, H, W, dtype=ct, memory_format=mf)
+    # convolution_backward reads only the shape and memory format of the input it is given
+    # (an uninitialized buffer: allocating it touches no memory).
+    shape_only = torch.empty(N, bs, H, W, dtype=ct, memory_format=mf)
+    cp = col_ptr.tolist()
+    for c in range(C):
+        lo, hi = cp[c], cp[c + 1]
+        ch = slice(c * bs, (c + 1) * bs)
+        if lo == hi:  # no active block in this column: no gradient reaches these channels
+            dx[:, ch] = 0
+            continue
+        dyg = dyb.take(t_row_idx[lo:hi])                           # [N, cnt·bs, Ho, Wo]
+        dx_c, _, _ = torch.ops.aten.convolution_backward(
+            dyg, shape_only, _column_weight(v_t, lo, hi), None, stride, padding, dilation,
+            False, [0, 0], 1, [True, False, False])
+        dx[:, ch] = dx_c
+    return dx.to(dy.dtype)
+
+
+def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, col_ptr: torch.Tensor,
+                     t_row_idx: torch.Tensor, t_block_idx: torch.Tensor, block_size: int,
+                     kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int]) -> torch.Tensor:
+    """``dW`` at the active blocks only -> ``[nnz, kh, kw, bs, bs]`` in dy's dtype.
+
+    ``dV[i, a, b] = Σ_{n,ho,wo} dY[n, r_i-block, ho, wo] ⊗ X[n, c_i-block, tap (a, b)]``, computed
+    per block-column as the weight gradient of the column's compact convolution.
+    """
+    bs = block_size
+    N, Cin, H, W = x.shape
+    C = Cin // bs
+    kh, kw = kernel_size
+    ct = _compute_dtype(dy.dtype)
+    dyb = _ChannelBlocks(dy, ct, bs)
+    xb = _ChannelBlocks(x, ct, bs)
+    nnz = t_row_idx.numel()
+    dv_t = torch.empty(nnz, kh, kw, bs, bs, dtype=ct)      # gradients in column-major order
+    cp = col_ptr.tolist()
+    for c in range(C):
+        lo, hi = cp[c], cp[c + 1]
+        if lo == hi:
+            continue
+        cnt = hi - lo
+        dyg = dyb.take(t_row_idx[lo:hi])                           # [N, cnt·bs, Ho, Wo]
+        x_c = xb.one(c)                                            # [N, bs, H, W] (a view)
+        shape_only = torch.empty(1, dtype=ct).expand(cnt * bs, bs, kh, kw)
+        _, dw_col, _ = torch.ops.aten.convolution_backward(
+            dyg, x_c, shape_only, None, stride, padding, dilation, False, [0, 0], 1,
+            [False, True, False])
+        # [cnt·bs_o, bs_i, kh, kw] -> [cnt, kh, kw, bs_o, bs_i]
+        dv_t[lo:hi] = dw_col.reshape(cnt, bs, bs, kh, kw).permute(0, 3, 4, 1, 2)
+    dv = torch.empty_like(dv_t)
+    dv[t_block_idx.long()] = dv_t                            # back to row-major (values) order
+    return dv.to(dy.dtype)

@@ -1,0 +1,442 @@
+"""Triton kernels for the block-sparse conv2d: forward, dX (dgrad) and dW (wgrad).
+
+Notation: ``x [N, Cin, H, W]``, ``y [N, Cout, Ho, Wo]``, kernel ``KH × KW``. The weight
+``W [Cout, Cin, KH, KW]`` is block-sparse over (out-channel block, in-channel block) pairs with
+square blocks of side ``BS``: ``R = Cout / BS`` block-rows, ``C = Cin / BS`` block-columns.
+``values [nnz, KH, KW, BS, BS]`` holds the active blocks in the layout's row-major block order,
+each tap a contiguous ``[out, in]`` tile::
+
+    values[i, a, b, o, k] = W[r_i*BS + o, c_i*BS + k, a, b]
+    at element offset ((i*KH + a)*KW + b)*BS*BS + o*BS + k = (i*KHW + tap)*BS*BS + o*BS + k
+
+with ``tap = a*KW + b`` and ``KHW = KH*KW``. The kernels read and write activations in
+channels-last layout (channel stride 1, so a block's channels are one contiguous, vectorized
+run per pixel) through their ``n, h, w`` strides; the wrappers convert NCHW tensors (a copy)
+and hand outputs back in the requested memory format.
+
+One kernel per concern, each an implicit GEMM (no im2col buffer):
+
+- ``_conv_fwd_kernel``: ``GEMM M = N·Ho·Wo`` output pixels × ``BS`` out-channels of block-row
+  ``r``; the K loop runs over (active block of row ``r``) × (tap) × (``BK`` slice of the
+  block's in-channels). Bias fused in the epilogue.
+- ``_conv_dgrad_kernel``: ``dX``, a transposed implicit GEMM: ``M = N·H·W`` input pixels ×
+  ``BS`` in-channels of block-column ``c``; the K loop runs over the column's active blocks
+  (transpose metadata, no atomics) × taps × out-channel slices. With stride ``s`` an input row
+  ``h`` receives tap ``a`` from output row ``ho = (h + pad - a·dil) / s`` only when that division
+  is exact and ``0 <= ho < Ho``; the check is per pixel, so stride > 1 is handled exactly.
+- ``_conv_wgrad_kernel``: ``dV[i, tap] = Σ_m dY[m, r_i-block]ᵀ · X[m shifted by tap, c_i-block]``,
+  only at active blocks. A program owns a ``[BO, BS]`` slice of one (block, tap) tile and
+  reduces over one split of the ``N·Ho·Wo`` pixels; splits write fp32 partial sums to a
+  workspace that is summed afterwards (deterministic, no atomics).
+
+All products accumulate in fp32 (fp32 inputs use tf32 dots on the GPU). Tile sizes are
+``tl.constexpr`` and come from ``CONFIGS``, a table per GPU architecture and block size.
+``aot_cases(arch)`` lists every shipped config for the ahead-of-time compile check
+(``python -m itop_kernels.compile_check --filter conv``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch import empty_output
+
+__all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
+           "SUPPORTED_BLOCK_SIZES"]
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx,
+    N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    # x: NHWC [N, H, W, CB_IN*BS], y: NHWC [N, Ho, Wo, CB_OUT*BS], both contiguous.
+    pid_m = tl.program_id(0)                # tile of output pixels
+    r = tl.program_id(1)                    # out-channel block-row
+    CIN = CB_IN * BS                        # a multiple of BS: pixel offsets stay aligned
+    COUT = CB_OUT * BS
+    M = N * Ho * Wo
+    offs_m = pid_m * BM + tl.arange(0, BM)  # flat output pixel m = (n*Ho + ho)*Wo + wo
+    m_ok = offs_m < M
+    wo = offs_m % Wo
+    ho = (offs_m // Wo) % Ho
+    n = offs_m // (Wo * Ho)
+    h0 = ho * stride_h - pad_h              # input row read by tap row 0
+    w0 = wo * stride_w - pad_w              # input column read by tap column 0
+    offs_o = tl.arange(0, BS)               # out-channels within block-row r
+    offs_k = tl.arange(0, BK)               # in-channels within one BK slice of a block
+    NK: tl.constexpr = BS // BK             # slices per block
+    KHW = KH * KW
+    start = tl.load(row_ptr + r)
+    end = tl.load(row_ptr + r + 1)
+    acc = tl.zeros((BM, BS), dtype=tl.float32)
+    # One flat loop over t = ((i - start)*KHW + tap)*NK + s for active block i of row r,
+    # tap = a*KW + b, slice s. The block's column index is loaded one iteration ahead (a
+    # loop-carried value): an index load inside the iteration would stop the software pipeline.
+    T = (end - start) * KHW * NK
+    c = tl.load(col_idx + start, mask=T > 0, other=0)   # in-channel block of active block i
+    for t in range(0, T):
+        s = t % NK
+        tap = (t // NK) % KHW
+        i = start + t // (NK * KHW)
+        a = tap // KW
+        b = tap % KW
+        hi = h0 + a * dil_h                 # input pixel this tap reads, per output pixel
+        wi = w0 + b * dil_w
+        ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)   # zero padding
+        # x[n, hi, wi, c*BS + s*BK + k] at ((n*H + hi)*W + wi)*CIN + c*BS + s*BK + k; each
+        # pixel's run of BK channels starts 16-byte aligned (CIN, BS, BK multiples of 16).
+        x_row = tl.multiple_of(x_ptr + (((n * H + hi) * W + wi) * CIN + c * BS + s * BK), 16)
+        xt = tl.load(x_row[:, None] + offs_k[None, :], mask=ok[:, None], other=0.0)
+        # Wᵀ slice [BK, BS]: values[i, a, b, o, s*BK + k] at (i*KHW + tap)*BS*BS + o*BS + s*BK + k
+        w_blk = tl.multiple_of(v_ptr + ((i * KHW + tap) * (BS * BS) + s * BK), 16)
+        wt = tl.load(w_blk + offs_o[None, :] * BS + offs_k[:, None])
+        acc = tl.dot(xt, wt, acc)
+        c = tl.load(col_idx + start + (t + 1) // (NK * KHW), mask=t + 1 < T, other=0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + r * BS + offs_o).to(tl.float32)[None, :]
+    # y[m, r*BS + o] at m*COUT + r*BS + o. Empty block-rows still write (zeros or the bias).
+    y_row = tl.multiple_of(y_ptr + (offs_m * COUT + r * BS), 16)
+    tl.store(y_row[:, None] + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
+    N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):
+    # dy: NHWC [N, Ho, Wo, CB_OUT*BS], dx: NHWC [N, H, W, CB_IN*BS], both contiguous.
+    pid_m = tl.program_id(0)                # tile of input pixels
+    c = tl.program_id(1)                    # in-channel block-column
+    CIN = CB_IN * BS
+    COUT = CB_OUT * BS
+    M = N * H * W
+    offs_m = pid_m * BM + tl.arange(0, BM)  # flat input pixel m = (n*H + h)*W + w
+    m_ok = offs_m < M
+    w = offs_m % W
+    h = (offs_m // W) % H
+    n = offs_m // (W * H)
+    offs_i = tl.arange(0, BS)               # in-channels within block-column c
+    offs_k = tl.arange(0, BK)               # out-channels within one BK slice of a block
+    NK: tl.constexpr = BS // BK
+    KHW = KH * KW
+    start = tl.load(col_ptr + c)
+    end = tl.load(col_ptr + c + 1)
+    acc = tl.zeros((BM, BS), dtype=tl.float32)
+    # t = ((j - start)*KHW + tap)*NK + s for the j-th active block of column c (column-major).
+    # As in the forward, the block's indices are loaded one iteration ahead.
+    T = (end - start) * KHW * NK
+    r = tl.load(t_row_idx + start, mask=T > 0, other=0)      # out-channel block of block j
+    blk = tl.load(t_block_idx + start, mask=T > 0, other=0)  # its index into values
+    for t in range(0, T):
+        s = t % NK
+        tap = (t // NK) % KHW
+        a = tap // KW
+        b = tap % KW
+        # Forward: h = ho*stride_h - pad_h + a*dil_h, so ho = (h + pad_h - a*dil_h) / stride_h
+        # when the division is exact. th < 0 is rejected before its quotient is used.
+        th = h + pad_h - a * dil_h
+        tw = w + pad_w - b * dil_w
+        ho = th // stride_h
+        wo = tw // stride_w
+        ok = (m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
+              & (ho < Ho) & (wo < Wo))
+        # dy[n, ho, wo, r*BS + s*BK + k] at ((n*Ho + ho)*Wo + wo)*COUT + r*BS + s*BK + k
+        dy_row = tl.multiple_of(dy_ptr + (((n * Ho + ho) * Wo + wo) * COUT + r * BS + s * BK), 16)
+        dyt = tl.load(dy_row[:, None] + offs_k[None, :], mask=ok[:, None], other=0.0)
+        # W slice [BK, BS] (out × in): values[blk, a, b, s*BK + k, i]
+        #   at (blk*KHW + tap)*BS*BS + (s*BK + k)*BS + i
+        w_blk = tl.multiple_of(v_ptr + ((blk * KHW + tap) * (BS * BS) + s * BK * BS), 16)
+        wt = tl.load(w_blk + offs_k[:, None] * BS + offs_i[None, :])
+        acc = tl.dot(dyt, wt, acc)
+        j_next = start + (t + 1) // (NK * KHW)
+        r = tl.load(t_row_idx + j_next, mask=t + 1 < T, other=0)
+        blk = tl.load(t_block_idx + j_next, mask=t + 1 < T, other=0)
+    # dx[m, c*BS + i] at m*CIN + c*BS + i; columns with no active block write zeros.
+    x_row = tl.multiple_of(dx_ptr + (offs_m * CIN + c * BS), 16)
+    tl.store(x_row[:, None] + offs_i[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    dy_ptr, x_ptr, ws_ptr, row_idx, col_idx,
+    N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT, nnz, m_per_split,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    BS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr,
+):
+    # dy: NHWC [N, Ho, Wo, CB_OUT*BS], x: NHWC [N, H, W, CB_IN*BS], both contiguous;
+    # ws: fp32 [splits, nnz, KH*KW, BS, BS].
+    pid = tl.program_id(0)                  # pid = (i*KHW + tap)*NO + q: block, tap, out-slice
+    split = tl.program_id(1)                # which range of output pixels to reduce over
+    NO: tl.constexpr = BS // BO             # out-channel slices per block
+    CIN = CB_IN * BS
+    COUT = CB_OUT * BS
+    KHW = KH * KW
+    q = pid % NO
+    tap = (pid // NO) % KHW
+    i = pid // (NO * KHW)
+    a = tap // KW
+    b = tap % KW
+    r = tl.load(row_idx + i)                # block-row (out-channel block) of active block i
+    c = tl.load(col_idx + i)                # block-column (in-channel block)
+    offs_o = tl.arange(0, BO)               # out-channels within this program's slice
+    offs_i = tl.arange(0, BS)               # in-channels within the block
+    M = N * Ho * Wo
+    m_lo = split * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    acc = tl.zeros((BO, BS), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        offs_m = m0 + tl.arange(0, BM)      # flat output pixel m = (n*Ho + ho)*Wo + wo
+        m_ok = offs_m < m_hi
+        wo = offs_m % Wo
+        ho = (offs_m // Wo) % Ho
+        n = offs_m // (Wo * Ho)
+        hi = ho * stride_h - pad_h + a * dil_h  # input pixel read by tap (a, b)
+        wi = wo * stride_w - pad_w + b * dil_w
+        x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        # dYᵀ [BO, BM]: dy[m, r*BS + q*BO + o] at m*COUT + r*BS + q*BO + o
+        dy_col = tl.multiple_of(dy_ptr + (offs_m * COUT + r * BS + q * BO), 16)
+        dyt = tl.load(dy_col[None, :] + offs_o[:, None], mask=m_ok[None, :], other=0.0)
+        # X [BM, BS]: x[n, hi, wi, c*BS + k] at ((n*H + hi)*W + wi)*CIN + c*BS + k
+        x_row = tl.multiple_of(x_ptr + (((n * H + hi) * W + wi) * CIN + c * BS), 16)
+        xt = tl.load(x_row[:, None] + offs_i[None, :], mask=x_ok[:, None], other=0.0)
+        acc = tl.dot(dyt, xt, acc)
+    # ws[split, i, tap, q*BO + o, k] at ((split*nnz + i)*KHW + tap)*BS*BS + (q*BO + o)*BS + k
+    ws_blk = ((split * nnz + i) * KHW + tap) * (BS * BS) + q * BO * BS
+    tl.store(ws_ptr + ws_blk + offs_o[:, None] * BS + offs_i[None, :], acc)
+
+
+# --------------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class ConvConfig:
+    """Tiles for one block size: ``BM``/``BK`` for the forward and dgrad implicit GEMMs,
+    ``WBM``/``WBO`` (pixels per reduction step / out-channels per program) for wgrad."""
+
+    BM: int
+    BK: int
+    warps: int
+    stages: int
+    WBM: int
+    WBO: int
+    wwarps: int
+    wstages: int
+
+
+# CONFIGS[arch][block_size]; fp32 shares the table (its tiles fit in shared memory too).
+CONFIGS = {
+    80: {
+        16: ConvConfig(BM=128, BK=16, warps=4, stages=3, WBM=64, WBO=16, wwarps=4, wstages=3),
+        32: ConvConfig(BM=128, BK=32, warps=4, stages=3, WBM=64, WBO=32, wwarps=4, wstages=3),
+        64: ConvConfig(BM=128, BK=32, warps=4, stages=3, WBM=64, WBO=64, wwarps=4, wstages=3),
+        128: ConvConfig(BM=64, BK=32, warps=4, stages=3, WBM=32, WBO=64, wwarps=4, wstages=3),
+    },
+    90: {
+        16: ConvConfig(BM=128, BK=16, warps=4, stages=3, WBM=64, WBO=16, wwarps=4, wstages=3),
+        32: ConvConfig(BM=128, BK=32, warps=4, stages=3, WBM=64, WBO=32, wwarps=4, wstages=3),
+        64: ConvConfig(BM=128, BK=64, warps=4, stages=3, WBM=64, WBO=64, wwarps=4, wstages=3),
+        128: ConvConfig(BM=128, BK=32, warps=8, stages=3, WBM=32, WBO=64, wwarps=4, wstages=3),
+    },
+}
+
+
+def _arch(device: torch.device) -> int:
+    """The config table for ``device``: sm_90 for Hopper and newer, sm_80 otherwise (and for
+    the CPU interpreter)."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return 90 if major >= 9 else 80
+    return 80
+
+
+def _config(block_size: int, device: torch.device) -> ConvConfig:
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not supported by the Triton conv kernels; "
+                         f"use one of {SUPPORTED_BLOCK_SIZES}")
+    return CONFIGS[_arch(device)][block_size]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another: fewer, longer ones
+
+
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _kernel_input(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``[N, C, H, W]`` as a contiguous channels-last tensor whose data starts 16-byte aligned
+    (the kernels promise the compiler aligned, vectorizable channel runs). No copy for an
+    aligned channels-last tensor."""
+    t = t.contiguous(memory_format=torch.channels_last)
+    if t.data_ptr() % 16:
+        t = t.clone(memory_format=torch.channels_last)
+    if t.numel() > _INT32_MAX:
+        raise ValueError(f"{name} has {t.numel()} elements; the Triton conv kernels index with "
+                         "int32 (at most 2**31 - 1 elements): split the batch")
+    return t
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous with 16-byte aligned data (copied only if it is not)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _empty_nhwc(shape, dtype, device) -> torch.Tensor:
+    """A kernel output ``[N, Ch, H, W]`` in channels-last layout (poisoned when tests ask)."""
+    n, ch, h, w = shape
+    if n * ch * h * w > _INT32_MAX:
+        raise ValueError(f"an output of shape {tuple(shape)} has more than 2**31 - 1 elements; "
+                         "the Triton conv kernels index with int32: split the batch")
+    return empty_output((n, h, w, ch), dtype, device).permute(0, 3, 1, 2)
+
+
+def _in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """A channels-last kernel output handed back in ``memory_format``."""
+    return t if memory_format == torch.channels_last else t.contiguous()
+
+
+# --------------------------------------------------------------------------- wrappers
+def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+                 col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
+                 out_channels: int, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], memory_format: torch.memory_format) -> torch.Tensor:
+    """``y = conv2d(x, W) (+ bias)``: ``x [N, Cin, H, W]`` (any format; NCHW is copied to
+    channels-last), ``values [nnz, KH, KW, BS, BS]`` -> ``y [N, Cout, Ho, Wo]`` in
+    ``memory_format``, x's dtype."""
+    cfg = _config(block_size, x.device)
+    N, Cin, H, W = x.shape
+    KH, KW = values.shape[1:3]
+    Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
+    Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
+    y = _empty_nhwc((N, out_channels, Ho, Wo), x.dtype, x.device)
+    M = N * Ho * Wo
+    if M == 0 or out_channels == 0:
+        return _in_format(y, memory_format)
+    x = _kernel_input(x, "x")
+    values = _aligned(values)
+    grid = (triton.cdiv(M, cfg.BM), out_channels // block_size)
+    _conv_fwd_kernel[grid](
+        x, values, bias if bias is not None else values, y, row_ptr, col_idx,
+        N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        HAS_BIAS=bias is not None, BS=block_size, BM=cfg.BM, BK=cfg.BK,
+        num_warps=cfg.warps, num_stages=cfg.stages)
+    return _in_format(y, memory_format)
+
+
+def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor,
+                    t_row_idx: torch.Tensor, t_block_idx: torch.Tensor, block_size: int,
+                    input_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int], memory_format: torch.memory_format) -> torch.Tensor:
+    """``dX``: ``dy [N, Cout, Ho, Wo]`` (any format) -> ``[N, Cin, H, W]`` (``input_size``) in
+    ``memory_format``, dy's dtype. Walks each block-column through the transpose metadata."""
+    cfg = _config(block_size, dy.device)
+    N, Cin, H, W = input_size
+    _, Cout, Ho, Wo = dy.shape
+    KH, KW = values.shape[1:3]
+    dx = _empty_nhwc((N, Cin, H, W), dy.dtype, dy.device)
+    M = N * H * W
+    if M == 0 or Cin == 0:
+        return _in_format(dx, memory_format)
+    dy = _kernel_input(dy, "dy")
+    values = _aligned(values)
+    grid = (triton.cdiv(M, cfg.BM), Cin // block_size)
+    _conv_dgrad_kernel[grid](
+        dy, values, dx, col_ptr, t_row_idx, t_block_idx,
+        N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        BS=block_size, BM=cfg.BM, BK=cfg.BK, num_warps=cfg.warps, num_stages=cfg.stages)
+    return _in_format(dx, memory_format)
+
+
+def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
+                     col_idx: torch.Tensor, block_size: int, kernel_size: Sequence[int],
+                     stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int]) -> torch.Tensor:
+    """``dW`` at the active blocks: ``dy [N, Cout, Ho, Wo]``, ``x [N, Cin, H, W]`` (any format)
+    -> ``[nnz, KH, KW, BS, BS]`` in dy's dtype (fp32 partial sums, rounded once)."""
+    cfg = _config(block_size, dy.device)
+    bs = block_size
+    N, Cin, H, W = x.shape
+    _, Cout, Ho, Wo = dy.shape
+    KH, KW = kernel_size
+    nnz = row_idx.numel()
+    M = N * Ho * Wo
+    if nnz == 0 or M == 0:
+        return torch.zeros((nnz, KH, KW, bs, bs), dtype=dy.dtype, device=dy.device)
+    dy, x = _kernel_input(dy, "dy"), _kernel_input(x, "x")
+    tiles = nnz * KH * KW * (bs // cfg.WBO)
+    # Split the reduction over pixels so that about 4 programs run per SM, each reducing at
+    # least 4 steps of WBM pixels.
+    want = triton.cdiv(4 * _sm_count(dy.device), tiles)
+    splits = max(1, min(want, triton.cdiv(M, 4 * cfg.WBM)))
+    m_per_split = triton.cdiv(triton.cdiv(M, splits), cfg.WBM) * cfg.WBM
+    splits = triton.cdiv(M, m_per_split)
+    ws = empty_output((splits, nnz, KH, KW, bs, bs), torch.float32, dy.device)
+    _conv_wgrad_kernel[(tiles, splits)](
+        dy, x, ws, row_idx, col_idx,
+        N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        BS=bs, BM=cfg.WBM, BO=cfg.WBO, num_warps=cfg.wwarps, num_stages=cfg.wstages)
+    dv = ws[0] if splits == 1 else ws.sum(0)
+    return dv.to(dy.dtype)
+
+
+# --------------------------------------------------------------------------- AOT cases
+_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_GEOM = ["N", "H", "W", "Ho", "Wo", "KH", "KW", "CB_IN", "CB_OUT"]
+_CONV = ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
+
+
+def _ints(names) -> dict:
+    return {n: "i32" for n in names}
+
+
+def aot_cases(arch: int) -> list:
+    """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
+    (the forward with and without bias)."""
+    from .compile_check import AotCase
+
+    cases = []
+    for bs, cfg in CONFIGS[arch].items():
+        for dname, ptr in _DTYPES.items():
+            for has_bias in (True, False):
+                sig = {"x_ptr": ptr, "v_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
+                       "row_ptr": "*i32", "col_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+                       "HAS_BIAS": "constexpr", "BS": "constexpr", "BM": "constexpr",
+                       "BK": "constexpr"}
+                cases.append(AotCase(
+                    f"conv_fwd_bs{bs}_{dname}{'_bias' if has_bias else ''}", _conv_fwd_kernel,
+                    sig, {"HAS_BIAS": has_bias, "BS": bs, "BM": cfg.BM, "BK": cfg.BK},
+                    cfg.warps, cfg.stages))
+            sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
+                   "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+                   "BS": "constexpr", "BM": "constexpr", "BK": "constexpr"}
+            cases.append(AotCase(f"conv_dgrad_bs{bs}_{dname}", _conv_dgrad_kernel, sig,
+                                 {"BS": bs, "BM": cfg.BM, "BK": cfg.BK}, cfg.warps, cfg.stages))
+            sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
+                   "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
+                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr"}
+            cases.append(AotCase(f"conv_wgrad_bs{bs}_{dname}", _conv_wgrad_kernel, sig,
+                                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO}, cfg.wwarps,
+                                 cfg.wstages))
+    return cases

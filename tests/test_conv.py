@@ -1,0 +1,409 @@
+"""block_sparse_conv2d against a float64 F.conv2d reference, on the CPU path and the Triton kernels.
+
+The reference is float64 ``F.conv2d`` on the masked dense weight (``layout.scatter(values)``),
+fed the same (rounded) inputs; forward and the gradients of x, values and bias are compared by
+relative error ‖out − ref‖ / ‖ref‖ against ``numerics.tol_for``. On the Triton path every kernel
+output starts as NaN (the ``poison`` fixture), so an element a kernel forgot to write fails.
+"""
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from itop_kernels import BlockLayout, block_sparse_conv2d
+from numerics import rel_err, tol_for
+
+CL = torch.channels_last
+
+
+@dataclass
+class Case:
+    """One convolution: channels, map size, kernel, conv arguments, block mask kind."""
+
+    cin: int
+    cout: int
+    hw: tuple
+    k: tuple
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    bs: int = 16
+    batch: int = 2
+    mask: str = "random"          # random | empty_rows | dense | empty | one
+    bias: bool = True
+    layout_in: str = "nchw"       # nchw | cl (channels_last) | strided (non-contiguous view)
+    id: str = field(default="")
+
+
+def make_mask(kind: str, R: int, C: int, gen: torch.Generator) -> torch.Tensor:
+    """Block masks for the edge cases: random (never empty), empty block rows, dense, empty,
+    a single active block."""
+    if kind == "dense":
+        return torch.ones(R, C, dtype=torch.bool)
+    if kind == "empty":
+        return torch.zeros(R, C, dtype=torch.bool)
+    if kind == "one":
+        mask = torch.zeros(R, C, dtype=torch.bool)
+        mask[R - 1, C - 1] = True
+        return mask
+    mask = torch.rand(R, C, generator=gen) < 0.5
+    mask[torch.randint(R, (1,), generator=gen), torch.randint(C, (1,), generator=gen)] = True
+    if kind == "empty_rows":
+        mask[0] = False           # block-row 0 empty: its outputs are bias only
+        if R > 2:
+            mask[2] = False
+        mask[R - 1, 0] = True
+    return mask
+
+
+def _input(x: torch.Tensor, layout_in: str) -> torch.Tensor:
+    if layout_in == "cl":
+        return x.contiguous(memory_format=CL)
+    if layout_in == "strided":  # a non-contiguous view: every other column of a wider map
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x
+
+
+def run_case(c: Case, dtype: torch.dtype, device: str, seed: int = 0):
+    """Run ``c`` on ``device``/``dtype``; return ours and the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    R, C = c.cout // c.bs, c.cin // c.bs
+    mask = make_mask(c.mask, R, C, gen)
+    layout = BlockLayout.from_mask(mask, c.bs).to(device)
+    kh, kw = c.k
+    w64 = torch.randn(c.cout, c.cin, kh, kw, generator=gen, dtype=torch.float64)
+    x64 = torch.randn(c.batch, c.cin, *c.hw, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(c.cout, generator=gen, dtype=torch.float64)
+
+    values = layout.gather(w64.to(device)).to(dtype).requires_grad_()
+    x = _input(x64.to(device, dtype), c.layout_in).requires_grad_()
+    bias = b64.to(device, dtype).requires_grad_() if c.bias else None
+    y = block_sparse_conv2d(x, values, layout, bias, c.stride, c.padding, c.dilation)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    y.backward(dy)
+
+    xr = x.detach().cpu().double().requires_grad_()
+    vr = values.detach().cpu().double().requires_grad_()
+    br = bias.detach().cpu().double().requires_grad_() if c.bias else None
+    yr = F.conv2d(xr, BlockLayout.from_mask(mask, c.bs).scatter(vr), br, c.stride, c.padding,
+                  c.dilation)
+    yr.backward(dy.cpu().double())
+    ours = {"y": y, "dx": x.grad, "dv": values.grad}
+    ref = {"y": yr, "dx": xr.grad, "dv": vr.grad}
+    if c.bias:
+        ours["db"], ref["db"] = bias.grad, br.grad
+    return x, y, ours, ref
+
+
+def check_case(c: Case, dtype: torch.dtype, device: str, seed: int = 0):
+    x, y, ours, ref = run_case(c, dtype, device, seed)
+    assert y.dtype == dtype and y.shape == ref["y"].shape
+    tol = tol_for(dtype, device)
+    errs = {k: rel_err(ours[k], ref[k]) for k in ours}
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"{c}: relative errors {errs} above {tol}"
+    # Gradients that must be exactly zero (no active block) are zero, not just small.
+    for k in ours:
+        if ref[k].numel() and ref[k].abs().max() == 0:
+            assert ours[k].abs().max() == 0, f"{k} should be exactly zero"
+    # The output and dX keep the input's memory format.
+    fmt = CL if c.layout_in == "cl" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    assert ours["dx"].is_contiguous(memory_format=fmt)
+
+
+# --------------------------------------------------------------------------- CPU path
+CPU_CASES = [
+    Case(32, 32, (9, 7), (3, 3), padding=1, id="3x3_odd_pad1"),
+    Case(32, 48, (9, 11), (3, 3), stride=2, padding=2, id="stride2_odd_pad2"),
+    Case(48, 32, (11, 9), (3, 3), dilation=2, padding=2, id="dilation2"),
+    Case(32, 32, (7, 9), (3, 3), stride=(2, 1), padding=(0, 3), dilation=(1, 2), id="mixed_pairs"),
+    Case(32, 64, (6, 5), (1, 1), id="1x1"),
+    Case(32, 32, (7, 7), (1, 1), stride=2, id="1x1_stride2"),
+    Case(32, 32, (9, 9), (5, 5), padding=2, id="5x5"),
+    Case(32, 32, (11, 10), (7, 7), stride=2, padding=3, id="7x7_stride2"),
+    Case(32, 48, (8, 9), (3, 5), stride=(1, 2), padding=(1, 2), id="rect_3x5"),
+    Case(16, 48, (7, 7), (3, 3), padding=1, id="cin_one_block"),
+    Case(48, 16, (7, 7), (3, 3), padding=1, id="cout_one_block"),
+    Case(32, 64, (7, 7), (3, 3), padding=1, mask="empty_rows", id="empty_rows"),
+    Case(32, 32, (7, 7), (3, 3), padding=1, mask="dense", id="dense"),
+    Case(32, 32, (7, 7), (3, 3), padding=1, mask="one", id="one_block"),
+    Case(32, 32, (7, 7), (3, 3), padding=1, mask="empty", id="no_blocks"),
+    Case(32, 48, (9, 7), (3, 3), stride=2, padding=1, layout_in="cl", id="channels_last"),
+    Case(32, 32, (7, 9), (3, 3), padding=1, layout_in="strided", id="non_contiguous"),
+    Case(32, 32, (7, 7), (3, 3), padding=1, bias=False, id="no_bias"),
+    Case(24, 16, (6, 7), (3, 3), padding=1, bs=8, id="block8"),
+    Case(64, 64, (5, 5), (3, 3), padding=1, bs=32, id="block32"),
+    Case(32, 32, (3, 3), (3, 3), padding=0, id="single_output_pixel"),
+    Case(32, 32, (5, 5), (3, 3), padding=1, batch=1, id="batch1"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c.id for c in CPU_CASES])
+def test_cpu_path(case, dtype):
+    check_case(case, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CPU_CASES[:3] + CPU_CASES[15:16],
+                         ids=[c.id for c in CPU_CASES[:3] + CPU_CASES[15:16]])
+def test_cpu_path_half(case, dtype):
+    check_case(case, dtype, "cpu")
+
+
+def test_cpu_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[True, False], [True, True], [False, False]])
+    layout = BlockLayout.from_mask(mask, 2)
+    values = torch.randn(layout.nnz, 3, 2, 2, 2, generator=gen, dtype=torch.float64,
+                         requires_grad=True)
+    x = torch.randn(1, 4, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    for memory_format in (torch.contiguous_format, CL):
+        xi = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+        fn = lambda x_, v_, b_: block_sparse_conv2d(x_, v_, layout, b_, stride=(2, 1),
+                                                   padding=(1, 2), dilation=(1, 2))
+        assert torch.autograd.gradcheck(fn, (xi, values, bias), fast_mode=memory_format == CL)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_cpu_hypothesis(data):
+    bs = data.draw(st.sampled_from([4, 8, 16]), "bs")
+    R = data.draw(st.integers(1, 3), "R")
+    C = data.draw(st.integers(1, 3), "C")
+    kh = data.draw(st.integers(1, 5), "kh")
+    kw = data.draw(st.integers(1, 5), "kw")
+    sh, sw = data.draw(st.integers(1, 3), "sh"), data.draw(st.integers(1, 3), "sw")
+    dh, dw = data.draw(st.integers(1, 2), "dh"), data.draw(st.integers(1, 2), "dw")
+    ph, pw = data.draw(st.integers(0, 3), "ph"), data.draw(st.integers(0, 3), "pw")
+    H = data.draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 10), "H")
+    W = data.draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 10), "W")
+    bits = data.draw(st.lists(st.booleans(), min_size=R * C, max_size=R * C), "mask")
+    cl = data.draw(st.booleans(), "channels_last")
+    mask = torch.tensor(bits).view(R, C)
+    layout = BlockLayout.from_mask(mask, bs)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), "seed"))
+    values = torch.randn(layout.nnz, kh, kw, bs, bs, generator=gen, dtype=torch.float64,
+                         requires_grad=True)
+    x = torch.randn(2, C * bs, H, W, generator=gen, dtype=torch.float64)
+    if cl:
+        x = x.contiguous(memory_format=CL)
+    x.requires_grad_()
+    bias = torch.randn(R * bs, generator=gen, dtype=torch.float64, requires_grad=True)
+    conv = dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw))
+    y = block_sparse_conv2d(x, values, layout, bias, **conv)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    y.backward(dy)
+    xr = x.detach().clone().requires_grad_()
+    vr = values.detach().clone().requires_grad_()
+    br = bias.detach().clone().requires_grad_()
+    yr = F.conv2d(xr, layout.scatter(vr), br, **conv)
+    yr.backward(dy)
+    for ours, ref in ((y, yr), (x.grad, xr.grad), (values.grad, vr.grad), (bias.grad, br.grad)):
+        assert rel_err(ours, ref) <= 1e-10
+    assert y.is_contiguous(memory_format=CL if cl else torch.contiguous_format) or x.shape[1] == 1
+
+
+def test_cpu_path_skips_inactive_blocks(monkeypatch):
+    """The CPU path convolves only compact per-row weights, never the dense [Cout, Cin] one."""
+    shapes = []
+    real_conv2d = F.conv2d
+
+    def spy(inp, weight, *args, **kwargs):
+        shapes.append((tuple(inp.shape), tuple(weight.shape)))
+        return real_conv2d(inp, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[3, 5] = mask[3, 1] = mask[6, 2] = True
+    layout = BlockLayout.from_mask(mask, 16)
+    values = torch.randn(layout.nnz, 3, 3, 16, 16)
+    x = torch.randn(1, 128, 6, 6)
+    block_sparse_conv2d(x, values, layout, padding=1)
+    # one convolution per non-empty block-row, over only that row's active input blocks
+    assert sorted(s[1] for s in shapes) == [(16, 16, 3, 3), (16, 32, 3, 3)]
+    assert sorted(s[0][1] for s in shapes) == [16, 32]
+
+
+def test_custom_ops_opcheck():
+    """Schemas, fake (meta) impls, autograd registration of the three ops."""
+    gen = torch.Generator().manual_seed(3)
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [True, True]]), 8)
+    values = torch.randn(layout.nnz, 3, 3, 8, 8, generator=gen, requires_grad=True)
+    bias = torch.randn(16, generator=gen, requires_grad=True)
+    meta = [layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.t_row_idx,
+            layout.t_block_idx]
+    for memory_format in (torch.contiguous_format, CL):
+        x = torch.randn(2, 16, 7, 6, generator=gen).contiguous(
+            memory_format=memory_format).requires_grad_()
+        torch.library.opcheck(torch.ops.itop_kernels.bsc_forward,
+                              (x, values, *meta, bias, 8, 16, [2, 1], [1, 1], [1, 1]))
+        dy = torch.randn(2, 16, 4, 6, generator=gen).contiguous(memory_format=memory_format)
+        torch.library.opcheck(torch.ops.itop_kernels.bsc_grad_input,
+                              (dy, values.detach(), layout.col_ptr, layout.t_row_idx,
+                               layout.t_block_idx, 8, [2, 16, 7, 6], [2, 1], [1, 1], [1, 1]))
+        torch.library.opcheck(torch.ops.itop_kernels.bsc_grad_weight,
+                              (dy, x.detach(), layout.row_idx, layout.col_idx, layout.col_ptr,
+                               layout.t_row_idx, layout.t_block_idx, 8, [3, 3], [2, 1], [1, 1],
+                               [1, 1]))
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile traces through the ops without a graph break (aot_eager: no codegen)."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [True, True]]), 8)
+    values = torch.randn(layout.nnz, 3, 3, 8, 8, requires_grad=True)
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+
+    def f(x_, v_):
+        return block_sparse_conv2d(x_, v_, layout, padding=1).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(x, values)
+    gx, gv = torch.autograd.grad(out, (x, values))
+    ref = f(x, values)
+    rx, rv = torch.autograd.grad(ref, (x, values))
+    assert rel_err(out, ref) <= 1e-6 and rel_err(gx, rx) <= 1e-6 and rel_err(gv, rv) <= 1e-6
+
+
+def test_backward_with_expanded_grad():
+    """``y.sum().backward()`` hands the backward an expanded (stride-0) gradient."""
+    layout = BlockLayout.from_mask(torch.tensor([[True, True]]), 16)
+    values = torch.randn(layout.nnz, 3, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 32, 5, 5, dtype=torch.float64).contiguous(memory_format=CL)
+    x.requires_grad_()
+    block_sparse_conv2d(x, values, layout, padding=1).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    F.conv2d(xr, layout.scatter(values.detach()), padding=1).sum().backward()
+    assert rel_err(x.grad, xr.grad) <= 1e-10
+    assert x.grad.is_contiguous(memory_format=CL)
+
+
+# --------------------------------------------------------------------------- argument checks
+def _args(**over):
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [True, True]]), 16)
+    a = dict(x=torch.randn(1, 32, 6, 6), values=torch.randn(layout.nnz, 3, 3, 16, 16),
+             layout=layout, bias=torch.randn(32))
+    a.update(over)
+    return a
+
+
+BAD_INPUTS = [
+    ("layout", dict(layout="not a layout"), TypeError, "layout"),
+    ("x_type", dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ("values_type", dict(values=3), TypeError, "values must be a torch.Tensor"),
+    ("groups", dict(groups=2), ValueError, "groups"),
+    ("groups_type", dict(groups=1.0), TypeError, "groups"),
+    ("x_dtype", dict(x=torch.ones(1, 32, 6, 6, dtype=torch.int32)), TypeError, "x must be"),
+    ("values_dtype", dict(values=torch.randn(3, 3, 3, 16, 16, dtype=torch.float64)), TypeError,
+     "values has dtype"),
+    ("x_dim", dict(x=torch.randn(32, 6, 6)), ValueError, "x must be 4-D"),
+    ("x_channels", dict(x=torch.randn(1, 48, 6, 6)), ValueError, "channels"),
+    ("values_nnz", dict(values=torch.randn(2, 3, 3, 16, 16)), ValueError, "values must have shape"),
+    ("values_block", dict(values=torch.randn(3, 3, 3, 8, 8)), ValueError, "values must have shape"),
+    ("values_dim", dict(values=torch.randn(3, 16, 16)), ValueError, "values must have shape"),
+    ("bias_shape", dict(bias=torch.randn(16)), ValueError, "bias must have shape"),
+    ("bias_dtype", dict(bias=torch.randn(32, dtype=torch.float64)), TypeError, "bias has dtype"),
+    ("bias_type", dict(bias=[0.0] * 32), TypeError, "bias must be"),
+    ("stride_zero", dict(stride=0), ValueError, "stride"),
+    ("stride_triple", dict(stride=(1, 1, 1)), TypeError, "stride"),
+    ("stride_float", dict(stride=1.5), TypeError, "stride"),
+    ("padding_negative", dict(padding=-1), ValueError, "padding"),
+    ("padding_string", dict(padding="same"), TypeError, "padding"),
+    ("dilation_zero", dict(dilation=(1, 0)), ValueError, "dilation"),
+    ("kernel_too_big", dict(x=torch.randn(1, 32, 2, 2)), ValueError, "smaller than the dilated kernel"),
+    ("device", dict(x=torch.randn(1, 32, 6, 6, device="meta")), ValueError, "same device"),
+]
+
+
+@pytest.mark.parametrize("name,over,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_rejects_bad_input(name, over, exc, match):
+    with pytest.raises(exc, match=match):
+        block_sparse_conv2d(**_args(**over))
+
+
+def test_triton_rejects_float64_and_odd_block(triton_device):
+    layout = BlockLayout.from_mask(torch.tensor([[True]]), 8).to(triton_device)
+    x = torch.randn(1, 8, 4, 4, device=triton_device)
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_conv2d(x, torch.randn(1, 3, 3, 8, 8, device=triton_device), layout)
+    layout = BlockLayout.from_mask(torch.tensor([[True]]), 16).to(triton_device)
+    x = torch.randn(1, 16, 4, 4, device=triton_device, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        block_sparse_conv2d(x, torch.randn(1, 3, 3, 16, 16, device=triton_device,
+                                           dtype=torch.float64), layout)
+
+
+# --------------------------------------------------------------------------- Triton kernels
+# Small shapes: under the CPU interpreter every case costs seconds.
+TRITON_CASES = [
+    Case(32, 32, (7, 9), (3, 3), padding=1, id="3x3_odd_pad1"),
+    Case(32, 48, (9, 7), (3, 3), stride=2, padding=2, batch=1, id="stride2_odd_pad2"),
+    Case(32, 32, (7, 8), (3, 3), dilation=(2, 1), padding=(2, 3), stride=(1, 2), batch=1,
+         id="dilation_mixed"),
+    Case(32, 48, (5, 7), (1, 1), id="1x1"),
+    Case(32, 32, (7, 7), (1, 1), stride=2, batch=1, id="1x1_stride2"),
+    Case(16, 32, (7, 7), (5, 5), padding=2, batch=1, id="5x5_cin_one_block"),
+    Case(32, 16, (9, 9), (7, 7), stride=2, padding=3, batch=1, id="7x7_stride2_cout_one_block"),
+    Case(32, 48, (6, 9), (3, 5), stride=(2, 1), padding=(1, 2), batch=1, id="rect_3x5"),
+    Case(32, 64, (5, 5), (3, 3), padding=1, batch=1, mask="empty_rows", id="empty_rows"),
+    Case(32, 32, (5, 5), (3, 3), padding=1, batch=1, mask="dense", id="dense"),
+    Case(32, 32, (5, 5), (3, 3), padding=1, batch=1, mask="empty", bias=False, id="no_blocks"),
+    Case(32, 32, (7, 5), (3, 3), stride=2, padding=1, layout_in="cl", id="channels_last"),
+    Case(32, 32, (5, 7), (3, 3), padding=1, batch=1, layout_in="strided", bias=False,
+         id="non_contiguous"),
+    Case(64, 64, (5, 5), (3, 3), padding=1, bs=32, batch=1, id="block32"),
+]
+HALF_CASES = [TRITON_CASES[1], TRITON_CASES[7], TRITON_CASES[11]]
+
+
+@pytest.fixture
+def no_cpu_path(monkeypatch):
+    """Fail if any op falls back to the CPU implementation (the Triton kernels must run)."""
+    from itop_kernels import cpu_conv
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CPU path ran where the Triton kernels should")
+
+    for name in ("conv_forward", "conv_grad_input", "conv_grad_weight"):
+        monkeypatch.setattr(cpu_conv, name, refuse)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c.id for c in TRITON_CASES])
+def test_triton_fp32(case, triton_device, no_cpu_path):
+    check_case(case, torch.float32, triton_device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", HALF_CASES, ids=[c.id for c in HALF_CASES])
+def test_triton_half(case, dtype, triton_device, no_cpu_path):
+    if dtype == torch.bfloat16 and triton_device == "cpu":
+        pytest.skip("bf16 loads are wrong in Triton's CPU interpreter; bf16 runs on a GPU only")
+    check_case(case, dtype, triton_device)
+
+
+def test_triton_larger_blocks(triton_device, no_cpu_path):
+    """Block sizes 64 and 128, one case each (a GPU runs them quickly; small in the interpreter)."""
+    if triton_device == "cpu":
+        sizes = [(64, 128)]
+    else:
+        sizes = [(64, 128), (128, 256)]
+    for bs, ch in sizes:
+        check_case(Case(ch, ch, (5, 5), (3, 3), padding=1, bs=bs, batch=1, id=f"bs{bs}"),
+                   torch.float32, triton_device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (larger shapes)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+def test_triton_gpu_larger(bs, dtype):
+    """On a GPU: larger maps and batch, every block size and dtype, wgrad split-K included."""
+    for c in (Case(2 * bs, 4 * bs, (17, 15), (3, 3), stride=2, padding=1, bs=bs, batch=4,
+                   layout_in="cl", id="gpu_s2"),
+              Case(4 * bs, 2 * bs, (28, 28), (1, 1), bs=bs, batch=8, layout_in="cl", id="gpu_1x1")):
+        check_case(c, dtype, "cuda")
