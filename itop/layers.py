@@ -407,8 +407,10 @@ class SparseLinear(SparseLayer):
         pairs = self._captured_pairs()
         if not pairs:
             return None
-        x = torch.cat([a.reshape(-1, self.in_features) for a, _ in pairs])
-        dy = torch.cat([g.reshape(-1, self.out_features) for _, g in pairs]).to(x.dtype)
+        xs = [a.reshape(-1, self.in_features) for a, _ in pairs]
+        dys = [g.reshape(-1, self.out_features) for _, g in pairs]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        dy = (dys[0] if len(dys) == 1 else torch.cat(dys)).to(x.dtype)
         return block_grad_norms(x, dy, self.block_size)
 
     @classmethod
@@ -571,8 +573,8 @@ class SparseConv2d(SparseLayer):
                     stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups, reduce_taps=self.block_size > 1)
         if len({tuple(x.shape[1:]) for x, _ in pairs}) == 1:
-            x = torch.cat([a for a, _ in pairs])
-            dy = torch.cat([g for _, g in pairs]).to(x.dtype)
+            x = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs])
+            dy = (pairs[0][1] if len(pairs) == 1 else torch.cat([g for _, g in pairs])).to(x.dtype)
             return conv2d_block_grad_norms(x, dy, **args)
         # micro-batches of different spatial sizes: add their norms
         return sum(conv2d_block_grad_norms(a, g.to(a.dtype), **args) for a, g in pairs)

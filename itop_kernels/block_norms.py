@@ -54,8 +54,8 @@ def _block_grad_norms(x: Tensor, dy: Tensor, block_size: int) -> Tensor:
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
         g = torch.mm(dyt[r0 * bs:r1 * bs], xc)             # [(r1-r0)·bs, K]: these block-rows of dW
-        sq = g.view(r1 - r0, bs, C, bs).square().sum(dim=(1, 3))
-        out[r0:r1] = sq.sqrt().to(torch.float32)
+        g.square_()                                        # g is ours: square in place
+        out[r0:r1] = g.view(r1 - r0, bs, C, bs).sum(3).sum(1).sqrt()
     return out
 
 
@@ -90,9 +90,12 @@ def _conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape: List[int], blo
         g = torch.nn.grad.conv2d_weight(xc, [rows, cin_g, kh, kw],
                                         dyc[:, r0 * bs:r1 * bs].contiguous(), stride, padding,
                                         dilation, 1)        # [rows, Cin, kh, kw]
-        sq = g.view(r1 - r0, bs, C, bs, kh, kw).square()
-        sq = sq.sum(dim=(1, 3, 4, 5)) if reduce_taps else sq.sum(dim=(1, 3))
-        out[r0:r1] = sq.sqrt().to(torch.float32)
+        g.square_()
+        if reduce_taps:
+            sq = g.view(r1 - r0, bs, C, bs * kh * kw).sum(3).sum(1)
+        else:
+            sq = g.view(r1 - r0, bs, C, bs, kh, kw).sum(3).sum(1)
+        out[r0:r1] = sq.sqrt()
     return out
 
 
