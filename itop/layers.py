@@ -27,7 +27,6 @@ argument; :func:`itop.sparsify` leaves such layers dense with one warning listin
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -82,19 +81,34 @@ def _magnitude_mask(scores: Tensor, nnz: int) -> Tensor:
     return flat.view(scores.shape)
 
 
-def _capture_forward_hook(module: "SparseLayer", args, output) -> None:
+class _CaptureGrad(torch.autograd.Function):
+    """Identity (a copy) whose backward keeps the gradient it passes through.
+
+    The copy makes the capture independent of what follows the layer: an in-place op on the
+    output (``nn.ReLU(inplace=True)``) would otherwise hide the gradient of the pre-activation
+    value from a tensor hook. It only runs on the steps the topology manager arms.
+    """
+
+    @staticmethod
+    def forward(ctx, y, module, slot):
+        ctx.module, ctx.slot = module, slot
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        entry = ctx.module._captured[ctx.slot] if ctx.slot < len(ctx.module._captured) else None
+        if entry is not None:
+            entry[1] = grad.detach() if entry[1] is None else entry[1] + grad.detach()
+        return grad, None, None
+
+
+def _capture_forward_hook(module: "SparseLayer", args, output):
     """Forward hook armed by the topology manager: keep the input, and the output's gradient."""
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-        return
+        return None
     slot = len(module._captured)
     module._captured.append([args[0].detach(), None])
-    output.register_hook(partial(_capture_grad_hook, module, slot))
-
-
-def _capture_grad_hook(module: "SparseLayer", slot: int, grad: Tensor) -> None:
-    if slot < len(module._captured):
-        entry = module._captured[slot]
-        entry[1] = grad.detach() if entry[1] is None else entry[1] + grad.detach()
+    return _CaptureGrad.apply(output, module, slot)
 
 
 class SparseLayer(nn.Module):

@@ -332,3 +332,18 @@ def test_layout_follows_in_place_mask_overwrite():
     x = torch.randn(3, 32)
     assert torch.equal(b(x), a(x))
     assert torch.equal(b.layout.row_idx, a.layout.row_idx)
+
+
+@pytest.mark.parametrize("bs", [1, 4])
+def test_captured_grad_scores_survive_inplace_activation(bs):
+    # nn.ReLU(inplace=True) right after the layer must not hide dY from the capture
+    torch.manual_seed(0)
+    layer = itop.SparseLinear(16, 16, density=0.5, block_size=bs, dtype=torch.float64)
+    model = nn.Sequential(layer, nn.ReLU(inplace=True))
+    layer._start_capture()
+    x = torch.randn(6, 16, dtype=torch.float64)
+    model(x).square().sum().backward()
+    w = layer.dense_weight().detach().requires_grad_()
+    dw = torch.autograd.grad(torch.relu(F.linear(x, w, layer.bias)).square().sum(), w)[0]
+    torch.testing.assert_close(layer._grad_scores(), _ref_block_norms(dw, bs).float())
+    layer._stop_capture()
