@@ -128,6 +128,24 @@ class BlockLayout:
         self._host_cache = None
         return self
 
+    @staticmethod
+    def grid_for(weight_shape: Sequence[int], block_size: int) -> tuple[int, int]:
+        """Block grid ``(R, C)`` of a weight ``[rows, cols, ...]`` cut into ``block_size`` blocks.
+
+        Raises ``ValueError`` naming the dimension that ``block_size`` does not divide.
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if len(weight_shape) < 2:
+            raise ValueError(f"weight_shape must have at least 2 dims, got {tuple(weight_shape)}")
+        rows, cols = int(weight_shape[0]), int(weight_shape[1])
+        for name, n in (("rows (out features / out channels)", rows),
+                        ("cols (in features / in channels)", cols)):
+            if n % block_size:
+                raise ValueError(f"block_size {block_size} does not divide the weight's {name} = "
+                                 f"{n}; pad the weight or pick a block size that divides it")
+        return rows // block_size, cols // block_size
+
     # ------------------------------------------------------------------ properties
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -185,6 +203,7 @@ class BlockLayout:
         if dense.dim() not in (2, 4):
             raise ValueError("dense_weight must be 2-D [out, in] or 4-D [Cout, Cin, kh, kw], "
                              f"got shape {tuple(dense.shape)}")
+        self.grid_for(dense.shape, self.block_size)  # names a dimension bs does not divide
         if tuple(dense.shape[:2]) != self.shape:
             raise ValueError(f"dense_weight has shape {tuple(dense.shape)}, but the layout covers "
                              f"[{self.shape[0]}, {self.shape[1]}] (block grid "

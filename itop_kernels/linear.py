@@ -93,7 +93,8 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[1]:
         dv = _bsl_grad_weight(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, bs)
     if ctx.has_bias and ctx.needs_input_grad[8]:
-        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        db = dy.sum(0, dtype=acc).to(dy.dtype)
     return dx, dv, None, None, None, None, None, None, db, None, None
 
 
