@@ -10,6 +10,17 @@ Public names:
   momentum, random-unfired growth), the ITOP rate, checkpoint state and DDP consistency.
 - :func:`erk_densities`, :func:`er_densities`, :func:`uniform_densities`: per-layer density
   distributions.
+
+Typical use::
+
+    model = itop.sparsify(model, density=0.05, distribution="erk", block_size=32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)   # after sparsify
+    mgr = itop.TopologyManager(model, opt, update_every=100, total_steps=T, growth="gradient")
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        mgr.step()                      # True on steps where the topology changed
+    print(mgr.itop_rate, mgr.summary())
 """
 from .density import er_densities, erk_densities, uniform_densities
 from .layers import SparseConv2d, SparseLayer, SparseLinear

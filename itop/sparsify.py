@@ -66,10 +66,12 @@ class SparsitySummary:
 
     @property
     def overall_density(self) -> float:
+        """Active fraction of the weights of every listed layer (dense layers count as 1)."""
         return self._density(self.rows)
 
     @property
     def sparse_density(self) -> float:
+        """Active fraction of the weights of the sparse layers only."""
         return self._density([r for r in self.rows if r["block_size"] is not None])
 
     def __str__(self) -> str:
@@ -242,7 +244,7 @@ def sparsity_summary(model: nn.Module) -> SparsitySummary:
     """Per-layer densities of the sparse layers and the dense ``nn.Linear``/``nn.Conv2d`` layers
     of ``model`` (or of ``model.module`` under DDP), as a printable :class:`SparsitySummary`.
 
-    A sparse layer's density is ``nnz / units`` (exact, a host sync per layer).
+    A sparse layer's density is ``nnz / units`` (exact; read from host-side counts).
     """
     rows = []
     for name, m in _unwrap(model).named_modules():
