@@ -332,6 +332,18 @@ class TopologyManager:
             self.fired[name] |= new
         return True
 
+    def close(self) -> None:
+        """Remove the capture hooks from the layers (the manager stops; call this before
+        dropping a manager whose model keeps training without it)."""
+        for _, m in self.layers:
+            m._stop_capture()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
     # ------------------------------------------------------------------ ITOP rate / summary
     @property
     def itop_rate(self) -> float:

@@ -214,8 +214,17 @@ def test_hooks_only_armed_for_update_steps():
         loss.backward()
         opt.step()
         mgr.step()
+    for _ in range(3):
+        mgr.step()
+    assert mgr.step_count == 15 and len(layer._forward_hooks) == 1  # armed for step 16
+    mgr.close()
+    assert len(layer._forward_hooks) == 0
+    other = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="gradient")
+    assert len(layer._forward_hooks) == 1  # step 1 is an update step: armed at construction
+    del other  # a dropped manager leaves no hook behind
+    assert len(layer._forward_hooks) == 0
     random_mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="random")
-    assert len(layer._forward_hooks) == 0 and random_mgr.step() in (True, False)
+    assert len(layer._forward_hooks) == 0 and random_mgr.step()  # random growth needs no hook
 
 
 # --------------------------------------------------------------------------- reference
