@@ -60,8 +60,11 @@ def _conv_fwd_kernel(
     HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     # x: NHWC [N, H, W, CB_IN*BS], y: NHWC [N, Ho, Wo, CB_OUT*BS], both contiguous.
-    pid_m = tl.program_id(0)                # tile of output pixels
-    r = tl.program_id(1)                    # out-channel block-row
+    # 1-D grid, block-row fastest: the programs that run together share one tile of pixels,
+    # so its input rows are read from L2 rather than memory. pid = pid_m*CB_OUT + r.
+    pid = tl.program_id(0)
+    r = pid % CB_OUT                        # out-channel block-row
+    pid_m = pid // CB_OUT                   # tile of output pixels
     CIN = CB_IN * BS                        # a multiple of BS: pixel offsets stay aligned
     COUT = CB_OUT * BS
     M = N * Ho * Wo
@@ -118,8 +121,10 @@ def _conv_dgrad_kernel(
     BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     # dy: NHWC [N, Ho, Wo, CB_OUT*BS], dx: NHWC [N, H, W, CB_IN*BS], both contiguous.
-    pid_m = tl.program_id(0)                # tile of input pixels
-    c = tl.program_id(1)                    # in-channel block-column
+    # 1-D grid, block-column fastest (as in the forward): pid = pid_m*CB_IN + c.
+    pid = tl.program_id(0)
+    c = pid % CB_IN                         # in-channel block-column
+    pid_m = pid // CB_IN                    # tile of input pixels
     CIN = CB_IN * BS
     COUT = CB_OUT * BS
     M = N * H * W
@@ -333,7 +338,7 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
     values = _aligned(values)
-    grid = (triton.cdiv(M, cfg.BM), out_channels // block_size)
+    grid = (triton.cdiv(M, cfg.BM) * (out_channels // block_size),)
     _conv_fwd_kernel[grid](
         x, values, bias if bias is not None else values, y, row_ptr, col_idx,
         N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
@@ -359,7 +364,7 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
         return _in_format(dx, memory_format)
     dy = _kernel_input(dy, "dy")
     values = _aligned(values)
-    grid = (triton.cdiv(M, cfg.BM), Cin // block_size)
+    grid = (triton.cdiv(M, cfg.BM) * (Cin // block_size),)
     _conv_dgrad_kernel[grid](
         dy, values, dx, col_ptr, t_row_idx, t_block_idx,
         N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
