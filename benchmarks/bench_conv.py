@@ -141,14 +141,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device: torch.device, repeats: int, grads: list) -> float:
-    """Median seconds of ``fn()``. GPU: ``triton.testing.do_bench``; CPU: wall clock after one
-    warm-up run. ``grads`` are reset to None before each run."""
+def time_fn(fn, device: torch.device, repeats: int, grads: list) -> tuple[float, list]:
+    """``(median seconds, raw samples)`` of ``fn()``. GPU: ``triton.testing.do_bench`` (median;
+    the samples are its 20/50/80 % quantiles); CPU: wall clock after one warm-up run.
+    ``grads`` are reset to None before each run."""
     if device.type == "cuda":
         import triton
-        ms = triton.testing.do_bench(fn, warmup=10, rep=max(20, 10 * repeats),
-                                     grad_to_none=grads, return_mode="median")
-        return ms * 1e-3
+        q = triton.testing.do_bench(fn, warmup=10, rep=max(20, 10 * repeats),
+                                    grad_to_none=grads, quantiles=[0.2, 0.5, 0.8])
+        return q[1] * 1e-3, [v * 1e-3 for v in q]
     times = []
     for i in range(repeats + 1):
         for g in grads:
@@ -158,18 +159,20 @@ def time_fn(fn, device: torch.device, repeats: int, grads: list) -> float:
         _sync(device)
         if i:  # the first run warms up
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), times
 
 
-def time_three(make_output, leaves: list, device: torch.device, repeats: int) -> dict:
-    """fwd, bwd (from a retained graph) and fwd+bwd seconds of ``make_output()``."""
+def time_three(make_output, leaves: list, device: torch.device, repeats: int) -> tuple:
+    """fwd, bwd (from a retained graph) and fwd+bwd of ``make_output()``: a dict of median
+    seconds and a dict of the raw samples."""
     with torch.no_grad():
         fwd = time_fn(make_output, device, repeats, [])
     y = make_output()
     dy = torch.randn_like(y)
     bwd = time_fn(lambda: y.backward(dy, retain_graph=True), device, repeats, leaves)
     fb = time_fn(lambda: make_output().backward(dy), device, repeats, leaves)
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fb}
+    res = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fb}
+    return {k: v[0] for k, v in res.items()}, {k: v[1] for k, v in res.items()}
 
 
 def random_mask(R: int, C: int, density: float, gen: torch.Generator) -> torch.Tensor:
@@ -205,7 +208,8 @@ def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, me
                / math.sqrt(layer.cin * layer.k ** 2)).to(device=device, dtype=dtype)
     w_param = w_dense.clone().contiguous(memory_format=memory_format).requires_grad_()
     conv = dict(stride=layer.stride, padding=layer.padding)
-    dense = time_three(lambda: F.conv2d(x, w_param, **conv), [x, w_param], device, repeats)
+    dense, dense_raw = time_three(lambda: F.conv2d(x, w_param, **conv), [x, w_param], device,
+                                  repeats)
     elem = torch.finfo(dtype).bits // 8
     for bs in block_sizes:
         if layer.cin % bs or layer.cout % bs:
@@ -216,16 +220,17 @@ def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, me
             mask = random_mask(R, C, density, gen).to(device)
             layout = BlockLayout.from_mask(mask, bs)
             values = layout.gather(w_dense).requires_grad_()
-            masked = time_three(lambda: F.conv2d(x, layout.scatter(values), **conv),
-                                [x, values], device, repeats)
-            ours = time_three(lambda: block_sparse_conv2d(x, values, layout, **conv),
-                              [x, values], device, repeats)
+            masked, masked_raw = time_three(lambda: F.conv2d(x, layout.scatter(values), **conv),
+                                            [x, values], device, repeats)
+            ours, ours_raw = time_three(lambda: block_sparse_conv2d(x, values, layout, **conv),
+                                        [x, values], device, repeats)
             row = {**asdict(layer), "padding": layer.padding, "out_hw": layer.out_hw,
                    "block_size": bs, "density": layout.density, "nnz": layout.nnz,
                    "dense_s": dense, "masked_s": masked, "ours_s": ours,
                    "speedup_vs_dense": {k: dense[k] / ours[k] for k in ours},
                    "speedup_vs_masked": {k: masked[k] / ours[k] for k in ours},
-                   "flops_fwd_bwd": conv_flops(layer, layout.density)}
+                   "flops_fwd_bwd": conv_flops(layer, layout.density),
+                   "raw_s": {"dense": dense_raw, "masked": masked_raw, "ours": ours_raw}}
             if peak_flops and peak_bw:
                 floor = max(conv_flops(layer, layout.density) / peak_flops,
                             conv_bytes(layer, layout.density, elem) / peak_bw)

@@ -148,6 +148,26 @@ def _pair(value, name: str, minimum: int) -> list[int]:
     return [int(items[0]), int(items[1])]
 
 
+def _padding(padding, stride: list[int], dilation: list[int], kernel: tuple) -> list[int]:
+    """``padding`` as ``[h, w]``: an int, a pair, ``"valid"`` (0) or ``"same"`` (stride 1 and
+    an even total padding ``dilation·(k - 1)`` per dimension, so that it is symmetric)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0]
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', "
+                             f"got {padding!r}")
+        if stride != [1, 1]:
+            raise ValueError(f"padding='same' needs stride 1, got stride {tuple(stride)}")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if any(t % 2 for t in total):
+            raise ValueError(f"padding='same' with kernel {tuple(kernel)} and dilation "
+                             f"{tuple(dilation)} needs asymmetric padding, which is not "
+                             "supported; pad x yourself")
+        return [t // 2 for t in total]
+    return _pair(padding, "padding", 0)
+
+
 def _check_args(x, values, layout, bias, groups) -> None:
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -199,7 +219,7 @@ def _check_args(x, values, layout, bias, groups) -> None:
 def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout,
                         bias: Optional[Tensor] = None,
                         stride: Union[int, tuple[int, int]] = 1,
-                        padding: Union[int, tuple[int, int]] = 0,
+                        padding: Union[int, tuple[int, int], str] = 0,
                         dilation: Union[int, tuple[int, int]] = 1,
                         groups: int = 1) -> Tensor:
     """``y = conv2d(x, W, bias, stride, padding, dilation)`` with a block-sparse weight ``W``,
@@ -215,7 +235,8 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout,
             ``x``'s device. The Triton kernels take ``bs`` in 16, 32, 64, 128.
         bias: optional ``[Cout]``, same dtype as ``x``.
         stride, padding, dilation: an int or an ``(h, w)`` pair, as in ``F.conv2d``
-            (``stride``/``dilation`` >= 1, ``padding`` >= 0; zero padding).
+            (``stride``/``dilation`` >= 1, ``padding`` >= 0; zero padding). ``padding`` may also
+            be ``"valid"`` or ``"same"`` (stride 1, symmetric padding only).
         groups: must be 1.
 
     Returns:
@@ -226,9 +247,9 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout,
     """
     _check_args(x, values, layout, bias, groups)
     stride = _pair(stride, "stride", 1)
-    padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
     kh, kw = values.shape[1:3]
+    padding = _padding(padding, stride, dilation, (kh, kw))
     H, W = x.shape[2:]
     Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])

@@ -271,6 +271,16 @@ def test_torch_compile_fullgraph():
     assert rel_err(out, ref) <= 1e-6 and rel_err(gx, rx) <= 1e-6 and rel_err(gv, rv) <= 1e-6
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding(padding):
+    layout = BlockLayout.from_mask(torch.tensor([[True, False], [True, True]]), 8)
+    values = torch.randn(layout.nnz, 3, 5, 8, 8, dtype=torch.float64)
+    x = torch.randn(2, 16, 7, 6, dtype=torch.float64)
+    y = block_sparse_conv2d(x, values, layout, padding=padding, dilation=(2, 1))
+    ref = F.conv2d(x, layout.scatter(values), padding=padding, dilation=(2, 1))
+    assert y.shape == ref.shape and rel_err(y, ref) <= 1e-10
+
+
 def test_backward_with_expanded_grad():
     """``y.sum().backward()`` hands the backward an expanded (stride-0) gradient."""
     layout = BlockLayout.from_mask(torch.tensor([[True, True]]), 16)
@@ -314,7 +324,11 @@ BAD_INPUTS = [
     ("stride_triple", dict(stride=(1, 1, 1)), TypeError, "stride"),
     ("stride_float", dict(stride=1.5), TypeError, "stride"),
     ("padding_negative", dict(padding=-1), ValueError, "padding"),
-    ("padding_string", dict(padding="same"), TypeError, "padding"),
+    ("padding_string", dict(padding="full"), ValueError, "padding"),
+    ("padding_same_stride", dict(padding="same", stride=2), ValueError, "padding='same'"),
+    ("padding_same_even_kernel", dict(values=torch.randn(3, 2, 2, 16, 16), padding="same"),
+     ValueError, "asymmetric"),
+    ("padding_tensor", dict(padding=torch.tensor(1)), TypeError, "padding"),
     ("dilation_zero", dict(dilation=(1, 0)), ValueError, "dilation"),
     ("kernel_too_big", dict(x=torch.randn(1, 32, 2, 2)), ValueError, "smaller than the dilated kernel"),
     ("device", dict(x=torch.randn(1, 32, 6, 6, device="meta")), ValueError, "same device"),
