@@ -34,9 +34,10 @@ Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each 
 ``prune_rate·(1-t/H)``; ``constant``); updates happen at steps ``t = update_every, 2·update_every,
 ... < H`` (RigL's end step when ``stop_step`` is given).
 
-Distributed (DDP): growth scores are all-reduced (sum), random growth uses the same seed on
-every rank, and the new masks are broadcast from rank 0, so every rank applies the same
-topology.
+Distributed (a ``DistributedDataParallel`` model, or ``distributed=True``): growth scores are
+all-reduced (sum), random growth uses the same seed on every rank, and the new masks are
+broadcast from rank 0, so every rank applies the same topology. At construction every rank
+takes rank 0's masks and values.
 
 AMP: pass the ``torch.amp.GradScaler`` as ``grad_scaler``. When it skipped the update step's
 optimizer step (its scale went down), the update is postponed to the next step that was not
@@ -66,12 +67,42 @@ def _check_int(v, name: str, minimum: int) -> int:
     return v
 
 
-def _dist_world():
-    """``(rank, world_size)`` if torch.distributed runs with more than one process, else None."""
+class _Collectives:
+    """The process group the manager keeps topologies consistent over (DDP's, by default)."""
+
+    def __init__(self, group):
+        dist = torch.distributed
+        self.group = group
+        self.src = 0 if group is None else dist.get_global_rank(group, 0)
+
+    def all_reduce(self, t: Tensor) -> None:
+        torch.distributed.all_reduce(t, group=self.group)
+
+    def broadcast(self, t: Tensor) -> None:
+        torch.distributed.broadcast(t, src=self.src, group=self.group)
+
+
+def _collectives(model: nn.Module, distributed: Optional[bool]) -> Optional[_Collectives]:
+    """``_Collectives`` when the topology must be synchronized across processes, else None.
+
+    ``distributed=None`` means: synchronize iff ``model`` is wrapped in
+    ``DistributedDataParallel`` (over its process group) and that group has > 1 process.
+    """
+    from torch.nn.parallel import DistributedDataParallel
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
+    is_ddp = isinstance(model, DistributedDataParallel)
+    if distributed is None:
+        distributed = is_ddp
+    if not distributed:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed=True needs an initialized torch.distributed process group")
+    group = getattr(model, "process_group", None) if is_ddp else None
+    if group is not None and group == dist.group.WORLD:
+        group = None
+    if dist.get_world_size(group) <= 1:
+        return None
+    return _Collectives(group)
 
 
 def _finite(scores: Tensor) -> Tensor:
@@ -99,6 +130,9 @@ class TopologyManager:
             ``"random_unfired"``.
         seed: seed of the manager's generator (random growth, tie-free fallbacks).
         grad_scaler: optional ``torch.amp.GradScaler`` used with the optimizer.
+        distributed: keep topologies identical across processes (all-reduced scores, rank 0's
+            masks broadcast). ``None`` (default): iff ``model`` is a ``DistributedDataParallel``
+            (over its process group); ``True`` forces it over the default group.
 
     Attributes:
         layers: list of ``(name, layer)`` for the sparse layers, names relative to the
@@ -110,7 +144,8 @@ class TopologyManager:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, update_every: int,
                  prune_rate: float = 0.5, schedule: str = "cosine", total_steps: int,
                  stop_step: Optional[int] = None, prune: str = "magnitude",
-                 growth: str = "gradient", seed: int = 0, grad_scaler=None):
+                 growth: str = "gradient", seed: int = 0, grad_scaler=None,
+                 distributed: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -149,7 +184,8 @@ class TopologyManager:
         missing = [n for n, m in self.layers if id(m.values) not in in_opt]
         if missing:
             raise ValueError(f"the optimizer does not train the values of sparse layers {missing}")
-        if _dist_world() is not None:
+        self._comm = _collectives(model, distributed)
+        if self._comm is not None:
             self._broadcast_layers()
         self._generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
@@ -165,9 +201,9 @@ class TopologyManager:
         """Give every rank rank 0's masks and values (the layouts follow on their next use)."""
         for _, m in self.layers:
             flat = m.block_mask.to(torch.uint8)
-            torch.distributed.broadcast(flat, src=0)
+            self._comm.broadcast(flat)
             m.block_mask.copy_(flat.bool())
-            torch.distributed.broadcast(m.values.data, src=0)
+            self._comm.broadcast(m.values.data)
             m._sync_layout()
 
     # ------------------------------------------------------------------ schedule
@@ -289,10 +325,10 @@ class TopologyManager:
             if self.growth == "random_unfired":
                 scores = [s + (~self.fired[n]).to(s.dtype) * 2.0
                           for s, (n, _) in zip(scores, self.layers)]
-        world = _dist_world()
-        if world is not None and self.growth in ("gradient", "momentum"):
+        comm = self._comm
+        if comm is not None and self.growth in ("gradient", "momentum"):
             flat = torch.cat([_finite(s).reshape(-1) for s in scores])
-            torch.distributed.all_reduce(flat)
+            comm.all_reduce(flat)
             scores, off = [], 0
             for _, m in self.layers:
                 n = m.num_units
@@ -316,9 +352,9 @@ class TopologyManager:
             new[drop] = False
             new[add] = True
             new_masks.append(new.view(m.block_mask.shape))
-        if world is not None:
+        if comm is not None:
             flat = torch.cat([nm.reshape(-1) for nm in new_masks]).to(torch.uint8)
-            torch.distributed.broadcast(flat, src=0)
+            comm.broadcast(flat)
             off = 0
             for i, (_, m) in enumerate(self.layers):
                 n = m.num_units

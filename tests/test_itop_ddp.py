@@ -43,6 +43,16 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                "fired": {k: v.clone() for k, v in mgr.fired.items()},
                "layouts": [(m.layout.row_idx.clone(), m.layout.col_idx.clone())
                            for m in model if isinstance(m, itop.SparseLayer) and m.layout]}
+        # a model that is not wrapped in DDP trains on its own: its masks stay rank-local,
+        # unless distributed=True asks for synchronization
+        local = nn.Sequential(itop.SparseLinear(16, 16, density=0.5, block_size=4))
+        itop.TopologyManager(local, torch.optim.SGD(local.parameters(), lr=0.1),
+                             update_every=1, total_steps=10)
+        out["local_mask"] = local[0].block_mask.clone()
+        forced = nn.Sequential(itop.SparseLinear(16, 16, density=0.5, block_size=4))
+        itop.TopologyManager(forced, torch.optim.SGD(forced.parameters(), lr=0.1),
+                             update_every=1, total_steps=10, distributed=True)
+        out["forced"] = {k: v.clone() for k, v in forced.state_dict().items()}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -62,6 +72,9 @@ def test_ddp_two_ranks_reach_identical_topologies(tmp_path):
     for (a_r, a_c), (b_r, b_c) in zip(r0["layouts"], r1["layouts"]):
         assert torch.equal(a_r, b_r) and torch.equal(a_c, b_c)
     assert r0["itop_rate"] == r1["itop_rate"] > 0.45  # the topology really moved
+    assert not torch.equal(r0["local_mask"], r1["local_mask"])
+    for k in ("0.block_mask", "0.values"):  # the manager syncs the topology, not the biases
+        assert torch.equal(r0["forced"][k], r1["forced"][k]), k
     for k, v in r0["state"].items():
         if k.endswith("block_mask"):
             assert int(v.sum()) == {"0.block_mask": 10, "2.block_mask": 307,
