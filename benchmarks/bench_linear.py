@@ -1,0 +1,339 @@
+"""Block-sparse linear vs dense, masked dense and torch BSR: forward, backward and fwd+bwd.
+
+Sweeps density × block size × dtype on random data and writes the raw timings to JSON
+(device, versions, git commit) plus a PNG of fwd+bwd speedup over dense against density.
+
+On a GPU it times with ``triton.testing.do_bench`` (median, after warm-up) at the DESIGN.md
+shape (M = 16384, K = N = 4096) in bf16 and fp16, and reports each time as a fraction of the
+roofline floor max(FLOPs / peak, bytes / bandwidth), with the peaks measured in the same run.
+On the CPU it runs a smaller sweep (M = 512, K = N = 4096, fp32) with interleaved repetitions,
+timing the CPU implementation.
+
+    python benchmarks/bench_linear.py            # full sweep on the default device
+    python benchmarks/bench_linear.py --quick    # a few points, for a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from itop_kernels import BlockLayout, block_sparse_linear  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------- environment
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+def time_cases(cases: dict, device: torch.device, reps: int) -> dict:
+    """Median milliseconds of each callable in ``cases`` (strings are passed through).
+
+    GPU: ``triton.testing.do_bench`` (median, with its own warm-up). CPU: one warm-up call
+    each, then ``reps`` interleaved rounds, one sample of every method per round, so that
+    machine noise hits all methods alike.
+    """
+    out = {k: fn for k, fn in cases.items() if isinstance(fn, str)}
+    live = {k: fn for k, fn in cases.items() if not isinstance(fn, str)}
+    if device.type == "cuda":
+        import triton.testing
+        for k, fn in live.items():
+            out[k] = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return out
+    samples = {k: [] for k in live}
+    for fn in live.values():
+        fn()
+    for _ in range(reps):
+        for k, fn in live.items():
+            start = time.perf_counter()
+            fn()
+            samples[k].append((time.perf_counter() - start) * 1e3)
+    out.update({k: statistics.median(v) for k, v in samples.items()})
+    return out
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> dict:
+    """Measured GEMM rate (TFLOP/s) and copy bandwidth (TB/s, read + write) on this device."""
+    if device.type != "cuda":
+        return {}
+    import triton.testing
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    src = torch.randn(1 << 28, device=device, dtype=torch.float16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms_copy = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return {"tflops": 2 * n ** 3 / ms / 1e9, "tbps": 2 * src.numel() * 2 / ms_copy / 1e9}
+
+
+def roofline_ms(M: int, K: int, N: int, density: float, elsize: int, peaks: dict,
+                phase: str) -> float | None:
+    """Floor max(FLOPs/peak, bytes/bandwidth) for the sparse op; None without peaks."""
+    if not peaks:
+        return None
+    gemm = 2 * M * K * N * density
+    w = K * N * density * elsize
+    fwd_flops, fwd_bytes = gemm, M * K * elsize + w + M * N * elsize
+    bwd_flops = 2 * gemm                      # dX and dW
+    bwd_bytes = M * N * elsize * 2 + M * K * elsize * 2 + 2 * w  # read dY twice, X, W; write dX, dW
+    flops, nbytes = {"fwd": (fwd_flops, fwd_bytes), "bwd": (bwd_flops, bwd_bytes),
+                     "fwd+bwd": (fwd_flops + bwd_flops, fwd_bytes + bwd_bytes)}[phase]
+    return max(flops / (peaks["tflops"] * 1e12), nbytes / (peaks["tbps"] * 1e12)) * 1e3
+
+
+# --------------------------------------------------------------------------- methods
+def exact_mask(R: int, C: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """A random block mask with exactly round(density·R·C) (at least one) active blocks."""
+    nnz = max(1, round(density * R * C))
+    mask = torch.zeros(R * C, dtype=torch.bool)
+    mask[torch.randperm(R * C, generator=gen)[:nnz]] = True
+    return mask.view(R, C)
+
+
+def build_cases(x, W, mask, bs, layout, values, bias):
+    """Callables for each method and phase on the same inputs."""
+    dy = torch.randn(x.shape[0], W.shape[0], device=x.device, dtype=x.dtype)
+    dense_mask = mask.repeat_interleave(bs, 0).repeat_interleave(bs, 1).to(x.device, x.dtype)
+    xg = x.detach().clone().requires_grad_()
+    vg = values.detach().clone().requires_grad_()
+    Wg = W.detach().clone().requires_grad_()
+
+    def ours_fwd():
+        with torch.no_grad():
+            block_sparse_linear(x, values, layout, bias)
+
+    y_saved = block_sparse_linear(xg, vg, layout, bias)
+
+    def ours_bwd():
+        torch.autograd.grad(y_saved, (xg, vg), dy, retain_graph=True)
+
+    def ours_fwdbwd():
+        y = block_sparse_linear(xg, vg, layout, bias)
+        torch.autograd.grad(y, (xg, vg), dy)
+
+    def dense_fwd():
+        with torch.no_grad():
+            F.linear(x, W, bias)
+
+    def dense_fwdbwd():
+        y = F.linear(xg, Wg, bias)
+        torch.autograd.grad(y, (xg, Wg), dy)
+
+    def masked_fwdbwd():
+        y = F.linear(xg, Wg * dense_mask, bias)
+        torch.autograd.grad(y, (xg, Wg), dy)
+
+    cases = {("ours", "fwd"): ours_fwd, ("ours", "bwd"): ours_bwd, ("ours", "fwd+bwd"): ours_fwdbwd,
+             ("dense", "fwd"): dense_fwd, ("dense", "fwd+bwd"): dense_fwdbwd,
+             ("masked_dense", "fwd+bwd"): masked_fwdbwd}
+    try:
+        w_bsr = (W * dense_mask).to_sparse_bsr((bs, bs))
+
+        def bsr_fwd():
+            with torch.no_grad():
+                F.linear(x, w_bsr, bias)
+        bsr_fwd()
+        cases[("torch_bsr", "fwd")] = bsr_fwd
+    except Exception as exc:  # not every dtype/device has a BSR kernel: record why
+        cases[("torch_bsr", "fwd")] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
+    return cases
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    M, K, N = args.M, args.K, args.N
+    reps = args.reps
+    rows, peaks = [], {}
+    total = len(args.dtypes) * len(args.blocks) * len(args.densities)
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="bench_linear", file=sys.stderr)
+    except ImportError:
+        bar = None
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        peaks[dname] = measure_peaks(device, dtype if dtype != torch.float32 else torch.bfloat16)
+        x = torch.randn(M, K, device=device, dtype=dtype)
+        W = torch.randn(N, K, device=device, dtype=dtype) / math.sqrt(K)
+        bias = torch.randn(N, device=device, dtype=dtype)
+        for bs in args.blocks:
+            for density in args.densities:
+                mask = exact_mask(N // bs, K // bs, density, gen)
+                layout = BlockLayout.from_mask(mask.to(device), bs)
+                values = layout.gather(W)
+                cases = build_cases(x, W, mask, bs, layout, values, bias)
+                times = time_cases(cases, device, reps)
+                dense_t = {ph: t for (m, ph), t in times.items() if m == "dense"}
+                for (method, phase), t in times.items():
+                    row = {"dtype": dname, "block": bs, "density": density,
+                           "nnz": layout.nnz, "method": method, "phase": phase,
+                           "M": M, "K": K, "N": N}
+                    if isinstance(t, str):
+                        row["error"] = t
+                    else:
+                        row["ms"] = t
+                        ref = dense_t.get(phase)
+                        row["speedup_vs_dense"] = ref / t if ref else None
+                        floor = roofline_ms(M, K, N, density if method == "ours" else 1.0,
+                                            x.element_size(), peaks[dname], phase)
+                        row["roofline_ms"] = floor
+                        row["roofline_fraction"] = floor / t if floor else None
+                    rows.append(row)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {"benchmark": "bench_linear", "device": device_name(device), "device_type": device.type,
+            "versions": versions(), "git_commit": git_commit(), "argv": sys.argv,
+            "threads": torch.get_num_threads(), "peaks": peaks,
+            "timer": "triton.testing.do_bench median" if on_gpu else f"median of {reps} perf_counter samples",
+            "rows": rows}
+
+
+# --------------------------------------------------------------------------- output
+def print_table(result: dict) -> None:
+    rows = [r for r in result["rows"] if r["method"] == "ours" and r["phase"] == "fwd+bwd"]
+    dense = {(r["dtype"], r["block"], r["density"]): r["ms"] for r in result["rows"]
+             if r["method"] == "dense" and r["phase"] == "fwd+bwd"}
+    masked = {(r["dtype"], r["block"], r["density"]): r.get("ms") for r in result["rows"]
+              if r["method"] == "masked_dense" and r["phase"] == "fwd+bwd"}
+    bsr = {(r["dtype"], r["block"], r["density"]): r.get("ms") for r in result["rows"]
+           if r["method"] == "torch_bsr"}
+    fwd = {(r["dtype"], r["block"], r["density"]): r["ms"] for r in result["rows"]
+           if r["method"] == "ours" and r["phase"] == "fwd"}
+    print(f"\nbench_linear on {result['device']} ({result['timer']})")
+    print(f"{'dtype':5} {'block':>5} {'dens':>5} {'ours f+b ms':>12} {'vs dense':>9} "
+          f"{'vs masked':>9} {'roofline':>8} {'fwd ms':>8} {'bsr fwd ms':>10}")
+    for r in rows:
+        key = (r["dtype"], r["block"], r["density"])
+        m = masked.get(key)
+        b = bsr.get(key)
+        frac = r.get("roofline_fraction")
+        print(f"{r['dtype']:5} {r['block']:>5} {r['density']:>5.2f} {r['ms']:>12.3f} "
+              f"{dense[key] / r['ms']:>8.2f}x {(m / r['ms'] if m else float('nan')):>8.2f}x "
+              f"{(f'{frac:.0%}' if frac else '-'):>8} {fwd[key]:>8.3f} "
+              f"{(f'{b:.3f}' if b else 'n/a'):>10}")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for ax, dname in zip(axes[0], dtypes):
+        rows = [r for r in result["rows"] if r["dtype"] == dname and r["phase"] == "fwd+bwd"
+                and "ms" in r]
+        for method, style in (("ours", "-o"), ("masked_dense", ":x")):
+            for bs in sorted({r["block"] for r in rows}):
+                pts = sorted((r["density"], r["speedup_vs_dense"]) for r in rows
+                             if r["method"] == method and r["block"] == bs)
+                if pts and method == "ours":
+                    ax.plot(*zip(*pts), style, label=f"ours, block {bs}")
+                elif pts and bs == max(r["block"] for r in rows):
+                    ax.plot(*zip(*pts), style, color="gray", label="masked dense")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density (fraction of active blocks)")
+        ax.set_ylabel("fwd+bwd speedup over dense")
+        r0 = rows[0]
+        ax.set_title(f"{dname}, M={r0['M']} K={r0['K']} N={r0['N']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"block-sparse linear on {result['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a few points only (smoke run)")
+    p.add_argument("--M", type=int)
+    p.add_argument("--K", type=int, default=4096)
+    p.add_argument("--N", type=int, default=4096)
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
+    p.add_argument("--blocks", nargs="+", type=int, default=[16, 32, 64, 128])
+    p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.2, 0.1, 0.05, 0.02])
+    p.add_argument("--reps", type=int, default=5, help="CPU samples per point (median)")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/linear_<device>.json)")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.M is None:
+        args.M = 16384 if gpu else 512
+    if args.dtypes is None:
+        args.dtypes = ["bf16", "fp16"] if gpu else ["fp32"]
+    if args.quick:
+        args.blocks = [32, 64] if gpu else [32]
+        args.densities = [0.1, 0.02]
+        args.reps = min(args.reps, 3)
+        if not gpu:
+            args.K = args.N = min(args.K, 2048)
+    for bs in args.blocks:
+        if args.K % bs or args.N % bs:
+            p.error(f"--blocks {bs} does not divide --K {args.K} / --N {args.N}")
+    if args.out is None:
+        args.out = RESULTS / f"linear_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
+    print_table(result)
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
