@@ -11,9 +11,11 @@ by ``block_size``:
 * **element storage** (``block_size == 1``): the paper's unstructured setting. ``values`` is
   the plain dense weight (``[out, in]`` or ``[Cout, Cin/groups, kh, kw]``), kept at zero outside
   an element mask, and the forward multiplies it by the mask (no speedup). ``layout`` is
-  ``None``. This storage sits behind the same small interface as block storage (the
-  ``_magnitude_scores``/``_grad_scores``/``_apply_topology`` methods), so a true CPU sparse
-  path for block 1 can replace it without touching the topology manager.
+  ``None``.
+
+Both storages implement one small internal interface (:mod:`itop.storage`); the layers and the
+topology manager go only through it, so a true CPU sparse path for block 1 is a new storage
+class and touches neither.
 
 In both storages the *topology mask* ``block_mask`` is a bool buffer (``[R, C]`` blocks, or the
 weight's shape for element storage) saved in the ``state_dict``. Loading a ``state_dict``
@@ -27,14 +29,15 @@ argument; :func:`itop.sparsify` leaves such layers dense with one warning listin
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from itop_kernels import BlockLayout, block_sparse_linear
+from itop_kernels import BlockLayout
 from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
+
+from .storage import storage_for
 
 __all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "check_density", "nnz_for_density"]
 
@@ -127,14 +130,20 @@ class SparseLayer(nn.Module):
     layout: Optional[BlockLayout]
     block_size: int
 
-    def _setup_sparse(self, mask: Tensor, nnz: int) -> None:
-        self.register_buffer("block_mask", mask.clone())
-        self._nnz = int(nnz)
+    def _setup_sparse(self, dense_shape: Tuple[int, ...], density: float, bound: float,
+                      factory: dict) -> None:
+        """Pick the storage, a random mask with exact nnz, and ``U(-bound, bound)`` values."""
+        self._storage = st = storage_for(self.block_size)
+        shape = st.mask_shape(dense_shape, self.block_size)
+        nnz = nnz_for_density(density, math.prod(shape))
+        mask = _random_mask(shape, nnz, factory["device"])
+        self.values = nn.Parameter(st.init_values(mask, nnz, dense_shape, self.block_size,
+                                                  bound, factory))
+        self.register_buffer("block_mask", mask)
+        self._nnz = nnz
         self._captured: list = []
         self._capture_handle = None
-        self.layout = (BlockLayout.from_mask(mask.clone(), self.block_size, nnz=self._nnz)
-                       if self.block_size > 1 else None)
-        self._mask_version = self.block_mask._version
+        self._rebuild_layout()
 
     def _sync_layout(self) -> None:
         """Rebuild the layout if ``block_mask`` was overwritten in place from outside (DDP
@@ -143,7 +152,7 @@ class SparseLayer(nn.Module):
         if self.block_mask._version == self._mask_version:
             return
         nnz = int(self.block_mask.sum())
-        if self.layout is not None and nnz != self.values.shape[0]:
+        if tuple(self._storage.values_shape(self, nnz)) != tuple(self.values.shape):
             raise RuntimeError(f"block_mask was overwritten with {nnz} active blocks, but values "
                                f"holds {self.values.shape[0]}; load masks with load_state_dict")
         self._nnz = nnz
@@ -163,7 +172,7 @@ class SparseLayer(nn.Module):
     @property
     def unit_numel(self) -> int:
         """Weights per unit of the mask (``bs²``, ``bs²·kh·kw`` for a conv, 1 for element storage)."""
-        raise NotImplementedError
+        return self._storage.unit_numel(self.dense_weight_shape, self.block_size)
 
     @property
     def density(self) -> float:
@@ -178,21 +187,13 @@ class SparseLayer(nn.Module):
     def dense_weight(self) -> Tensor:
         """The dense weight, zeros outside the active units (differentiable w.r.t. ``values``)."""
         self._sync_layout()
-        if self.layout is None:
-            return self.values * self.block_mask
-        return self.layout.scatter(self.values)
+        return self._storage.dense_weight(self)
 
     # ------------------------------------------------------------------ topology interface
     def _magnitude_scores(self, p: int = 1) -> Tensor:
         """float32 score per unit (mask-shaped): the Lp norm of the unit's values (0 if inactive)."""
         self._sync_layout()
-        v = self.values.detach()
-        if self.layout is None:
-            return v.abs().float() * self.block_mask
-        flat = v.reshape(v.shape[0], -1).float()
-        s = flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()
-        grid = torch.zeros(self.block_mask.shape, dtype=torch.float32, device=v.device)
-        return grid.index_put_((self.layout.row_idx.long(), self.layout.col_idx.long()), s)
+        return self._storage.magnitudes(self, p)
 
     def _start_capture(self) -> None:
         """Arm the hooks that keep this step's input and output gradient (for growth scores)."""
@@ -220,17 +221,6 @@ class SparseLayer(nn.Module):
         storage)."""
         raise NotImplementedError
 
-    def _state_tensors(self, optimizer) -> Iterator[Tensor]:
-        """``values``, its gradient, and every optimizer state tensor shaped like ``values``."""
-        p = self.values
-        yield p.data
-        if p.grad is not None:
-            yield p.grad
-        if optimizer is not None:
-            for v in optimizer.state.get(p, {}).values():
-                if isinstance(v, Tensor) and v.shape == p.shape and v.data_ptr() != p.data_ptr():
-                    yield v
-
     @torch.no_grad()
     def _apply_topology(self, new_mask: Tensor, optimizer=None) -> None:
         """Switch to ``new_mask`` (bool, mask-shaped, exactly ``nnz`` True entries), in place.
@@ -239,42 +229,15 @@ class SparseLayer(nn.Module):
         with zero state. ``values`` stays the same Parameter with the same shape. No host sync.
         """
         self._sync_layout()
-        if self.layout is None:
-            survive = self.block_mask & new_mask
-            for t in self._state_tensors(optimizer):
-                t.mul_(survive)
-            self.block_mask.copy_(new_mask)
-            self._mask_version = self.block_mask._version
-            return
-        old = self.layout
-        R, C = self.block_mask.shape
-        dev = self.block_mask.device
-        rank = torch.full((R * C,), -1, dtype=torch.long, device=dev)
-        rank[old.row_idx.long() * C + old.col_idx.long()] = torch.arange(self._nnz, device=dev)
-        new_layout = BlockLayout.from_mask(new_mask, self.block_size, nnz=self._nnz)
-        src = rank[new_layout.row_idx.long() * C + new_layout.col_idx.long()]
-        fresh = src < 0
-        idx = src.clamp(min=0)
-        for t in self._state_tensors(optimizer):
-            moved = t.index_select(0, idx)
-            moved.masked_fill_(fresh.view(-1, *([1] * (t.dim() - 1))), 0)
-            t.copy_(moved)
+        self._storage.apply_topology(self, new_mask, optimizer)
         self.block_mask.copy_(new_mask)
         self._mask_version = self.block_mask._version
-        self.layout = new_layout
 
     def _copy_dense(self, w: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                     init: str) -> None:
-        bs = self.block_size
         if mask is None:
             if init == "magnitude":
-                if bs == 1:
-                    scores = w.abs()
-                else:
-                    R, C = self.block_mask.shape
-                    scores = w.reshape(R, bs, C, bs, *w.shape[2:]).float().square()
-                    scores = scores.sum(dim=tuple(d for d in range(scores.dim()) if d not in (0, 2)))
-                mask = _magnitude_mask(scores, self._nnz)
+                mask = _magnitude_mask(self._storage.dense_unit_norms(self, w), self._nnz)
             elif init == "random":
                 mask = self.block_mask
             else:
@@ -292,10 +255,7 @@ class SparseLayer(nn.Module):
             self.block_mask.copy_(mask)
             self._nnz = nnz
             self._rebuild_layout()
-            if self.layout is None:
-                self.values.data = (w * mask).to(self.values.dtype).clone()
-            else:
-                self.values.data = self.layout.gather(w.to(self.values.dtype))
+            self.values.data = self._storage.values_from_dense(self, w.to(self.values.dtype))
             if bias is not None:
                 self.bias.data.copy_(bias.detach())
 
@@ -315,8 +275,8 @@ class SparseLayer(nn.Module):
             if nnz < 1:
                 error_msgs.append(f"{key} has no active unit")
                 return
-            if nnz != self._nnz and self.layout is not None:
-                shape = (nnz, *self.values.shape[1:])
+            shape = tuple(self._storage.values_shape(self, nnz))
+            if shape != tuple(self.values.shape):
                 self.values.data = self.values.data.new_zeros(shape)
                 if self.values.grad is not None:
                     self.values.grad = None
@@ -326,9 +286,7 @@ class SparseLayer(nn.Module):
         self._rebuild_layout()
 
     def _rebuild_layout(self) -> None:
-        if self.block_size > 1:
-            self.layout = BlockLayout.from_mask(self.block_mask.clone(), self.block_size,
-                                                nnz=self._nnz)
+        self.layout = self._storage.build_layout(self.block_mask, self.block_size, self._nnz)
         self._mask_version = self.block_mask._version
 
     def _apply(self, fn, *args, **kwargs):
@@ -389,21 +347,9 @@ class SparseLinear(SparseLayer):
                                  "that divides it (itop.sparsify leaves such layers dense)")
         factory = {"device": device, "dtype": dtype}
         bound = 1.0 / math.sqrt(in_features)
-        shape = (out_features // bs, in_features // bs)
-        nnz = nnz_for_density(density, math.prod(shape))
-        mask = _random_mask(shape, nnz, device)
-        if bs == 1:
-            w = torch.empty(out_features, in_features, **factory).uniform_(-bound, bound)
-            self.values = nn.Parameter(w * mask)
-        else:
-            self.values = nn.Parameter(torch.empty(nnz, bs, bs, **factory).uniform_(-bound, bound))
+        self._setup_sparse((out_features, in_features), density, bound, factory)
         self.bias = (nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
                      if bias else None)
-        self._setup_sparse(mask, nnz)
-
-    @property
-    def unit_numel(self) -> int:
-        return self.block_size * self.block_size
 
     @property
     def dense_weight_shape(self) -> Tuple[int, int]:
@@ -413,9 +359,7 @@ class SparseLinear(SparseLayer):
         """``[..., in_features] -> [..., out_features]``."""
         self._sync_layout()
         x, values, bias = self._operands(x)
-        if self.layout is None:
-            return F.linear(x, values * self.block_mask, bias)
-        return block_sparse_linear(x, values, self.layout, bias)
+        return self._storage.linear(self, x, values, bias)
 
     def _grad_scores(self) -> Optional[Tensor]:
         pairs = self._captured_pairs()
@@ -538,27 +482,9 @@ class SparseConv2d(SparseLayer):
         kh, kw = self.kernel_size
         cin_g = in_channels // groups
         bound = 1.0 / math.sqrt(cin_g * kh * kw)
-        if bs == 1:
-            shape = (out_channels, cin_g, kh, kw)
-        else:
-            shape = (out_channels // bs, in_channels // bs)
-        nnz = nnz_for_density(density, math.prod(shape))
-        mask = _random_mask(shape, nnz, device)
-        if bs == 1:
-            w = torch.empty(shape, **factory).uniform_(-bound, bound)
-            self.values = nn.Parameter(w * mask)
-        else:
-            self.values = nn.Parameter(
-                torch.empty(nnz, kh, kw, bs, bs, **factory).uniform_(-bound, bound))
+        self._setup_sparse((out_channels, cin_g, kh, kw), density, bound, factory)
         self.bias = (nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
                      if bias else None)
-        self._setup_sparse(mask, nnz)
-
-    @property
-    def unit_numel(self) -> int:
-        if self.block_size == 1:
-            return 1
-        return self.block_size * self.block_size * self.kernel_size[0] * self.kernel_size[1]
 
     @property
     def dense_weight_shape(self) -> Tuple[int, int, int, int]:
@@ -568,16 +494,7 @@ class SparseConv2d(SparseLayer):
         """``[B, Cin, H, W] -> [B, Cout, Ho, Wo]``."""
         self._sync_layout()
         x, values, bias = self._operands(x)
-        if self.layout is None:
-            return F.conv2d(x, values * self.block_mask, bias, self.stride,
-                            self.padding, self.dilation, self.groups)
-        try:
-            from itop_kernels import block_sparse_conv2d
-        except ImportError as exc:  # the conv kernels are not installed in this build
-            raise RuntimeError("SparseConv2d with block_size > 1 needs "
-                               "itop_kernels.block_sparse_conv2d, which is missing") from exc
-        return block_sparse_conv2d(x, values, self.layout, bias, stride=self.stride,
-                                   padding=self.padding, dilation=self.dilation)
+        return self._storage.conv2d(self, x, values, bias)
 
     def _grad_scores(self) -> Optional[Tensor]:
         pairs = self._captured_pairs()
@@ -585,7 +502,8 @@ class SparseConv2d(SparseLayer):
             return None
         args = dict(weight_shape=self.dense_weight_shape, block_size=self.block_size,
                     stride=self.stride, padding=self.padding, dilation=self.dilation,
-                    groups=self.groups, reduce_taps=self.block_size > 1)
+                    groups=self.groups,
+                    reduce_taps=not self._storage.units_include_taps)
         if len({tuple(x.shape[1:]) for x, _ in pairs}) == 1:
             x = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs])
             dy = (pairs[0][1] if len(pairs) == 1 else torch.cat([g for _, g in pairs])).to(x.dtype)

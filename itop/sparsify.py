@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import nn
 
 from .density import DISTRIBUTIONS

@@ -1,0 +1,192 @@
+"""How a sparse layer stores its active units: the one internal interface between the sparse
+layers (and through them the topology manager) and the weight storage.
+
+* :class:`BlockStorage` (``block_size >= 2``): only the active ``bs × bs`` blocks are stored
+  (``values [nnz, bs, bs]`` or ``[nnz, kh, kw, bs, bs]``), with a
+  :class:`itop_kernels.BlockLayout`; the forward runs the block-sparse kernels.
+* :class:`MaskedDenseStorage` (``block_size == 1``): the dense weight, kept at zero outside an
+  element mask, multiplied by the mask in the forward (the paper's setting, no speedup).
+
+A storage object is stateless; it reads and writes the layer's ``values``, ``block_mask``,
+``layout`` and ``_nnz``. A true CPU sparse path for block 1 (CSR or similar) is a third
+class implementing the same methods, selected in :func:`storage_for`.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from itop_kernels import BlockLayout, block_sparse_linear
+
+__all__ = ["BlockStorage", "MaskedDenseStorage", "storage_for"]
+
+
+def _state_tensors(layer, optimizer) -> Iterator[Tensor]:
+    """``values``, its gradient, and every optimizer state tensor shaped like ``values``."""
+    p = layer.values
+    yield p.data
+    if p.grad is not None:
+        yield p.grad
+    if optimizer is not None:
+        for v in optimizer.state.get(p, {}).values():
+            if isinstance(v, Tensor) and v.shape == p.shape:
+                yield v
+
+
+class BlockStorage:
+    """Active blocks only, with a :class:`~itop_kernels.BlockLayout`."""
+
+    units_include_taps = False  # one unit = one (out-block, in-block) pair, all kernel taps
+
+    @staticmethod
+    def mask_shape(dense_shape: Tuple[int, ...], bs: int) -> Tuple[int, int]:
+        return (dense_shape[0] // bs, dense_shape[1] // bs)
+
+    @staticmethod
+    def unit_numel(dense_shape: Tuple[int, ...], bs: int) -> int:
+        taps = 1
+        for k in dense_shape[2:]:
+            taps *= k
+        return bs * bs * taps
+
+    @staticmethod
+    def init_values(mask: Tensor, nnz: int, dense_shape, bs: int, bound: float,
+                    factory: dict) -> Tensor:
+        """``U(-bound, bound)`` values for the ``nnz`` active blocks."""
+        return torch.empty(nnz, *dense_shape[2:], bs, bs, **factory).uniform_(-bound, bound)
+
+    @staticmethod
+    def build_layout(mask: Tensor, bs: int, nnz: int) -> Optional[BlockLayout]:
+        return BlockLayout.from_mask(mask.clone(), bs, nnz=nnz)
+
+    @staticmethod
+    def values_shape(layer, nnz: int) -> Tuple[int, ...]:
+        return (nnz, *layer.values.shape[1:])
+
+    @staticmethod
+    def values_from_dense(layer, w: Tensor) -> Tensor:
+        return layer.layout.gather(w)
+
+    @staticmethod
+    def dense_weight(layer) -> Tensor:
+        return layer.layout.scatter(layer.values)
+
+    @staticmethod
+    def dense_unit_norms(layer, w: Tensor) -> Tensor:
+        """L2 norm of every block of a dense weight: ``[R, C]``."""
+        R, C = layer.block_mask.shape
+        bs = layer.block_size
+        sq = w.reshape(R, bs, C, bs, *w.shape[2:]).float().square()
+        return sq.sum(dim=tuple(d for d in range(sq.dim()) if d not in (0, 2))).sqrt()
+
+    @staticmethod
+    def magnitudes(layer, p: int) -> Tensor:
+        """float32 ``[R, C]``: Lp norm of each active block's values, 0 for inactive blocks."""
+        v = layer.values.detach()
+        flat = v.reshape(v.shape[0], -1).float()
+        s = flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()
+        grid = torch.zeros(layer.block_mask.shape, dtype=torch.float32, device=v.device)
+        return grid.index_put_((layer.layout.row_idx.long(), layer.layout.col_idx.long()), s)
+
+    @staticmethod
+    def apply_topology(layer, new_mask: Tensor, optimizer) -> None:
+        """Permute the rows of ``values``, its gradient and its optimizer state into the new
+        layout's order, in place; rows of new blocks become zero. No host sync."""
+        old = layer.layout
+        R, C = layer.block_mask.shape
+        dev = layer.block_mask.device
+        nnz = layer._nnz
+        rank = torch.full((R * C,), -1, dtype=torch.long, device=dev)
+        rank[old.row_idx.long() * C + old.col_idx.long()] = torch.arange(nnz, device=dev)
+        new_layout = BlockLayout.from_mask(new_mask, layer.block_size, nnz=nnz)
+        src = rank[new_layout.row_idx.long() * C + new_layout.col_idx.long()]
+        fresh = src < 0
+        idx = src.clamp(min=0)
+        for t in _state_tensors(layer, optimizer):
+            moved = t.index_select(0, idx)
+            moved.masked_fill_(fresh.view(-1, *([1] * (t.dim() - 1))), 0)
+            t.copy_(moved)
+        layer.layout = new_layout
+
+    @staticmethod
+    def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return block_sparse_linear(x, values, layer.layout, bias)
+
+    @staticmethod
+    def conv2d(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        try:
+            from itop_kernels import block_sparse_conv2d
+        except ImportError as exc:  # the conv kernels are not in this build
+            raise RuntimeError("SparseConv2d with block_size > 1 needs "
+                               "itop_kernels.block_sparse_conv2d, which is missing") from exc
+        return block_sparse_conv2d(x, values, layer.layout, bias, stride=layer.stride,
+                                   padding=layer.padding, dilation=layer.dilation)
+
+
+class MaskedDenseStorage:
+    """Element-level masks on a dense weight (``block_size == 1``); ``layout`` is ``None``."""
+
+    units_include_taps = True  # one unit = one weight, kernel taps included
+
+    @staticmethod
+    def mask_shape(dense_shape: Tuple[int, ...], bs: int) -> Tuple[int, ...]:
+        return tuple(dense_shape)
+
+    @staticmethod
+    def unit_numel(dense_shape: Tuple[int, ...], bs: int) -> int:
+        return 1
+
+    @staticmethod
+    def init_values(mask: Tensor, nnz: int, dense_shape, bs: int, bound: float,
+                    factory: dict) -> Tensor:
+        """The dense ``U(-bound, bound)`` weight, zero outside ``mask``."""
+        return torch.empty(dense_shape, **factory).uniform_(-bound, bound) * mask
+
+    @staticmethod
+    def build_layout(mask: Tensor, bs: int, nnz: int) -> Optional[BlockLayout]:
+        return None
+
+    @staticmethod
+    def values_shape(layer, nnz: int) -> Tuple[int, ...]:
+        return tuple(layer.values.shape)
+
+    @staticmethod
+    def values_from_dense(layer, w: Tensor) -> Tensor:
+        return (w * layer.block_mask).clone()
+
+    @staticmethod
+    def dense_weight(layer) -> Tensor:
+        return layer.values * layer.block_mask
+
+    @staticmethod
+    def dense_unit_norms(layer, w: Tensor) -> Tensor:
+        return w.abs().float()
+
+    @staticmethod
+    def magnitudes(layer, p: int) -> Tensor:
+        """float32, weight-shaped: ``|w|`` at active weights, 0 elsewhere."""
+        return layer.values.detach().abs().float() * layer.block_mask
+
+    @staticmethod
+    def apply_topology(layer, new_mask: Tensor, optimizer) -> None:
+        """Zero the weights, gradient and optimizer state of pruned and of new weights."""
+        survive = layer.block_mask & new_mask
+        for t in _state_tensors(layer, optimizer):
+            t.mul_(survive)
+
+    @staticmethod
+    def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.linear(x, values * layer.block_mask, bias)
+
+    @staticmethod
+    def conv2d(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        return F.conv2d(x, values * layer.block_mask, bias, layer.stride, layer.padding,
+                        layer.dilation, layer.groups)
+
+
+def storage_for(block_size: int):
+    """The storage class for a block size: element masks for 1, active blocks otherwise."""
+    return MaskedDenseStorage if block_size == 1 else BlockStorage
