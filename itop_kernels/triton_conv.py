@@ -23,7 +23,9 @@ One kernel per concern, each an implicit GEMM (no im2col buffer):
   ``BS`` in-channels of block-column ``c``; the K loop runs over the column's active blocks
   (transpose metadata, no atomics) × taps × out-channel slices. With stride ``s`` an input row
   ``h`` receives tap ``a`` from output row ``ho = (h + pad - a·dil) / s`` only when that division
-  is exact and ``0 <= ho < Ho``; the check is per pixel, so stride > 1 is handled exactly.
+  is exact, which depends only on the stride phase ``h % s``: a program owns the pixels of one
+  phase and loops over just the taps that reach it (bounds ``0 <= ho < Ho`` checked per pixel),
+  so stride > 1 is exact and costs no wasted MMAs.
 - ``_conv_wgrad_kernel``: ``dV[i, tap] = Σ_m dY[m, r_i-block]ᵀ · X[m shifted by tap, c_i-block]``,
   only at active blocks. A program owns a ``[BO, BS]`` slice of one (block, tap) tile and
   reduces over one split of the ``N·Ho·Wo`` pixels; splits write fp32 partial sums to a
@@ -36,6 +38,7 @@ All products accumulate in fp32 (fp32 inputs use tf32 dots on the GPU). Tile siz
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -117,47 +120,76 @@ def _conv_fwd_kernel(
 def _conv_dgrad_kernel(
     dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
     BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     # dy: NHWC [N, Ho, Wo, CB_OUT*BS], dx: NHWC [N, H, W, CB_IN*BS], both contiguous.
-    # 1-D grid, block-column fastest (as in the forward): pid = pid_m*CB_IN + c.
+    #
+    # Stride phases. The forward reads input row h = ho*stride_h - pad_h + a*dil_h, so input
+    # row h receives tap row a exactly when (h + pad_h - a*dil_h) % stride_h == 0, which depends
+    # only on the phase qh = h % stride_h. A program owns input pixels of one phase (qh, qw), so
+    # it visits only the taps that reach them: a = a0h + u*step_h (u < nah), where
+    # step_h = stride_h / gcd(dil_h, stride_h); with stride 1 that is every tap. No MMA is
+    # spent on taps a stride skips.
+    #
+    # 1-D grid, block-column fastest: pid = (phase*TQ + pid_m)*CB_IN + c, with TQ the pixel
+    # tiles per phase and phase = qh*stride_w + qw.
+    Hq = (H + stride_h - 1) // stride_h     # rows of phase 0 (the tallest); others are masked
+    Wq = (W + stride_w - 1) // stride_w
+    Mq = N * Hq * Wq
+    TQ = (Mq + BM - 1) // BM
     pid = tl.program_id(0)
     c = pid % CB_IN                         # in-channel block-column
-    pid_m = pid // CB_IN                    # tile of input pixels
+    pid_m = (pid // CB_IN) % TQ             # tile of pixels within the phase
+    phase = pid // (CB_IN * TQ)
+    qh = phase // stride_w
+    qw = phase % stride_w
     CIN = CB_IN * BS
     COUT = CB_OUT * BS
-    M = N * H * W
-    offs_m = pid_m * BM + tl.arange(0, BM)  # flat input pixel m = (n*H + h)*W + w
-    m_ok = offs_m < M
-    w = offs_m % W
-    h = (offs_m // W) % H
-    n = offs_m // (W * H)
+    offs_q = pid_m * BM + tl.arange(0, BM)  # flat phase pixel q = (n*Hq + ih)*Wq + iw
+    iw = offs_q % Wq
+    ih = (offs_q // Wq) % Hq
+    n = offs_q // (Wq * Hq)
+    h = qh + ih * stride_h                  # the input pixel it stands for
+    w = qw + iw * stride_w
+    m_ok = (offs_q < Mq) & (h < H) & (w < W)
+    # First tap row/column that reaches this phase (KH/KW: none). Solutions repeat with period
+    # step <= stride, so the first one is below min(K, stride). `%` may be negative here; only
+    # "== 0" is tested.
+    a0h = KH
+    for a in range(0, tl.minimum(KH, stride_h)):
+        a0h = tl.where(((qh + pad_h - a * dil_h) % stride_h == 0) & (a0h == KH), a, a0h)
+    a0w = KW
+    for b in range(0, tl.minimum(KW, stride_w)):
+        a0w = tl.where(((qw + pad_w - b * dil_w) % stride_w == 0) & (a0w == KW), b, a0w)
+    nah = (KH - a0h + step_h - 1) // step_h  # taps of the phase: 0 if a0h == KH
+    naw = (KW - a0w + step_w - 1) // step_w
     offs_i = tl.arange(0, BS)               # in-channels within block-column c
     offs_k = tl.arange(0, BK)               # out-channels within one BK slice of a block
     NK: tl.constexpr = BS // BK
     KHW = KH * KW
+    PER_BLOCK = nah * naw * NK              # iterations per active block
     start = tl.load(col_ptr + c)
     end = tl.load(col_ptr + c + 1)
     acc = tl.zeros((BM, BS), dtype=tl.float32)
-    # t = ((j - start)*KHW + tap)*NK + s for the j-th active block of column c (column-major).
-    # As in the forward, the block's indices are loaded one iteration ahead.
-    T = (end - start) * KHW * NK
+    # t = ((j - start)*nah*naw + uh*naw + uw)*NK + s for the j-th active block of column c
+    # (column-major), phase taps (a0h + uh*step_h, a0w + uw*step_w) and slice s. As in the
+    # forward, the block's indices are loaded one iteration ahead.
+    T = (end - start) * PER_BLOCK
     r = tl.load(t_row_idx + start, mask=T > 0, other=0)      # out-channel block of block j
     blk = tl.load(t_block_idx + start, mask=T > 0, other=0)  # its index into values
     for t in range(0, T):
         s = t % NK
-        tap = (t // NK) % KHW
-        a = tap // KW
-        b = tap % KW
-        # Forward: h = ho*stride_h - pad_h + a*dil_h, so ho = (h + pad_h - a*dil_h) / stride_h
-        # when the division is exact. th < 0 is rejected before its quotient is used.
-        th = h + pad_h - a * dil_h
-        tw = w + pad_w - b * dil_w
-        ho = th // stride_h
-        wo = tw // stride_w
-        ok = (m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
-              & (ho < Ho) & (wo < Wo))
+        uw = (t // NK) % naw
+        uh = (t // (NK * naw)) % nah
+        a = a0h + uh * step_h
+        b = a0w + uw * step_w
+        tap = a * KW + b
+        # ho = (h + pad_h - a*dil_h) / stride_h = ih + (qh + pad_h - a*dil_h) / stride_h, an
+        # exact division (so truncation and floor agree for negative numerators).
+        ho = ih + (qh + pad_h - a * dil_h) // stride_h
+        wo = iw + (qw + pad_w - b * dil_w) // stride_w
+        ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
         # dy[n, ho, wo, r*BS + s*BK + k] at ((n*Ho + ho)*Wo + wo)*COUT + r*BS + s*BK + k
         dy_row = tl.multiple_of(dy_ptr + (((n * Ho + ho) * Wo + wo) * COUT + r * BS + s * BK), 16)
         dyt = tl.load(dy_row[:, None] + offs_k[None, :], mask=ok[:, None], other=0.0)
@@ -166,11 +198,12 @@ def _conv_dgrad_kernel(
         w_blk = tl.multiple_of(v_ptr + ((blk * KHW + tap) * (BS * BS) + s * BK * BS), 16)
         wt = tl.load(w_blk + offs_k[:, None] * BS + offs_i[None, :])
         acc = tl.dot(dyt, wt, acc)
-        j_next = start + (t + 1) // (NK * KHW)
+        j_next = start + (t + 1) // PER_BLOCK
         r = tl.load(t_row_idx + j_next, mask=t + 1 < T, other=0)
         blk = tl.load(t_block_idx + j_next, mask=t + 1 < T, other=0)
-    # dx[m, c*BS + i] at m*CIN + c*BS + i; columns with no active block write zeros.
-    x_row = tl.multiple_of(dx_ptr + (offs_m * CIN + c * BS), 16)
+    # dx[n, h, w, c*BS + i] at ((n*H + h)*W + w)*CIN + c*BS + i. Every input pixel belongs to
+    # exactly one phase, so each is written once; pixels no tap reaches get zeros.
+    x_row = tl.multiple_of(dx_ptr + (((n * H + h) * W + w) * CIN + c * BS), 16)
     tl.store(x_row[:, None] + offs_i[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None])
 
@@ -364,11 +397,15 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
         return _in_format(dx, memory_format)
     dy = _kernel_input(dy, "dy")
     values = _aligned(values)
-    grid = (triton.cdiv(M, cfg.BM) * (Cin // block_size),)
+    # One pixel space per stride phase, sized for phase 0 (the largest).
+    sh, sw = stride
+    mq = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
+    grid = (sh * sw * triton.cdiv(mq, cfg.BM) * (Cin // block_size),)
     _conv_dgrad_kernel[grid](
         dy, values, dx, col_ptr, t_row_idx, t_block_idx,
         N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        sh, sw, padding[0], padding[1], dilation[0], dilation[1],
+        sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw),
         BS=block_size, BM=cfg.BM, BK=cfg.BK, num_warps=cfg.warps, num_stages=cfg.stages)
     return _in_format(dx, memory_format)
 
@@ -435,6 +472,7 @@ def aot_cases(arch: int) -> list:
                     cfg.warps, cfg.stages))
             sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
                    "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+                   **_ints(["step_h", "step_w"]),
                    "BS": "constexpr", "BM": "constexpr", "BK": "constexpr"}
             cases.append(AotCase(f"conv_dgrad_bs{bs}_{dname}", _conv_dgrad_kernel, sig,
                                  {"BS": bs, "BM": cfg.BM, "BK": cfg.BK}, cfg.warps, cfg.stages))
