@@ -12,11 +12,11 @@ setup(
     packages=find_packages(include=["itop_kernels", "itop_kernels.*", "itop", "itop.*"]),
     # torch itself is installed first (see README): a bare `torch` requirement resolved by pip
     # on a machine without it would pull a multi-GB CUDA build.
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "mnist1d", "scikit-learn"],
     extras_require={
         # Triton runs the GPU kernels, and in tests its interpreter runs them on the CPU.
         "test": ["pytest", "hypothesis", "pytest-benchmark", "triton==3.8.0", "matplotlib"],
         "bench": ["matplotlib", "pytest-benchmark", "triton==3.8.0"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["itop=itop.cli:main"]},
 )

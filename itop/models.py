@@ -6,8 +6,8 @@ returns it; MNIST-1D is ``(1, 1, 40)``) and ``num_classes``, and returns logits.
 - ``mlp``: LeNet-300-100 (two hidden layers of 300 and 100 units) on the flattened input.
 - ``lenet5``: the Caffe LeNet-5 of the ITOP/SNIP code (conv 20, conv 50, 5×5 kernels without
   padding, max-pools, fc 500).
-- ``cnn1d``: a 1-D CNN for MNIST-1D (three strided convolutions of 32/64/64 channels with
-  batch norm, an fc hidden layer of 128), written with ``nn.Conv2d`` over ``(1, L)`` so that it
+- ``cnn1d``: a 1-D CNN for MNIST-1D (three strided convolutions of 64/128/128 channels with
+  batch norm, an fc hidden layer of 256), written with ``nn.Conv2d`` over ``(1, L)`` so that it
   sparsifies into :class:`itop.SparseConv2d`. Image inputs are read as ``(C, 1, H·W)``.
 - ``vgg-c`` / ``vgg-d`` / ``vgg-like``: the VGG-16 variants of the SNIP/ITOP code (batch
   norm; VGG-C has 1×1 convolutions as the third layer of the last three stages; C and D have a
@@ -129,7 +129,7 @@ class LeNet5(nn.Module):
 
 
 class CNN1D(nn.Module):
-    """A 1-D CNN (MNIST-1D): three convolutions along the sequence, batch norm, fc 128, fc out.
+    """A 1-D CNN (MNIST-1D): three convolutions along the sequence, batch norm, fc 256, fc out.
 
     The input ``[B, C, H, W]`` is read as ``C`` channels over a sequence of length ``H·W``.
     Convolutions are ``nn.Conv2d`` with ``(1, k)`` kernels, so :func:`itop.sparsify` turns them
@@ -137,13 +137,14 @@ class CNN1D(nn.Module):
 
     Args:
         in_shape, num_classes: as the other models.
-        channels: output channels of the three convolutions (default ``(32, 64, 64)``;
-            multiples of 16 so that block size 16 divides every conv but the first).
+        channels: output channels of the three convolutions (default ``(64, 128, 128)``;
+            multiples of 16 so that block size 16 divides every conv but the first, with
+            enough blocks per layer for block-16 DST at 90 % sparsity).
         hidden: width of the fc hidden layer.
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
-                 channels: Sequence[int] = (32, 64, 64), hidden: int = 128):
+                 channels: Sequence[int] = (64, 128, 128), hidden: int = 256):
         super().__init__()
         c, h, w = _check_shape(in_shape, num_classes)
         self.in_channels, self.length = c, h * w

@@ -1,0 +1,483 @@
+"""The training loop behind ``itop train``.
+
+SGD with Nesterov momentum and weight decay (the ITOP reference's optimizer), the paper's step
+schedule (learning rate ×0.1 after 1/2 and after 3/4 of all optimizer steps; ``multiplier``
+stretches training as in ITOP's extended runs, ``update_every`` stays the same), cross-entropy
+(label smoothing off by default), and a :class:`itop.TopologyManager` for the sparse runs:
+
+- ``dense``: no sparsification (ITOP rate reported as 1.0);
+- ``static``: sparsified, topology never changes (the manager runs with prune rate 0, so the
+  ITOP rate stays at the density);
+- otherwise dynamic sparse training with ``growth`` (``random`` = SET-ITOP, ``gradient`` =
+  RigL-ITOP).
+
+Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the loop joins
+a process group (``gloo`` on CPU, ``nccl`` on CUDA), wraps the model in
+``DistributedDataParallel``, shards every epoch with a ``DistributedSampler`` (``batch_size`` is
+the global batch, split over the ranks) and evaluates a shard of the test set per rank. Only
+rank 0 writes files and shows progress.
+
+Output directory (rank 0):
+
+- ``metrics.jsonl``: one JSON object per line: a ``config`` record, ``topology`` records (step
+  and ITOP rate after every topology update), one ``epoch`` record per epoch, and a ``final``
+  record (test accuracy, ITOP rate, FLOP fractions, wall time, per-layer table, a hash of every
+  rank's masks).
+- ``checkpoint.pt``: written after every epoch: model, optimizer, topology manager, grad scaler,
+  RNG states and the config. ``resume`` continues from it bit for bit on the CPU (the data order
+  is a function of the seed and the epoch; dropout/augmentation RNG states are saved).
+- PNG plots (see :mod:`itop.plots`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset, load_dataset, prepare_batch
+from .flops import flop_report, layer_flops
+from .layers import SparseLayer
+from .models import build_model
+from .sparsify import sparsify, sparsity_summary
+from .topology import TopologyManager
+
+__all__ = ["TrainConfig", "train", "lr_at", "read_metrics", "CHECKPOINT", "METRICS"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the ``itop train`` options)."""
+
+    model: str = "cnn1d"
+    data: str = "mnist1d"
+    data_dir: Optional[str] = None
+    density: float = 0.1
+    distribution: str = "erk"
+    block_size: int = 16
+    growth: str = "gradient"
+    prune_rate: float = 0.5
+    update_every: int = 20
+    dense: bool = False
+    static: bool = False
+    epochs: int = 50
+    multiplier: int = 1
+    batch_size: int = 100
+    test_batch_size: int = 500
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    seed: int = 17
+    device: str = "cpu"
+    amp: bool = False
+    compile: bool = False
+    threads: Optional[int] = None
+    out: str = ""
+    resume: Optional[str] = None
+    stop_after_epoch: Optional[int] = None
+    progress: bool = True
+    plots: bool = True
+
+    @property
+    def total_epochs(self) -> int:
+        """``epochs × multiplier``."""
+        return self.epochs * self.multiplier
+
+    @property
+    def method(self) -> str:
+        """``dense``, ``static``, ``set`` (random growth), ``rigl`` (gradient) or the growth."""
+        if self.dense:
+            return "dense"
+        if self.static:
+            return "static"
+        return {"random": "set", "gradient": "rigl"}.get(self.growth, self.growth)
+
+
+def lr_at(step: int, total_steps: int, base: float) -> float:
+    """The paper's schedule: ``base``, ×0.1 from step ``total/2`` on, ×0.01 from ``3·total/4``
+    (``step`` counts optimizer steps from 0)."""
+    lr = base
+    if step >= total_steps // 2:
+        lr *= 0.1
+    if step >= (3 * total_steps) // 4:
+        lr *= 0.1
+    return lr
+
+
+# ------------------------------------------------------------------------------ distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed(device: str) -> _Dist:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        owns = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), local, owns)
+
+
+def _all_sum(values: List[float], d: _Dist, device: torch.device) -> List[float]:
+    if not d.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------ helpers
+def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``, in order."""
+    path = os.path.join(run_dir, METRICS)
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_metrics(path: str, records: List[Dict[str, Any]]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _append(path: str, record: Dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def mask_hash(model: nn.Module) -> str:
+    """SHA-256 over the topology masks of the sparse layers (registration order)."""
+    h = hashlib.sha256()
+    for name, m in _unwrap(model).named_modules():
+        if isinstance(m, SparseLayer):
+            h.update(name.encode())
+            h.update(m.block_mask.detach().to("cpu", torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _pick_threads(cfg: TrainConfig, d: _Dist, n_params: int) -> None:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    elif d.active:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world))
+    elif n_params < 5_000_000:
+        # small models lose more to thread hand-offs than they gain (and the CPU is shared)
+        torch.set_num_threads(1)
+
+
+def _check_config(cfg: TrainConfig, d: _Dist) -> None:
+    if cfg.batch_size % d.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
+                         f"processes ({d.world})")
+    if cfg.dense and cfg.static:
+        raise ValueError("--dense and --static exclude each other")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+
+
+def _build(cfg: TrainConfig, ds: Dataset, device: torch.device, d: _Dist) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, ds.in_shape, ds.num_classes)
+    if not cfg.dense:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = sparsify(model, cfg.density, distribution=cfg.distribution,
+                             block_size=cfg.block_size)
+        if d.main:
+            for w in caught:
+                print(f"note: {w.message}")
+        if not any(isinstance(m, SparseLayer) for m in model.modules()):
+            raise ValueError(f"--block-size {cfg.block_size} leaves no layer of {cfg.model} "
+                             "sparse; pick a block size that divides its channel counts")
+    return model.to(device)
+
+
+def _batches(n: int, bs: int, sampler, drop_last: bool) -> List[torch.Tensor]:
+    idx = torch.tensor(list(iter(sampler)), dtype=torch.long)
+    stop = (len(idx) // bs) * bs if drop_last else len(idx)
+    return [idx[i:i + bs] for i in range(0, stop, bs)]
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, ds: Dataset, cfg: TrainConfig, device: torch.device,
+              d: _Dist, amp_dtype) -> Tuple[float, float]:
+    """(mean loss, accuracy) on the test set; each rank evaluates the samples ``rank::world``."""
+    model.eval()
+    idx = torch.arange(d.rank, len(ds.test_x), d.world)
+    loss_sum = correct = 0.0
+    for i in range(0, len(idx), cfg.test_batch_size):
+        b = idx[i:i + cfg.test_batch_size]
+        x = prepare_batch(ds, ds.test_x[b], train=False, device=device)
+        y = ds.test_y[b].to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            out = model(x)
+        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        correct += float((out.argmax(1) == y).sum())
+    loss_sum, correct = _all_sum([loss_sum, correct], d, device)
+    model.train()
+    n = len(ds.test_x)
+    return loss_sum / n, correct / n
+
+
+def _rng_state(device: torch.device) -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _resume_path(cfg: TrainConfig) -> str:
+    p = cfg.resume
+    if p in ("", "auto", None):
+        p = cfg.out
+    if os.path.isdir(p):
+        p = os.path.join(p, CHECKPOINT)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"--resume: no checkpoint at {p}")
+    return p
+
+
+# ------------------------------------------------------------------------------ main loop
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run training as configured; returns the ``final`` record (also written to
+    ``metrics.jsonl`` by rank 0).
+
+    Raises:
+        ValueError: inconsistent settings. FileNotFoundError: ``resume`` without a checkpoint.
+        itop.data.DataError: the data cannot be loaded.
+    """
+    t_start = time.time()
+    d = _init_distributed(cfg.device)
+    try:
+        return _train(cfg, d, t_start)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
+    _check_config(cfg, d)
+    if cfg.device.startswith("cuda") and d.active:
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(cfg.device)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    # data: rank 0 first (it may generate and cache the data set), then the others
+    if d.main:
+        ds = load_dataset(cfg.data, cfg.data_dir)
+    if d.active:
+        dist.barrier()
+    if not d.main:
+        ds = load_dataset(cfg.data, cfg.data_dir)
+
+    model = _build(cfg, ds, device, d)
+    _pick_threads(cfg, d, sum(p.numel() for p in model.parameters()))
+    net: nn.Module = model
+    if d.active:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+
+    per_rank_bs = cfg.batch_size // d.world
+    sampler = torch.utils.data.DistributedSampler(
+        range(len(ds.train_x)), num_replicas=d.world, rank=d.rank, shuffle=True,
+        seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // per_rank_bs
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set "
+                         f"({len(ds.train_x)} samples)")
+    total_steps = steps_per_epoch * cfg.total_epochs
+
+    mgr: Optional[TopologyManager] = None
+    if not cfg.dense:
+        mgr = TopologyManager(net, opt, update_every=cfg.update_every,
+                              prune_rate=0.0 if cfg.static else cfg.prune_rate,
+                              total_steps=total_steps,
+                              growth="random" if cfg.static else cfg.growth,
+                              seed=cfg.seed, grad_scaler=scaler)
+    fwd = torch.compile(net) if cfg.compile else net
+
+    if d.main:
+        os.makedirs(cfg.out, exist_ok=True)
+    metrics_path = os.path.join(cfg.out, METRICS)
+    ckpt_path = os.path.join(cfg.out, CHECKPOINT)
+    start_epoch, step, dense_grad_steps, train_time = 0, 0, 0, 0.0
+    if cfg.resume is not None:
+        ck = torch.load(_resume_path(cfg), map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if mgr is not None:
+            mgr.load_state_dict(ck["topology"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch, step = ck["epoch"], ck["step"]
+        dense_grad_steps, train_time = ck["dense_grad_steps"], ck["train_time"]
+        _set_rng_state(ck["rng"], device)
+        if d.main:
+            kept = [r for r in read_metrics(cfg.out)
+                    if r["type"] == "config" or
+                    (r["type"] == "epoch" and r["epoch"] <= start_epoch) or
+                    (r["type"] == "topology" and r["step"] <= step)]
+            _write_metrics(metrics_path, kept)
+    elif d.main:
+        cfg_rec = {"type": "config", **dataclasses.asdict(cfg), "world_size": d.world,
+                   "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                   "in_shape": list(ds.in_shape), "num_classes": ds.num_classes,
+                   "torch": torch.__version__}
+        _write_metrics(metrics_path, [cfg_rec])
+        if mgr is not None:
+            _append(metrics_path, {"type": "topology", "step": 0, "itop_rate": mgr.itop_rate})
+
+    grows_dense = mgr is not None and not cfg.static and cfg.growth in ("gradient", "momentum")
+
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, disable=not (d.main and cfg.progress),
+               desc=f"{cfg.method} {cfg.model}/{cfg.data}", unit="step", dynamic_ncols=True,
+               leave=False)
+    aug = torch.Generator()
+    net.train()
+    test_loss = test_acc = float("nan")
+    last_epoch = start_epoch
+    for epoch in range(start_epoch, cfg.total_epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        aug.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + d.rank)
+        loss_sum = correct = seen = 0.0
+        for b in _batches(len(ds.train_x), per_rank_bs, sampler, drop_last=True):
+            x = prepare_batch(ds, ds.train_x[b], train=True, device=device, generator=aug)
+            y = ds.train_y[b].to(device)
+            lr = lr_at(step, total_steps, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                out = fwd(x)
+                loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            step += 1
+            if mgr is not None:
+                if grows_dense and (cfg.growth == "momentum" or mgr.is_update_step(step)):
+                    dense_grad_steps += 1
+                if mgr.step() and d.main:
+                    _append(metrics_path, {"type": "topology", "step": step,
+                                           "itop_rate": mgr.itop_rate})
+            loss_sum += float(loss.detach()) * len(b)
+            correct += float((out.detach().argmax(1) == y).sum())
+            seen += len(b)
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.3g}")
+        loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], d, device)
+        test_loss, test_acc = _evaluate(fwd, ds, cfg, device, d, amp_dtype)
+        train_time += time.time() - t0
+        last_epoch = epoch + 1
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", test_acc=f"{100 * test_acc:.1f}%")
+        if d.main:
+            _append(metrics_path, {
+                "type": "epoch", "epoch": epoch + 1, "step": step, "lr": lr,
+                "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                "test_loss": test_loss, "test_acc": test_acc,
+                "itop_rate": mgr.itop_rate if mgr is not None else 1.0,
+                "epoch_time": time.time() - t0})
+            ck = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                  "topology": mgr.state_dict() if mgr is not None else None,
+                  "scaler": scaler.state_dict() if scaler is not None else None,
+                  "epoch": epoch + 1, "step": step, "dense_grad_steps": dense_grad_steps,
+                  "train_time": train_time, "rng": _rng_state(device),
+                  "config": dataclasses.asdict(cfg)}
+            torch.save(ck, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+        if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
+            break
+    bar.close()
+
+    hashes = [mask_hash(model)]
+    if d.active:
+        gathered: List[Optional[str]] = [None] * d.world
+        dist.all_gather_object(gathered, hashes[0])
+        hashes = [str(h) for h in gathered]
+    flops = flop_report(layer_flops(model, ds.in_shape, device), step, dense_grad_steps)
+    summary = sparsity_summary(model)  # sparse and dense linear/conv layers
+    if mgr is not None:
+        rates = mgr.layer_itop_rates()
+        for r in summary.rows:
+            if r["name"] in rates:
+                r["itop_rate"] = rates[r["name"]]
+    final = {
+        "type": "final", "method": cfg.method, "epochs_done": last_epoch,
+        "finished": last_epoch >= cfg.total_epochs, "steps": step,
+        "test_acc": test_acc, "test_loss": test_loss,
+        "itop_rate": mgr.itop_rate if mgr is not None else 1.0,
+        "density": summary.sparse_density if mgr is not None else 1.0,
+        "overall_density": summary.overall_density if mgr is not None else 1.0,
+        "training_flop_fraction": flops.training_fraction,
+        "inference_flop_fraction": flops.inference_fraction,
+        "dense_forward_flops": flops.dense_forward,
+        "dense_grad_steps": dense_grad_steps,
+        "wall_time": time.time() - t_start, "train_time": train_time,
+        "layers": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()}
+                   for r in summary.rows],
+        "mask_hashes": hashes, "world_size": d.world,
+    }
+    if d.main:
+        _append(metrics_path, final)
+        if cfg.plots:
+            from .plots import render_plots
+            render_plots(cfg.out)
+    return final
