@@ -13,8 +13,9 @@ each as ``fwd``, ``bwd`` (gradients of x and the weight, from a retained graph) 
   and 1×1 convolutions of ResNet-50 on ImageNet (batch 64) and the convolutions of VGG-16 and
   ResNet-34 on CIFAR (batch 128); block sizes 16/32/64; several densities. The JSON also gives
   each time as a fraction of the roofline floor ``max(FLOPs / peak, bytes / bandwidth)``.
-- CPU: fp32, channels-last, median of ``--repeats`` wall-clock runs after a warm-up, a much
-  smaller sweep with reduced batches, including the CPU target of issue 3 (batch 16,
+- CPU: fp32, channels-last, median of ``--repeats`` wall-clock runs after a warm-up, the three
+  methods interleaved within each repetition (and dense re-timed for every row) so that they
+  share the load of a shared machine; a much smaller sweep with reduced batches, including the CPU target of issue 3 (batch 16,
   256→256, 3×3, 32×32, block 16: faster than dense at density 0.10, ≥ 3× at 0.02).
 
 Writes the raw times with the device, versions, git commit and argv to
@@ -175,6 +176,40 @@ def time_three(make_output, leaves: list, device: torch.device, repeats: int) ->
     return {k: v[0] for k, v in res.items()}, {k: v[1] for k, v in res.items()}
 
 
+def time_interleaved(methods: dict, repeats: int) -> tuple:
+    """CPU: fwd, bwd and fwd+bwd of several methods ``{name: (make_output, leaves)}``, run in
+    turn within each repetition so that they share the machine's conditions (the development
+    machine is shared). Returns ``({name: {mode: median s}}, {name: {mode: [samples]}})``."""
+    state = {}
+    for name, (make, leaves) in methods.items():
+        y = make()
+        state[name] = (make, leaves, y, torch.randn_like(y))
+
+    def run(mode, make, y, dy):
+        if mode == "fwd":
+            with torch.no_grad():
+                make()
+        elif mode == "bwd":
+            y.backward(dy, retain_graph=True)
+        else:
+            make().backward(dy)
+
+    raw = {name: {} for name in methods}
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        for name in methods:
+            raw[name][mode] = []
+        for i in range(repeats + 1):
+            for name, (make, leaves, y, dy) in state.items():
+                for g in leaves:
+                    g.grad = None
+                t0 = time.perf_counter()
+                run(mode, make, y, dy)
+                if i:  # the first round warms up
+                    raw[name][mode].append(time.perf_counter() - t0)
+    med = {name: {mode: statistics.median(v) for mode, v in r.items()} for name, r in raw.items()}
+    return med, raw
+
+
 def random_mask(R: int, C: int, density: float, gen: torch.Generator) -> torch.Tensor:
     """Exactly ``max(1, round(density·R·C))`` active blocks, uniformly at random."""
     k = max(1, min(R * C, round(density * R * C)))
@@ -208,8 +243,9 @@ def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, me
                / math.sqrt(layer.cin * layer.k ** 2)).to(device=device, dtype=dtype)
     w_param = w_dense.clone().contiguous(memory_format=memory_format).requires_grad_()
     conv = dict(stride=layer.stride, padding=layer.padding)
-    dense, dense_raw = time_three(lambda: F.conv2d(x, w_param, **conv), [x, w_param], device,
-                                  repeats)
+    dense_fn = (lambda: F.conv2d(x, w_param, **conv), [x, w_param])
+    if device.type == "cuda":  # the GPU is ours alone: time dense once per layer
+        dense, dense_raw = time_three(*dense_fn, device, repeats)
     elem = torch.finfo(dtype).bits // 8
     for bs in block_sizes:
         if layer.cin % bs or layer.cout % bs:
@@ -220,10 +256,16 @@ def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, me
             mask = random_mask(R, C, density, gen).to(device)
             layout = BlockLayout.from_mask(mask, bs)
             values = layout.gather(w_dense).requires_grad_()
-            masked, masked_raw = time_three(lambda: F.conv2d(x, layout.scatter(values), **conv),
-                                            [x, values], device, repeats)
-            ours, ours_raw = time_three(lambda: block_sparse_conv2d(x, values, layout, **conv),
-                                        [x, values], device, repeats)
+            masked_fn = (lambda: F.conv2d(x, layout.scatter(values), **conv), [x, values])
+            ours_fn = (lambda: block_sparse_conv2d(x, values, layout, **conv), [x, values])
+            if device.type == "cuda":
+                masked, masked_raw = time_three(*masked_fn, device, repeats)
+                ours, ours_raw = time_three(*ours_fn, device, repeats)
+            else:  # CPU: all three interleaved, dense again for every row
+                med, raw = time_interleaved({"dense": dense_fn, "masked": masked_fn,
+                                             "ours": ours_fn}, repeats)
+                dense, masked, ours = med["dense"], med["masked"], med["ours"]
+                dense_raw, masked_raw, ours_raw = raw["dense"], raw["masked"], raw["ours"]
             row = {**asdict(layer), "padding": layer.padding, "out_hw": layer.out_hw,
                    "block_size": bs, "density": layout.density, "nnz": layout.nnz,
                    "dense_s": dense, "masked_s": masked, "ours_s": ours,

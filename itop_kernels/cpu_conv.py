@@ -85,6 +85,12 @@ class _ChannelBlocks:
         return self.data[:, c]
 
 
+def _concat_channels(pieces: list, memory_format: torch.memory_format) -> torch.Tensor:
+    """``[N, c_i, H, W]`` pieces -> ``[N, Σc_i, H, W]`` in ``memory_format``, one copy."""
+    out = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
+    return out.contiguous(memory_format=memory_format)
+
+
 def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                  col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
                  out_channels: int, stride: Sequence[int], padding: Sequence[int],
@@ -102,30 +108,30 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     R = out_channels // bs
     ct = _compute_dtype(x.dtype)
     xb = _ChannelBlocks(x, ct, bs)
-    v = values.to(ct)
+    # [nnz, kh, kw, bs_o, bs_i] -> [bs_o, nnz, bs_i, kh, kw], once: the compact weight of
+    # block-row r is then the view w_all[:, lo:hi] -> [bs, cnt·bs, kh, kw].
+    w_all = values.to(ct).permute(3, 0, 4, 1, 2).contiguous()
     b = bias.to(ct) if bias is not None else None
-    out = torch.empty(N, out_channels, Ho, Wo, dtype=ct, memory_format=output_memory_format(x))
+    mf = output_memory_format(x)
     rp = row_ptr.tolist()
+    pieces = []                                                    # [N, bs, Ho, Wo] per row
+    zeros = None
     for r in range(R):
         lo, hi = rp[r], rp[r + 1]
         ch = slice(r * bs, (r + 1) * bs)
         if lo == hi:  # an empty block-row: only the bias
-            out[:, ch] = 0 if b is None else b[ch].view(bs, 1, 1)
+            if zeros is None:
+                zeros = torch.empty(N, bs, Ho, Wo, dtype=ct, memory_format=mf).zero_()
+            pieces.append(zeros if b is None else zeros + b[ch].view(bs, 1, 1))
             continue
         xg = xb.take(col_idx[lo:hi])                               # [N, cnt·bs, H, W]
-        # [cnt, kh, kw, bs_o, bs_i] -> [bs_o, cnt, bs_i, kh, kw] -> [bs, cnt·bs, kh, kw]
-        w_row = v[lo:hi].permute(3, 0, 4, 1, 2).reshape(bs, (hi - lo) * bs, kh, kw)
-        y_r = torch.nn.functional.conv2d(xg, w_row, None if b is None else b[ch],
-                                         stride, padding, dilation)
-        out[:, ch] = y_r
+        w_row = w_all[:, lo:hi].reshape(bs, (hi - lo) * bs, kh, kw)  # a view
+        pieces.append(torch.nn.functional.conv2d(xg, w_row, None if b is None else b[ch],
+                                                 stride, padding, dilation))
+    # One concatenation, not one strided copy per row: on a loaded machine every parallel
+    # region costs a scheduler slice, so the number of ops matters more than their size.
+    out = _concat_channels(pieces, mf)
     return out.to(x.dtype)
-
-
-def _column_weight(v_t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Compact weight of block-column ``c`` (blocks ``v_t[lo:hi]`` in column-major order):
-    ``[cnt, kh, kw, bs_o, bs_i] -> [cnt·bs_o, bs_i, kh, kw]``."""
-    cnt, kh, kw, bs, _ = v_t[lo:hi].shape
-    return v_t[lo:hi].permute(0, 3, 4, 1, 2).reshape(cnt * bs, bs, kh, kw)
 
 
 def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor,
@@ -140,25 +146,29 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     kh, kw = values.shape[1:3]
     ct = _compute_dtype(dy.dtype)
     dyb = _ChannelBlocks(dy, ct, bs)
-    v_t = values.to(ct).index_select(0, t_block_idx)       # blocks in column-major order
+    # Blocks in column-major order as [nnz, bs_o, bs_i, kh, kw], once: the compact weight of
+    # block-column c is then the view v_t[lo:hi] -> [cnt·bs_o, bs_i, kh, kw].
+    v_t = values.to(ct).index_select(0, t_block_idx).permute(0, 3, 4, 1, 2).contiguous()
     mf = output_memory_format(dy)
-    dx = torch.empty(N, Cin, H, W, dtype=ct, memory_format=mf)
+    pieces = []                                                    # [N, bs, H, W] per column
+    zeros = None
     # convolution_backward reads only the shape and memory format of the input it is given
     # (an uninitialized buffer: allocating it touches no memory).
     shape_only = torch.empty(N, bs, H, W, dtype=ct, memory_format=mf)
     cp = col_ptr.tolist()
     for c in range(C):
         lo, hi = cp[c], cp[c + 1]
-        ch = slice(c * bs, (c + 1) * bs)
         if lo == hi:  # no active block in this column: no gradient reaches these channels
-            dx[:, ch] = 0
+            if zeros is None:
+                zeros = torch.empty(N, bs, H, W, dtype=ct, memory_format=mf).zero_()
+            pieces.append(zeros)
             continue
         dyg = dyb.take(t_row_idx[lo:hi])                           # [N, cnt·bs, Ho, Wo]
         dx_c, _, _ = torch.ops.aten.convolution_backward(
-            dyg, shape_only, _column_weight(v_t, lo, hi), None, stride, padding, dilation,
+            dyg, shape_only, v_t[lo:hi].view(-1, bs, kh, kw), None, stride, padding, dilation,
             False, [0, 0], 1, [True, False, False])
-        dx[:, ch] = dx_c
-    return dx.to(dy.dtype)
+        pieces.append(dx_c)
+    return _concat_channels(pieces, mf).to(dy.dtype)
 
 
 def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, col_ptr: torch.Tensor,
