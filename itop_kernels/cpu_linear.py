@@ -1,8 +1,29 @@
-"""CPU implementation of the block-sparse linear ops. It touches only the active blocks.
+"""CPU implementation of the block-sparse linear ops. It touches only the active weights.
 
-Each function loops over block-rows (or block-columns) of the layout, never over blocks, and
-runs one dense GEMM per block-row over the gathered operand, so all arithmetic goes through
-torch's BLAS and its intra-op thread pool. No dense weight is ever formed.
+Two paths, chosen by the block size:
+
+* ``block_size >= 2`` (block-sparse). The operand blocks that a block-row (forward) or a
+  block-column (backward) needs are gathered *once per call* for all rows, in one
+  ``index_select`` into a reused workspace: ``X`` by the layout's ``col_idx`` (row-major block
+  order) and ``dY`` by ``t_row_idx`` (column-major order). Every block-row (block-column) is then
+  one BLAS GEMM that reads its slice of the gathered operand in place (a strided view, no copy)
+  and writes straight into its column slab of the row-major output (again a strided view), so
+  there are no transposes of ``X``, ``dY``, ``Y`` or ``dX``. The backward computes ``dX`` and
+  ``dW`` in the same loop over block-columns from one gather of ``dY``; ``dW`` reads the column
+  slab of ``X`` in place.
+* ``block_size == 1`` (unstructured). ``W`` is a CSR matrix built zero-copy from the layout's
+  ``row_ptr``/``col_idx`` (int32, which MKL takes without conversion) and ``values.view(-1)``;
+  ``Wᵀ`` is the CSR of the transpose metadata (``col_ptr``/``t_row_idx``) with the values
+  re-gathered through ``t_block_idx`` each call (``W`` changes every step). ``Y`` and ``dX`` are
+  MKL sparse-dense products (``torch.mm`` on CSR), ``dW`` at the nonzeros is
+  ``torch.sparse.sampled_addmm``. The dense operands are handed to them in the row-major
+  ``[features, batch]`` layout they are fastest with, transposed into reused workspaces. No
+  dense weight and no mask multiply anywhere.
+
+All arithmetic runs in torch's BLAS / sparse kernels, so it uses torch's intra-op thread pool and
+scales with ``torch.set_num_threads``. Workspaces (the gathered operands, transposes) are kept
+per thread and reused across calls, because fresh multi-megabyte allocations page-fault on every
+call; :func:`release_workspace` frees them. Outputs are always fresh tensors.
 
 Shapes (``R``/``C`` block-rows/columns, ``bs`` the block size, ``N = R*bs``, ``K = C*bs``):
 ``x [M, K]``, ``values [nnz, bs, bs]``, ``dy [M, N]``. float16/bfloat16 inputs are computed in
@@ -10,40 +31,212 @@ float32 and rounded once at the end; float32 and float64 compute in their own pr
 """
 from __future__ import annotations
 
-from typing import Optional
+import threading
+import warnings
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["linear_forward", "linear_grad_input", "linear_grad_weight"]
+__all__ = ["linear_forward", "linear_grad_input", "linear_grad_weight", "linear_backward",
+           "release_workspace"]
+
+_WS = threading.local()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _workspace(slot: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reusable scratch tensor of ``shape`` (contents undefined), one buffer per slot/thread."""
+    n = 1
+    for s in shape:
+        n *= s
+    bufs = getattr(_WS, "bufs", None)
+    if bufs is None:
+        bufs = _WS.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype)
+        bufs[slot] = buf
+    return buf[:n].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers (they are re-created on the next call)."""
+    _WS.bufs = {}
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, vals: torch.Tensor, shape) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": said once is enough
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=False)
+
+
+def _fill_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    if bias is None:
+        out.zero_()
+    else:
+        out.copy_(bias.expand_as(out))
+
+
+# =========================================================================== block size >= 2
+def _block_forward(x, values, row_ptr, col_idx, bias, bs, N, ct):
+    M, K = x.shape
+    R, C = N // bs, K // bs
+    nnz = values.shape[0]
+    y = torch.empty(M, N, dtype=ct)
+    b = bias.to(ct) if bias is not None else None
+    if nnz == 0 or M == 0:
+        _fill_bias(y, b)
+        return y
+    xg = _workspace("gather", (M, nnz, bs), ct)          # xg[:, i] = X[:, col_idx[i] block]
+    torch.index_select(x.to(ct).view(M, C, bs), 1, col_idx, out=xg)
+    vt = values.to(ct).transpose(1, 2).contiguous()       # [nnz, bs_in, bs_out]
+    rp = row_ptr.tolist()
+    for r in range(R):
+        a, e = rp[r], rp[r + 1]
+        ys = y[:, r * bs:(r + 1) * bs]                     # strided [M, bs] view of Y
+        if a == e:
+            _fill_bias(ys, None if b is None else b[r * bs:(r + 1) * bs])
+            continue
+        # Y[:, r] = [X_c0 | X_c1 | ...] (M × k·bs) @ [V_0ᵀ; V_1ᵀ; ...] (k·bs × bs)
+        lhs = xg[:, a:e].reshape(M, (e - a) * bs)
+        rhs = vt[a:e].view((e - a) * bs, bs)
+        if b is None:
+            torch.mm(lhs, rhs, out=ys)
+        else:
+            torch.addmm(b[r * bs:(r + 1) * bs], lhs, rhs, out=ys)
+    return y
+
+
+def _block_backward(dy, x, values, col_ptr, t_row_idx, t_block_idx, bs, K, need_dx, need_dv, ct):
+    M, N = dy.shape
+    R, C = N // bs, K // bs
+    nnz = values.shape[0]
+    dx = torch.empty(M, K, dtype=ct) if need_dx else None
+    dv_t = torch.empty(nnz, bs, bs, dtype=ct) if need_dv else None
+    if nnz == 0 or M == 0:
+        if need_dx:
+            dx.zero_()
+        if need_dv:
+            dv_t.zero_()
+        return dx, dv_t
+    dyg = _workspace("gather", (M, nnz, bs), ct)         # dyg[:, k] = dY[:, t_row_idx[k] block]
+    torch.index_select(dy.to(ct).view(M, R, bs), 1, t_row_idx, out=dyg)
+    if need_dx:
+        vc = values.to(ct).index_select(0, t_block_idx)    # column-major order [nnz, out, in]
+    if need_dv:
+        xc = x.to(ct)
+    cp = col_ptr.tolist()
+    for c in range(C):
+        a, e = cp[c], cp[c + 1]
+        if a == e:
+            if need_dx:
+                dx[:, c * bs:(c + 1) * bs].zero_()
+            continue
+        g = dyg[:, a:e].reshape(M, (e - a) * bs)          # [dY_r0 | dY_r1 | ...]  (M × k·bs)
+        if need_dx:   # dX[:, c] = g @ [V_0; V_1; ...]  (k·bs × bs)
+            torch.mm(g, vc[a:e].view((e - a) * bs, bs), out=dx[:, c * bs:(c + 1) * bs])
+        if need_dv:   # [dV_0; dV_1; ...] = gᵀ @ X[:, c]  (k·bs × bs)
+            torch.mm(g.t(), xc[:, c * bs:(c + 1) * bs], out=dv_t[a:e].view((e - a) * bs, bs))
+    dv = None
+    if need_dv:   # column-major -> row-major (values) order
+        dv = torch.empty_like(dv_t).index_copy_(0, t_block_idx.long(), dv_t)
+    return dx, dv
+
+
+# =========================================================================== block size 1 (CSR)
+def _rows_of_t(a: torch.Tensor, slot: str) -> torch.Tensor:
+    """``aᵀ`` as a row-major tensor: a free view when ``a`` is already a transposed view (the
+    layout this path returns), else a copy into a reused workspace."""
+    at = a.t()
+    if at.is_contiguous():
+        return at
+    ws = _workspace(slot, tuple(at.shape), a.dtype)
+    ws.copy_(at)
+    return ws
+
+
+def _csr_forward(x, values, row_ptr, col_idx, bias, N, ct):
+    """Returns ``Y`` as the transposed view of a fresh row-major ``Yᵀ [N, M]``."""
+    M, K = x.shape
+    yt = torch.empty(N, M, dtype=ct)
+    b = bias.to(ct) if bias is not None else None
+    if values.shape[0] == 0 or M == 0:
+        _fill_bias(yt, None if b is None else b[:, None])
+        return yt.t()
+    w = _csr(row_ptr, col_idx, values.to(ct).reshape(-1), (N, K))
+    xt = _rows_of_t(x.to(ct), "xt")                        # Xᵀ, row-major [K, M]
+    if b is None:
+        yt.addmm_(w, xt, beta=0)     # Yᵀ = W · Xᵀ (MKL CSR × dense; beta=0: yt is not read)
+    else:
+        yt.copy_(b[:, None].expand(N, M))
+        yt.addmm_(w, xt)
+    return yt.t()
+
+
+def _csr_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx, t_block_idx, K,
+                  need_dx, need_dv, ct):
+    """``dX`` comes back as the transposed view of a fresh row-major ``dXᵀ [K, M]``."""
+    M, N = dy.shape
+    nnz = values.shape[0]
+    dx = dv = None
+    if nnz == 0 or M == 0:
+        if need_dx:
+            dx = torch.zeros(K, M, dtype=ct).t()
+        if need_dv:
+            dv = torch.zeros(nnz, 1, 1, dtype=ct)
+        return dx, dv
+    dyt = _rows_of_t(dy.to(ct), "dyt")                     # dYᵀ, row-major [N, M]
+    if need_dx:
+        vflat = values.to(ct).reshape(-1)
+        wt = _csr(col_ptr, t_row_idx, vflat.index_select(0, t_block_idx), (K, N))
+        dxt = torch.empty(K, M, dtype=ct)
+        dxt.addmm_(wt, dyt, beta=0)                        # dXᵀ = Wᵀ · dYᵀ
+        dx = dxt.t()
+    if need_dv:
+        xt = _rows_of_t(x.to(ct), "xt")
+        pattern = _csr(row_ptr, col_idx, torch.zeros(nnz, dtype=ct), (N, K))
+        # dW[i, j] = dYᵀ[i] · Xᵀ[j] at the nonzeros only (mat2 = Xᵀ.t() is read row-wise in place)
+        dv = torch.sparse.sampled_addmm(pattern, dyt, xt.t(), beta=0.0).values().view(nnz, 1, 1)
+    return dx, dv
+
+
+# =========================================================================== entry points
 def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                    col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
                    out_features: int) -> torch.Tensor:
     """``Y = X·Wᵀ (+ bias)``: ``x [M, K]``, ``values [nnz, bs, bs]`` -> ``[M, N]`` in x's dtype."""
-    bs = block_size
-    M, K = x.shape
-    R, C = out_features // bs, K // bs
     ct = _compute_dtype(x.dtype)
-    xt = x.t().to(ct).contiguous().view(C, bs, M)          # block-column c of X is xt[c]: [bs, M]
-    v = values.to(ct)
-    yt = torch.zeros(R, bs, M, dtype=ct)                    # Yᵀ, one [bs, M] slab per block-row
-    rp = row_ptr.tolist()
-    for r in range(R):
-        a, b = rp[r], rp[r + 1]
-        if a == b:
-            continue
-        # Yᵀ[r] = [V_a | V_a+1 | ...]  (bs × (b-a)·bs)  @  stack(xt[col])  ((b-a)·bs × M)
-        v_row = v[a:b].permute(1, 0, 2).reshape(bs, (b - a) * bs)
-        torch.mm(v_row, xt.index_select(0, col_idx[a:b]).view(-1, M), out=yt[r])
-    y = yt.view(R * bs, M).t()
-    if bias is not None:
-        y = y + bias.to(ct)
-    return y.to(x.dtype).contiguous()
+    if block_size == 1:
+        y = _csr_forward(x, values.contiguous(), row_ptr, col_idx, bias, out_features, ct)
+    else:
+        y = _block_forward(x.contiguous(), values, row_ptr, col_idx, bias, block_size,
+                           out_features, ct)
+    return y.to(x.dtype)
+
+
+def linear_backward(dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor,
+                    row_ptr: torch.Tensor, col_idx: torch.Tensor, col_ptr: torch.Tensor,
+                    t_row_idx: torch.Tensor, t_block_idx: torch.Tensor, block_size: int,
+                    need_dx: bool = True, need_dv: bool = True
+                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dX, dV)`` from one pass over ``dY`` (either may be skipped: ``None`` is returned).
+
+    ``dX = dY·W`` is ``[M, K]`` in dy's dtype; ``dV`` holds ``dW`` at the active blocks only,
+    ``[nnz, bs, bs]`` in the layout's row-major block order.
+    """
+    ct = _compute_dtype(dy.dtype)
+    K = x.shape[1]
+    if block_size == 1:
+        dx, dv = _csr_backward(dy, x, values.contiguous(), row_ptr, col_idx, col_ptr, t_row_idx,
+                               t_block_idx, K, need_dx, need_dv, ct)
+    else:
+        dx, dv = _block_backward(dy.contiguous(), x.contiguous(), values, col_ptr, t_row_idx,
+                                 t_block_idx, block_size, K, need_dx, need_dv, ct)
+    return (dx.to(dy.dtype) if dx is not None else None,
+            dv.to(dy.dtype) if dv is not None else None)
 
 
 def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor,
@@ -51,52 +244,33 @@ def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Ten
                       in_features: int, dyt: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dX = dY·W`` through the transpose metadata: ``dy [M, N]`` -> ``[M, K]`` in dy's dtype.
 
-    ``dyt``, if given, is ``dyᵀ`` already laid out as ``[R, bs, M]`` in the compute dtype.
+    ``dyt`` is accepted for backward compatibility and ignored.
     """
-    bs = block_size
-    M, N = dy.shape
-    R, C = N // bs, in_features // bs
+    x_stub = dy.new_empty((0, in_features))  # only its width is read when dV is not needed
     ct = _compute_dtype(dy.dtype)
-    if dyt is None:
-        dyt = dy.t().to(ct).contiguous().view(R, bs, M)
-    v_t = values.to(ct).index_select(0, t_block_idx)       # values in column-major block order
-    dxt = torch.zeros(C, bs, M, dtype=ct)
-    cp = col_ptr.tolist()
-    for c in range(C):
-        a, b = cp[c], cp[c + 1]
-        if a == b:
-            continue
-        # dXᵀ[c] = [V_aᵀ | V_a+1ᵀ | ...]  (bs × (b-a)·bs)  @  stack(dyt[row])  ((b-a)·bs × M)
-        v_col = v_t[a:b].permute(2, 0, 1).reshape(bs, (b - a) * bs)
-        torch.mm(v_col, dyt.index_select(0, t_row_idx[a:b]).view(-1, M), out=dxt[c])
-    return dxt.view(C * bs, M).t().to(dy.dtype).contiguous()
+    if block_size == 1:
+        empty = col_ptr.new_empty(0)
+        dx, _ = _csr_backward(dy, x_stub, values.contiguous(), empty, empty, col_ptr, t_row_idx,
+                              t_block_idx, in_features, True, False, ct)
+    else:
+        dx, _ = _block_backward(dy.contiguous(), x_stub, values, col_ptr, t_row_idx,
+                                t_block_idx, block_size, in_features, True, False, ct)
+    return dx.to(dy.dtype)
 
 
 def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, col_ptr: torch.Tensor,
                        t_row_idx: torch.Tensor, t_block_idx: torch.Tensor, block_size: int,
-                       dyt: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       dyt: Optional[torch.Tensor] = None, *, row_ptr: Optional[torch.Tensor] = None,
+                       col_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dW`` at the active blocks only: ``dV[i] = dY[:, r_i]ᵀ · X[:, c_i]`` -> ``[nnz, bs, bs]``.
 
-    Walks block-columns so that each column slice of ``X`` is read in place (no gather of X).
+    Block size 1 also needs the row-wise CSR (``row_ptr``, ``col_idx``). ``dyt`` is ignored.
     """
-    bs = block_size
-    M, N = dy.shape
-    K = x.shape[1]
-    R, C = N // bs, K // bs
-    ct = _compute_dtype(dy.dtype)
-    if dyt is None:
-        dyt = dy.t().to(ct).contiguous().view(R, bs, M)
-    xc = x.to(ct)
+    if block_size == 1 and (row_ptr is None or col_idx is None):
+        raise ValueError("linear_grad_weight at block_size=1 needs row_ptr and col_idx")
     nnz = t_row_idx.numel()
-    dv_t = torch.empty(nnz, bs, bs, dtype=ct)               # gradients in column-major order
-    cp = col_ptr.tolist()
-    for c in range(C):
-        a, b = cp[c], cp[c + 1]
-        if a == b:
-            continue
-        # [dV_a; dV_a+1; ...]  ((b-a)·bs × bs) = stack(dyt[row]) @ X[:, c·bs:(c+1)·bs]
-        torch.mm(dyt.index_select(0, t_row_idx[a:b]).view(-1, M), xc[:, c * bs:(c + 1) * bs],
-                 out=dv_t[a:b].view(-1, bs))
-    dv = torch.empty_like(dv_t)
-    dv[t_block_idx.long()] = dv_t                            # back to row-major (values) order
-    return dv.to(dy.dtype)
+    values_stub = dy.new_empty((nnz, block_size, block_size))  # only its shape is read
+    _, dv = linear_backward(dy, x, values_stub, row_ptr if row_ptr is not None else col_ptr,
+                            col_idx if col_idx is not None else t_row_idx, col_ptr, t_row_idx,
+                            t_block_idx, block_size, need_dx=False, need_dv=True)
+    return dv

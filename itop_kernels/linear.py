@@ -6,13 +6,15 @@ them without a graph break and AMP casts their inputs:
 - ``itop_kernels::bsl_forward``     ``Y = X·Wᵀ + b``          ``[M, K] -> [M, N]``
 - ``itop_kernels::bsl_grad_input``  ``dX = dY·W``             ``[M, N] -> [M, K]``
 - ``itop_kernels::bsl_grad_weight`` ``dW`` at active blocks   ``-> [nnz, bs, bs]``
+- ``itop_kernels::bsl_backward``    ``(dX, dW)`` together (what autograd calls; on the CPU both
+  come from one pass over ``dY``)
 
 Each op runs the Triton kernels on CUDA tensors (and on CPU tensors under
 ``TRITON_INTERPRET=1``), and the CPU implementation otherwise.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,6 +33,17 @@ def _triton():
     return triton_linear
 
 
+def _new_output(like: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
+    """Shape and strides of an ``[rows, cols]`` output (``Y`` or ``dX``) of the ops.
+
+    Block size 1 runs only on the CPU path, whose MKL products write the transposed matrix
+    row-major: its outputs are transposed views (strides ``(1, rows)``), so that the next
+    block-size-1 layer reads them without a copy. Other block sizes give row-major outputs."""
+    if block_size == 1:
+        return like.new_empty((cols, rows)).t()
+    return like.new_empty((rows, cols))
+
+
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("itop_kernels::bsl_forward", mutates_args=())
 def _bsl_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
@@ -44,7 +57,7 @@ def _bsl_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, ro
 @_bsl_forward.register_fake
 def _(x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, block_size,
       out_features):
-    return x.new_empty((x.shape[0], out_features))
+    return _new_output(x, x.shape[0], out_features, block_size)
 
 
 @torch.library.custom_op("itop_kernels::bsl_grad_input", mutates_args=())
@@ -59,7 +72,7 @@ def _bsl_grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, t_row_idx: Tens
 
 @_bsl_grad_input.register_fake
 def _(dy, values, col_ptr, t_row_idx, t_block_idx, block_size, in_features):
-    return dy.new_empty((dy.shape[0], in_features))
+    return _new_output(dy, dy.shape[0], in_features, block_size)
 
 
 @torch.library.custom_op("itop_kernels::bsl_grad_weight", mutates_args=())
@@ -67,7 +80,12 @@ def _bsl_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, co
                      t_row_idx: Tensor, t_block_idx: Tensor, block_size: int) -> Tensor:
     if use_triton(dy):
         return _triton().linear_grad_weight(dy, x, row_idx, col_idx, block_size)
-    return cpu_linear.linear_grad_weight(dy, x, col_ptr, t_row_idx, t_block_idx, block_size)
+    row_ptr = None
+    if block_size == 1:  # the CSR path reads rows: rebuild row_ptr from the active list
+        row_ptr = torch.zeros(dy.shape[1] // block_size + 1, dtype=torch.int32)
+        row_ptr[1:] = torch.cumsum(torch.bincount(row_idx.long(), minlength=dy.shape[1]), 0)
+    return cpu_linear.linear_grad_weight(dy, x, col_ptr, t_row_idx, t_block_idx, block_size,
+                                         row_ptr=row_ptr, col_idx=col_idx)
 
 
 @_bsl_grad_weight.register_fake
@@ -75,23 +93,54 @@ def _(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, block_size):
     return dy.new_empty((row_idx.shape[0], block_size, block_size))
 
 
+@torch.library.custom_op("itop_kernels::bsl_backward", mutates_args=())
+def _bsl_backward(dy: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                  row_idx: Tensor, col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
+                  block_size: int, need_dx: bool, need_dv: bool) -> Tuple[Tensor, Tensor]:
+    """``(dX, dV)`` together; a gradient that is not needed comes back as an empty tensor.
+
+    The CPU path computes both from one gather of ``dY`` (one pass over the block-columns)."""
+    if use_triton(dy):
+        t = _triton()
+        dx = (t.linear_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size,
+                                  x.shape[1]) if need_dx else dy.new_empty(0))
+        dv = (t.linear_grad_weight(dy, x, row_idx, col_idx, block_size) if need_dv
+              else dy.new_empty(0))
+        return dx, dv
+    dx, dv = cpu_linear.linear_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx,
+                                        t_block_idx, block_size, need_dx, need_dv)
+    return (dx if dx is not None else dy.new_empty(0),
+            dv if dv is not None else dy.new_empty(0))
+
+
+@_bsl_backward.register_fake
+def _(dy, x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, block_size,
+      need_dx, need_dv):
+    dx = _new_output(dy, dy.shape[0], x.shape[1], block_size) if need_dx else dy.new_empty(0)
+    dv = dy.new_empty((row_idx.shape[0], block_size, block_size)) if need_dv else dy.new_empty(0)
+    return dx, dv
+
+
 def _setup_context(ctx, inputs, output):
     (x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, block_size,
      out_features) = inputs
-    ctx.save_for_backward(x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx)
+    ctx.save_for_backward(x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx)
     ctx.block_size = block_size
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy):
-    x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
+    x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
     bs = ctx.block_size
-    dy = dy.contiguous()
+    if bs != 1:  # block size 1 takes dY in either layout (a transposed dY is read in place)
+        dy = dy.contiguous()
     dx = dv = db = None
-    if ctx.needs_input_grad[0]:
-        dx = _bsl_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, bs, x.shape[1])
-    if ctx.needs_input_grad[1]:
-        dv = _bsl_grad_weight(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, bs)
+    need_dx, need_dv = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+    if need_dx or need_dv:
+        gx, gv = _bsl_backward(dy, x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx,
+                               t_block_idx, bs, need_dx, need_dv)
+        dx = gx if need_dx else None
+        dv = gv if need_dv else None
     if ctx.has_bias and ctx.needs_input_grad[8]:
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         db = dy.sum(0, dtype=acc).to(dy.dtype)
@@ -151,10 +200,18 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout,
     Returns:
         ``[..., out_features]`` in ``x``'s dtype. Products accumulate in float32 (float64 for
         float64 inputs). Differentiable with respect to ``x``, ``values`` and ``bias``.
+
+    Block size 1 (unstructured, ``values [nnz, 1, 1]``) runs a CSR path on CPU tensors (MKL
+    sparse × dense products and a sampled ``dW``; see :mod:`itop_kernels.cpu_linear`); its
+    output (and ``dX``) are transposed views of row-major ``[out, M]`` buffers, which the next
+    block-size-1 layer reads without a copy. The Triton kernels have no block size 1: on CUDA
+    tensors it raises ``ValueError`` (the ``itop`` layers run block size 1 there as masked dense).
     """
     _check_args(x, values, layout, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    if layout.block_size != 1:  # block size 1 reads Xᵀ: a transposed x is used in place
+        x2 = x2.contiguous()
     y = _bsl_forward(x2, values.contiguous(), layout.row_ptr, layout.col_idx, layout.row_idx,
                      layout.col_ptr, layout.t_row_idx, layout.t_block_idx, bias,
                      layout.block_size, layout.shape[0])
