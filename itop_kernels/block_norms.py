@@ -5,8 +5,8 @@ norm of the dense gradient restricted to that block. For a linear layer ``Y = X�
 is ``dW[r, c] = dY[:, r-block]ᵀ · X[:, c-block]``. The ops below compute ``‖dW[r, c]‖₂`` for
 all ``R × C`` blocks while only ever holding a chunk of block-rows of ``dW`` at a time: each
 chunk is one GEMM (or one weight-gradient convolution) whose result is reduced to its block
-norms at once and freed. The extra memory is bounded by ``max(bs·K, 2**18)`` elements whatever
-the number of output features ``N``.
+norms at once and freed. The extra memory is bounded by ``max(bs·K, 2**18)`` elements on the
+CPU (``2**24`` on a GPU) whatever the number of output features ``N``.
 
 Two ``torch.library`` custom ops (the implementation is plain torch ops, so it runs on any
 device; on CUDA tensors the chunked GEMMs are cuBLAS calls):
@@ -28,16 +28,19 @@ from torch import Tensor
 
 __all__ = ["block_grad_norms", "conv2d_block_grad_norms"]
 
-# Elements of dW held at once (per chunk of block-rows), unless one block-row is larger.
+# Elements of dW held at once (per chunk of block-rows), unless one block-row is larger:
+# 1 MiB of fp32 on the CPU (cache-sized), 64 MiB on a GPU (few, large GEMMs).
 _CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS_GPU = 1 << 24
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _rows_per_chunk(R: int, row_elements: int) -> int:
-    return max(1, min(R, _CHUNK_ELEMENTS // max(1, row_elements)))
+def _rows_per_chunk(R: int, row_elements: int, device: torch.device) -> int:
+    cap = _CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+    return max(1, min(R, cap // max(1, row_elements)))
 
 
 @torch.library.custom_op("itop_kernels::block_grad_norms", mutates_args=())
@@ -50,7 +53,7 @@ def _block_grad_norms(x: Tensor, dy: Tensor, block_size: int) -> Tensor:
     xc = x.to(ct)
     dyt = dy.to(ct).t()                                    # [N, M] view
     out = torch.empty(R, C, dtype=torch.float32, device=x.device)
-    step = _rows_per_chunk(R, bs * K)
+    step = _rows_per_chunk(R, bs * K, x.device)
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
         g = torch.mm(dyt[r0 * bs:r1 * bs], xc)             # [(r1-r0)·bs, K]: these block-rows of dW
@@ -83,7 +86,7 @@ def _conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape: List[int], blo
     R, C = cout // bs, cin_g // bs
     out_shape = (R, C) if reduce_taps else (R, C, kh, kw)
     out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-    step = _rows_per_chunk(R, bs * cin_g * kh * kw)
+    step = _rows_per_chunk(R, bs * cin_g * kh * kw, x.device)
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
         rows = (r1 - r0) * bs
