@@ -1,0 +1,197 @@
+"""Block size 1 (unstructured) on CPU tensors: a real CSR path, checked like every other size.
+
+Forward and all gradients against a float64 dense reference, gradcheck, hypothesis layouts, the
+edge cases (empty rows, dense, all-empty masks, batch 1), the transposed-view output layout that
+chains of block-1 layers read in place, stale workspaces, and that no dense weight is formed.
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from itop_kernels import BlockLayout, block_sparse_linear, cpu_linear
+from numerics import rel_err, tol_for
+from test_linear import check_linear, random_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "empty_rows", "dense", "empty"])
+def test_block1_against_float64(dtype, kind):
+    check_linear(random_mask(48, 40, 0.1, kind), 1, (5, 7), dtype, "cpu")
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_block1_float32_bigger(density, bias):
+    errs = check_linear(random_mask(256, 384, density), 1, (97,), torch.float32, "cpu", bias=bias)
+    assert all(e <= 1e-4 for e in errs.values())
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 3, 5), ()])
+def test_block1_batch_one_and_leading_dims(lead):
+    check_linear(random_mask(20, 30, 0.2), 1, lead, torch.float32, "cpu")
+
+
+def test_block1_empty_row_and_empty_column():
+    mask = random_mask(16, 12, 0.5)
+    mask[3] = False       # an output with no inputs: y = bias there, and dW has no entry
+    mask[:, 5] = False    # an input feeding nothing: dX is 0 there
+    mask[0, 0] = True
+    check_linear(mask, 1, (9,), torch.float64, "cpu")
+    check_linear(mask, 1, (9,), torch.float32, "cpu", bias=False)
+
+
+def test_block1_gradcheck():
+    mask = random_mask(7, 9, 0.4)
+    mask[2] = False
+    mask[:, 4] = False
+    mask[0, 0] = True
+    lay = BlockLayout.from_mask(mask, 1)
+    x = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(lay.nnz, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: block_sparse_linear(x, v, lay, b), (x, v, b))
+    assert torch.autograd.gradcheck(lambda x, v: block_sparse_linear(x, v, lay), (x, v))
+
+
+@settings(max_examples=40, deadline=None)
+@given(R=st.integers(1, 40), C=st.integers(1, 40), density=st.floats(0.0, 1.0),
+       M=st.integers(1, 33), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_block1_hypothesis(R, C, density, M, bias, dtype):
+    check_linear(random_mask(R, C, density), 1, (M,), dtype, "cpu", bias=bias)
+
+
+def _reference(x, values, lay, bias=None):
+    return x.double() @ lay.scatter(values.detach().double()).t() + (
+        0 if bias is None else bias.double())
+
+
+def test_block1_outputs_are_transposed_views_and_chain_without_copies():
+    torch.manual_seed(0)
+    l1 = BlockLayout.from_mask(torch.rand(24, 16) < 0.3, 1)
+    l2 = BlockLayout.from_mask(torch.rand(8, 24) < 0.3, 1)
+    v1 = torch.randn(l1.nnz, 1, 1, dtype=torch.float64, requires_grad=True)
+    v2 = torch.randn(l2.nnz, 1, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    h = block_sparse_linear(x, v1, l1)
+    assert h.stride() == (1, 6) and h.t().is_contiguous()   # Yᵀ row-major, Y a view
+    h2 = torch.relu(h)
+    y = block_sparse_linear(h2, v2, l2)
+    dy = torch.randn(6, 8, dtype=torch.float64)
+    y.backward(dy)
+    # same numbers from the dense float64 chain
+    xr = x.detach().clone().requires_grad_()
+    v1r, v2r = v1.detach().clone().requires_grad_(), v2.detach().clone().requires_grad_()
+    yr = torch.relu(xr @ l1.scatter(v1r).t()) @ l2.scatter(v2r).t()
+    yr.backward(dy)
+    assert rel_err(y, yr) < 1e-12
+    for got, ref in ((x.grad, xr.grad), (v1.grad, v1r.grad), (v2.grad, v2r.grad)):
+        assert rel_err(got, ref) < 1e-12
+
+
+def test_block1_reads_transposed_and_strided_inputs():
+    torch.manual_seed(1)
+    lay = BlockLayout.from_mask(torch.rand(10, 12) < 0.4, 1)
+    v = torch.randn(lay.nnz, 1, 1)
+    b = torch.randn(10)
+    base = torch.randn(12, 7)
+    for x in (base.t(), base.t().contiguous(), torch.randn(7, 24)[:, ::2]):
+        y = block_sparse_linear(x, v, lay, b)
+        assert rel_err(y, _reference(x, v, lay, b)) < 1e-6
+    # a transposed dY is read in place too
+    x = torch.randn(7, 12, requires_grad=True)
+    vv = v.clone().requires_grad_()
+    y = block_sparse_linear(x, vv, lay)
+    dy = torch.randn(10, 7).t()
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    vr = vv.detach().double().requires_grad_()
+    (xr @ lay.scatter(vr).t()).backward(dy.double())
+    assert rel_err(x.grad, xr.grad) < 1e-6 and rel_err(vv.grad, vr.grad) < 1e-6
+
+
+def test_block1_stale_workspaces_do_not_leak(monkeypatch):
+    """Scratch buffers are reused across calls: poison them and the results must not change."""
+    torch.manual_seed(2)
+    lay = BlockLayout.from_mask(torch.rand(30, 20) < 0.2, 1)
+    v = torch.randn(lay.nnz, 1, 1, requires_grad=True)
+    x = torch.randn(9, 20, requires_grad=True)
+    real = cpu_linear._workspace
+
+    def poisoned(slot, shape, dtype):
+        return real(slot, shape, dtype).fill_(float("nan"))
+    monkeypatch.setattr(cpu_linear, "_workspace", poisoned)
+    y = block_sparse_linear(x, v, lay)
+    y.backward(torch.ones_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(v.grad).all()
+    assert rel_err(y, _reference(x, v, lay)) < 1e-6
+
+
+def test_block1_never_forms_the_dense_weight(monkeypatch):
+    """The CSR path: no scatter to dense, and the sparse kernels are the ones that run."""
+    calls = {"sampled": 0}
+    real_sampled = torch.sparse.sampled_addmm
+
+    def counting_sampled(*a, **k):
+        calls["sampled"] += 1
+        return real_sampled(*a, **k)
+
+    def boom(*a, **k):
+        raise AssertionError("CPU path called BlockLayout.scatter")
+    lay = BlockLayout.from_mask(torch.rand(64, 64) < 0.05, 1)
+    v = torch.randn(lay.nnz, 1, 1, requires_grad=True)
+    x = torch.randn(8, 64, requires_grad=True)
+    monkeypatch.setattr(BlockLayout, "scatter", boom)
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", counting_sampled)
+    block_sparse_linear(x, v, lay).sum().backward()
+    assert calls["sampled"] == 1
+    assert v.grad.shape == (lay.nnz, 1, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block1_thread_counts_agree(threads):
+    torch.manual_seed(3)
+    lay = BlockLayout.from_mask(torch.rand(128, 96) < 0.1, 1)
+    v = torch.randn(lay.nnz, 1, 1, requires_grad=True)
+    x = torch.randn(33, 96, requires_grad=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = block_sparse_linear(x, v, lay)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.set_num_threads(old)
+    assert rel_err(y, _reference(x, v, lay)) < 1e-5
+    xr = x.detach().double().requires_grad_()
+    vr = v.detach().double().requires_grad_()
+    (xr @ lay.scatter(vr).t()).sum().backward()
+    assert rel_err(x.grad, xr.grad) < 1e-5 and rel_err(v.grad, vr.grad) < 1e-5
+
+
+def test_block1_has_no_triton_kernel(triton_device):
+    lay = BlockLayout.from_mask(torch.rand(16, 16) < 0.3, 1).to(triton_device)
+    v = torch.randn(lay.nnz, 1, 1, device=triton_device)
+    x = torch.randn(4, 16, device=triton_device)
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_linear(x, v, lay)
+
+
+def test_block1_compiles_without_graph_break():
+    torch.manual_seed(4)
+    l1 = BlockLayout.from_mask(torch.rand(32, 16) < 0.3, 1)
+    l2 = BlockLayout.from_mask(torch.rand(8, 32) < 0.3, 1)
+    v1 = torch.randn(l1.nnz, 1, 1, requires_grad=True)
+    v2 = torch.randn(l2.nnz, 1, 1, requires_grad=True)
+    b1 = torch.randn(32, requires_grad=True)
+
+    def f(x):
+        return block_sparse_linear(torch.relu(block_sparse_linear(x, v1, l1, b1)), v2, l2)
+    x = torch.randn(5, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    y_eager, y_comp = f(x), compiled(x)
+    assert torch.allclose(y_comp, y_eager, rtol=1e-5, atol=1e-6)
+    ge = torch.autograd.grad(f(x).square().sum(), [v1, v2, b1])
+    gc = torch.autograd.grad(compiled(x).square().sum(), [v1, v2, b1])
+    for a, b in zip(ge, gc):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
