@@ -293,10 +293,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         itop.data.DataError: the data cannot be loaded.
     """
     t_start = time.time()
+    threads = torch.get_num_threads()
     d = _init_distributed(cfg.device)
     try:
         return _train(cfg, d, t_start)
     finally:
+        torch.set_num_threads(threads)  # _pick_threads changed it for this run only
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
