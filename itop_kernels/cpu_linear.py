@@ -158,6 +158,14 @@ def _rows_of_t(a: torch.Tensor, slot: str) -> torch.Tensor:
     return ws
 
 
+def transposed_copy(x: torch.Tensor) -> torch.Tensor:
+    """A fresh row-major ``xᵀ`` of a 2-D ``x``, or an empty tensor when ``x.t()`` already is
+    row-major (nothing to copy). Used to hand the block-size-1 backward the ``Xᵀ`` it needs."""
+    if x.t().is_contiguous():
+        return x.new_empty(0)
+    return x.t().contiguous()
+
+
 def _csr_forward(x, values, row_ptr, col_idx, bias, N, ct):
     """Returns ``Y`` as the transposed view of a fresh row-major ``Yᵀ [N, M]``."""
     M, K = x.shape
