@@ -147,7 +147,7 @@ def time_fn(fn, device: torch.device, repeats: int, grads: list) -> tuple[float,
     the samples are its 20/50/80 % quantiles); CPU: wall clock after one warm-up run.
     ``grads`` are reset to None before each run."""
     if device.type == "cuda":
-        import triton
+        import triton.testing
         q = triton.testing.do_bench(fn, warmup=10, rep=max(20, 10 * repeats),
                                     grad_to_none=grads, quantiles=[0.2, 0.5, 0.8])
         return q[1] * 1e-3, [v * 1e-3 for v in q]
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
                                 args.peak_tbs * 1e12 if gpu else None, bar)
 
     try:
-        import triton
+        import triton.testing
         triton_version = triton.__version__
     except ImportError:  # pragma: no cover
         triton_version = None

@@ -27,6 +27,9 @@ Shapes: ``x [N, Cin, H, W]``, ``dy [N, Cout, Ho, Wo]`` (any memory format), ``R 
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence
 
 import torch
@@ -85,12 +88,61 @@ class _ChannelBlocks:
         return self.data[:, c]
 
 
-def _concat_channels(pieces: list, memory_format: torch.memory_format) -> torch.Tensor:
-    """``[N, c_i, H, W]`` pieces -> ``[N, Σc_i, H, W]`` in ``memory_format``, one copy."""
-    out = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]
-    return out.contiguous(memory_format=memory_format)
+# --------------------------------------------------------------------------- row workers
+# The per-row (per-column) ops are small. Run with torch's intra-op threads, each would be a
+# few OpenMP parallel regions, and on a loaded machine every region waits a scheduler slice for
+# its second thread (measured on the shared 2-core CI machine: a 5-block forward took 9 ms idle
+# and 100-700 ms under load, the per-row copies into the output as slow as the convolutions).
+# Instead, independent rows run concurrently on a small pool of worker threads whose own
+# intra-op parallelism is 1, each writing its slice of the output: the same work with no
+# fork/join barriers. The pool has ``torch.get_num_threads()`` workers and is rebuilt when that
+# number or the process (fork) changes.
+_POOL: dict = {"key": None, "executor": None}
+_POOL_LOCK = threading.Lock()
 
 
+def _single_threaded_worker(barrier: threading.Barrier) -> None:
+    torch.get_num_threads()    # run torch's lazy per-thread init first, so it cannot undo ...
+    torch.set_num_threads(1)   # ... this: intra-op parallelism 1 in this worker thread only
+    barrier.wait()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    key = (n, os.getpid())
+    with _POOL_LOCK:
+        if _POOL["key"] != key:
+            barrier = threading.Barrier(n + 1)
+            ex = ThreadPoolExecutor(n, thread_name_prefix="itop-cpu-conv")
+            # Start all n workers now (each blocks on the barrier until all have set up).
+            for _ in range(n):
+                ex.submit(_single_threaded_worker, barrier)
+            barrier.wait()
+            # torch.set_num_threads also records a process-wide default; put it back for the
+            # calling thread and for threads created later.
+            torch.set_num_threads(n)
+            _POOL["key"], _POOL["executor"] = key, ex
+        return _POOL["executor"]
+
+
+def _no_grad(fn):
+    def run(item):
+        # Autograd state is thread-local: the custom op's body runs below autograd on the
+        # calling thread, and a worker must not record a graph either.
+        with torch.no_grad():
+            return fn(item)
+    return run
+
+
+def _map(fn, items: list) -> list:
+    """``[fn(i) for i in items]``, concurrently on the single-threaded worker pool when there is
+    more than one item and more than one intra-op thread."""
+    n = torch.get_num_threads()
+    if n <= 1 or len(items) <= 1 or threading.current_thread().name.startswith("itop-cpu-conv"):
+        return [fn(i) for i in items]
+    return list(_pool(n).map(_no_grad(fn), items))
+
+
+# --------------------------------------------------------------------------- the three ops
 def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                  col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
                  out_channels: int, stride: Sequence[int], padding: Sequence[int],
@@ -114,23 +166,22 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     b = bias.to(ct) if bias is not None else None
     mf = output_memory_format(x)
     rp = row_ptr.tolist()
-    pieces = []                                                    # [N, bs, Ho, Wo] per row
-    zeros = None
-    for r in range(R):
+
+    out = torch.empty(N, out_channels, Ho, Wo, dtype=ct, memory_format=mf)
+
+    def row(r: int) -> None:                                       # writes out[:, r-block]
         lo, hi = rp[r], rp[r + 1]
         ch = slice(r * bs, (r + 1) * bs)
         if lo == hi:  # an empty block-row: only the bias
-            if zeros is None:
-                zeros = torch.empty(N, bs, Ho, Wo, dtype=ct, memory_format=mf).zero_()
-            pieces.append(zeros if b is None else zeros + b[ch].view(bs, 1, 1))
-            continue
+            out[:, ch] = 0 if b is None else b[ch].view(bs, 1, 1)
+            return
         xg = xb.take(col_idx[lo:hi])                               # [N, cnt·bs, H, W]
         w_row = w_all[:, lo:hi].reshape(bs, (hi - lo) * bs, kh, kw)  # a view
-        pieces.append(torch.nn.functional.conv2d(xg, w_row, None if b is None else b[ch],
-                                                 stride, padding, dilation))
-    # One concatenation, not one strided copy per row: on a loaded machine every parallel
-    # region costs a scheduler slice, so the number of ops matters more than their size.
-    out = _concat_channels(pieces, mf)
+        out[:, ch] = torch.nn.functional.conv2d(xg, w_row, None if b is None else b[ch],
+                                                stride, padding, dilation)
+
+    # Every row, its copy into `out` included, runs on a worker (see _map).
+    _map(row, list(range(R)))
     return out.to(x.dtype)
 
 
@@ -150,25 +201,26 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     # block-column c is then the view v_t[lo:hi] -> [cnt·bs_o, bs_i, kh, kw].
     v_t = values.to(ct).index_select(0, t_block_idx).permute(0, 3, 4, 1, 2).contiguous()
     mf = output_memory_format(dy)
-    pieces = []                                                    # [N, bs, H, W] per column
-    zeros = None
     # convolution_backward reads only the shape and memory format of the input it is given
     # (an uninitialized buffer: allocating it touches no memory).
     shape_only = torch.empty(N, bs, H, W, dtype=ct, memory_format=mf)
     cp = col_ptr.tolist()
-    for c in range(C):
+
+    dx = torch.empty(N, Cin, H, W, dtype=ct, memory_format=mf)
+
+    def column(c: int) -> None:                                    # writes dx[:, c-block]
         lo, hi = cp[c], cp[c + 1]
-        if lo == hi:  # no active block in this column: no gradient reaches these channels
-            if zeros is None:
-                zeros = torch.empty(N, bs, H, W, dtype=ct, memory_format=mf).zero_()
-            pieces.append(zeros)
-            continue
+        ch = slice(c * bs, (c + 1) * bs)
+        if lo == hi:  # no active block in this column: no gradient reaches it
+            dx[:, ch] = 0
+            return
         dyg = dyb.take(t_row_idx[lo:hi])                           # [N, cnt·bs, Ho, Wo]
-        dx_c, _, _ = torch.ops.aten.convolution_backward(
+        dx[:, ch], _, _ = torch.ops.aten.convolution_backward(
             dyg, shape_only, v_t[lo:hi].view(-1, bs, kh, kw), None, stride, padding, dilation,
             False, [0, 0], 1, [True, False, False])
-        pieces.append(dx_c)
-    return _concat_channels(pieces, mf).to(dy.dtype)
+
+    _map(column, list(range(C)))
+    return dx.to(dy.dtype)
 
 
 def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, col_ptr: torch.Tensor,
@@ -188,21 +240,22 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, col_ptr: torch.Tensor,
     dyb = _ChannelBlocks(dy, ct, bs)
     xb = _ChannelBlocks(x, ct, bs)
     nnz = t_row_idx.numel()
-    dv_t = torch.empty(nnz, kh, kw, bs, bs, dtype=ct)      # gradients in column-major order
     cp = col_ptr.tolist()
-    for c in range(C):
+
+    dv_t = torch.empty(nnz, kh, kw, bs, bs, dtype=ct)      # gradients in column-major order
+
+    def column(c: int) -> None:                                    # writes dv_t[lo:hi]
         lo, hi = cp[c], cp[c + 1]
-        if lo == hi:
-            continue
-        cnt = hi - lo
         dyg = dyb.take(t_row_idx[lo:hi])                           # [N, cnt·bs, Ho, Wo]
         x_c = xb.one(c)                                            # [N, bs, H, W] (a view)
-        shape_only = torch.empty(1, dtype=ct).expand(cnt * bs, bs, kh, kw)
+        shape_only = torch.empty(1, dtype=ct).expand((hi - lo) * bs, bs, kh, kw)
         _, dw_col, _ = torch.ops.aten.convolution_backward(
             dyg, x_c, shape_only, None, stride, padding, dilation, False, [0, 0], 1,
             [False, True, False])
         # [cnt·bs_o, bs_i, kh, kw] -> [cnt, kh, kw, bs_o, bs_i]
-        dv_t[lo:hi] = dw_col.reshape(cnt, bs, bs, kh, kw).permute(0, 3, 4, 1, 2)
+        dv_t[lo:hi] = dw_col.view(hi - lo, bs, bs, kh, kw).permute(0, 3, 4, 1, 2)
+
+    _map(column, [c for c in range(C) if cp[c + 1] > cp[c]])
     dv = torch.empty_like(dv_t)
     dv[t_block_idx.long()] = dv_t                            # back to row-major (values) order
     return dv.to(dy.dtype)

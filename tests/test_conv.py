@@ -234,6 +234,29 @@ def test_cpu_path_skips_inactive_blocks(monkeypatch):
     assert sorted(s[0][1] for s in shapes) == [16, 32]
 
 
+def test_cpu_worker_pool_matches_single_thread():
+    """Rows run on a worker pool when torch has > 1 intra-op thread: same results as one thread,
+    no autograd graph recorded in the workers, the caller's thread count untouched."""
+    gen = torch.Generator().manual_seed(5)
+    layout = BlockLayout.from_mask(torch.rand(4, 3, generator=gen) < 0.6, 16)
+    values = torch.randn(layout.nnz, 3, 3, 16, 16, generator=gen, requires_grad=True)
+    x = torch.randn(2, 48, 9, 8, generator=gen).contiguous(memory_format=CL).requires_grad_()
+    bias = torch.randn(64, generator=gen, requires_grad=True)
+    before = torch.get_num_threads()
+    results = []
+    for threads in (max(2, before), 1):
+        torch.set_num_threads(threads)
+        try:
+            y = block_sparse_conv2d(x, values, layout, bias, padding=1, stride=(2, 1))
+            grads = torch.autograd.grad(y.square().sum(), (x, values, bias))
+        finally:
+            torch.set_num_threads(before)
+        results.append((y.detach(), *grads))
+        assert torch.get_num_threads() == before
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_custom_ops_opcheck():
     """Schemas, fake (meta) impls, autograd registration of the three ops."""
     gen = torch.Generator().manual_seed(3)
