@@ -195,3 +195,24 @@ def test_block1_compiles_without_graph_break():
     gc = torch.autograd.grad(compiled(x).square().sum(), [v1, v2, b1])
     for a, b in zip(ge, gc):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,density", [((64, 48), 0.05), ((7, 300), 0.5), ((1, 1), 1.0),
+                                           ((5, 6), 0.0), ((40, 40), 1.0)])
+def test_cpu_layout_build_matches_the_device_build(monkeypatch, shape, density):
+    """CPU masks use a nonzero-based build (fast for element-level grids); it must give the
+    same metadata as the sort-based build the GPU uses."""
+    from itop_kernels import layout as layout_mod
+    torch.manual_seed(5)
+    mask = torch.rand(*shape) < density
+    fast = BlockLayout.from_mask(mask, 1)
+    monkeypatch.setattr(layout_mod, "_CPU_FAST_BUILD", False)
+    ref = BlockLayout.from_mask(mask, 1)
+    for name in ("row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_block_idx"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert a.dtype == b.dtype == torch.int32, name
+        assert torch.equal(a, b), name
+    assert fast.nnz == ref.nnz == int(mask.sum())
+    monkeypatch.setattr(layout_mod, "_CPU_FAST_BUILD", True)
+    with pytest.raises(ValueError, match="nnz"):   # a wrong nnz is caught, not trusted
+        BlockLayout.from_mask(mask, 1, nnz=int(mask.sum()) + 1)
