@@ -181,9 +181,8 @@ def build_cases(x, W, mask, bs, layout, values, bias):
     return cases
 
 
-def run(args) -> dict:
+def run(args, checkpoint=None) -> dict:
     device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     M, K, N = args.M, args.K, args.N
     reps = args.reps
@@ -225,13 +224,20 @@ def run(args) -> dict:
                     rows.append(row)
                 if bar is not None:
                     bar.update(1)
+                if checkpoint is not None:  # partial results survive a killed run
+                    checkpoint(_result(device, reps, peaks, rows, complete=False))
     if bar is not None:
         bar.close()
+    return _result(device, reps, peaks, rows, complete=True)
+
+
+def _result(device: torch.device, reps: int, peaks: dict, rows: list, complete: bool) -> dict:
+    on_gpu = device.type == "cuda"
     return {"benchmark": "bench_linear", "device": device_name(device), "device_type": device.type,
             "versions": versions(), "git_commit": git_commit(), "argv": sys.argv,
             "threads": torch.get_num_threads(), "peaks": peaks,
             "timer": "triton.testing.do_bench median" if on_gpu else f"median of {reps} perf_counter samples",
-            "rows": rows}
+            "complete": complete, "rows": rows}
 
 
 # --------------------------------------------------------------------------- output
@@ -326,8 +332,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args, checkpoint=lambda r: args.out.write_text(json.dumps(r, indent=1)))
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
     print_table(result)
