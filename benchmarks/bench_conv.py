@@ -115,16 +115,20 @@ def _distinct(layers: list[Layer]) -> list[Layer]:
     return out
 
 
-def cpu_layers(quick: bool) -> list[Layer]:
-    """The CPU sweep: the issue's target shape first, then a few reduced-batch layer shapes."""
+def cpu_plan(quick: bool) -> list:
+    """The CPU sweep, ``[(layer, {block_size: densities})]``: the issue's target shape first
+    (all block sizes), then a few reduced-batch layer shapes at two densities."""
     target = Layer("issue3", "cpu_target", 16, 256, 256, 32, 3)
     if quick:
-        return [target]
-    return [target,
-            Layer("resnet50", "s3_3x3", 8, 256, 256, 14, 3),
-            Layer("resnet50", "s2_expand", 4, 128, 512, 28, 1),
-            Layer("vgg16", "128to128_16", 16, 128, 128, 16, 3),
-            Layer("resnet34", "128_3x3_s2", 16, 64, 128, 32, 3, 2)]
+        return [(target, {16: [0.02, 0.1]})]
+    plan = [(target, {16: [0.02, 0.05, 0.1, 0.2, 0.5], 32: [0.02, 0.1, 0.5],
+                      64: [0.02, 0.1, 0.5]})]
+    for layer in (Layer("resnet50", "s3_3x3", 8, 256, 256, 14, 3),
+                  Layer("resnet50", "s2_expand", 4, 128, 512, 28, 1),
+                  Layer("vgg16", "128to128_16", 16, 128, 128, 16, 3),
+                  Layer("resnet34", "128_3x3_s2", 16, 64, 128, 32, 3, 2)):
+        plan.append((layer, {16: [0.05, 0.2], 32: [0.05, 0.2]}))
+    return plan
 
 
 def gpu_layers(quick: bool) -> list[Layer]:
@@ -210,9 +214,13 @@ def time_interleaved(methods: dict, repeats: int) -> tuple:
     return med, raw
 
 
+def _nnz_for(R: int, C: int, density: float) -> int:
+    return max(1, min(R * C, round(density * R * C)))
+
+
 def random_mask(R: int, C: int, density: float, gen: torch.Generator) -> torch.Tensor:
     """Exactly ``max(1, round(density·R·C))`` active blocks, uniformly at random."""
-    k = max(1, min(R * C, round(density * R * C)))
+    k = _nnz_for(R, C, density)
     mask = torch.zeros(R * C, dtype=torch.bool)
     mask[torch.randperm(R * C, generator=gen)[:k]] = True
     return mask.view(R, C)
@@ -233,8 +241,9 @@ def conv_bytes(layer: Layer, weight_fraction: float, elem: int) -> float:
     return elem * (2 * act_in + act_out + 2 * act_out + act_in + 3 * weights)
 
 
-def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, memory_format,
+def bench_layer(layer: Layer, sweep: dict, device, dtype, repeats, memory_format,
                 peak_flops, peak_bw, bar) -> list[dict]:
+    """Rows for one layer shape; ``sweep`` maps block size -> densities."""
     gen = torch.Generator().manual_seed(0)
     rows = []
     x = torch.randn(layer.batch, layer.cin, layer.hw, layer.hw, generator=gen).to(
@@ -247,12 +256,18 @@ def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, me
     if device.type == "cuda":  # the GPU is ours alone: time dense once per layer
         dense, dense_raw = time_three(*dense_fn, device, repeats)
     elem = torch.finfo(dtype).bits // 8
-    for bs in block_sizes:
+    for bs, densities in sweep.items():
         if layer.cin % bs or layer.cout % bs:
             bar.update(len(densities))
             continue
         R, C = layer.cout // bs, layer.cin // bs
+        seen = set()
         for density in densities:
+            nnz = _nnz_for(R, C, density)
+            if nnz in seen:  # a small block grid: this density repeats an earlier layout size
+                bar.update(1)
+                continue
+            seen.add(nnz)
             mask = random_mask(R, C, density, gen).to(device)
             layout = BlockLayout.from_mask(mask, bs)
             values = layout.gather(w_dense).requires_grad_()
@@ -267,7 +282,8 @@ def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, me
                 dense, masked, ours = med["dense"], med["masked"], med["ours"]
                 dense_raw, masked_raw, ours_raw = raw["dense"], raw["masked"], raw["ours"]
             row = {**asdict(layer), "padding": layer.padding, "out_hw": layer.out_hw,
-                   "block_size": bs, "density": layout.density, "nnz": layout.nnz,
+                   "block_size": bs, "density": layout.density, "density_nominal": density,
+                   "nnz": layout.nnz,
                    "dense_s": dense, "masked_s": masked, "ours_s": ours,
                    "speedup_vs_dense": {k: dense[k] / ours[k] for k in ours},
                    "speedup_vs_masked": {k: masked[k] / ours[k] for k in ours},
@@ -287,6 +303,20 @@ def bench_layer(layer: Layer, block_sizes, densities, device, dtype, repeats, me
 
 
 # --------------------------------------------------------------------------- output
+def _cpu_name() -> str:
+    """``model name`` from /proc/cpuinfo (else the platform) and the number of CPUs."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} CPUs)"
+
+
 def _git_commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, cwd=ROOT).strip()
@@ -310,45 +340,59 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    """fwd+bwd speedup over dense against density: per block size, the geometric mean over the
-    layer shapes (solid) and the masked-dense baseline (dashed); the first layer alone (dotted)."""
+    """fwd+bwd speedup over dense against density. Left: the first layer shape of the sweep
+    (on the CPU the issue's target) per block size, ours (solid) and masked dense (dashed).
+    Right: every row of every layer shape (points) and, per block size, the geometric mean over
+    the layer shapes measured at each density (line)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    def gmean(vals):
+        return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     first = (rows[0]["net"], rows[0]["name"]) if rows else None
+    colors = {}
     for bs in sorted({r["block_size"] for r in rows}):
+        mine = [r for r in rows if r["block_size"] == bs]
+        firsts = sorted((r["density"], r["speedup_vs_dense"]["fwd+bwd"],
+                         r["dense_s"]["fwd+bwd"] / r["masked_s"]["fwd+bwd"])
+                        for r in mine if (r["net"], r["name"]) == first)
+        line = None
+        if firsts:
+            d, ours, masked = zip(*firsts)
+            line, = left.plot(d, ours, "o-", label=f"ours, block {bs}")
+            left.plot(d, masked, "x--", color=line.get_color(), alpha=0.6,
+                      label=f"masked dense, block {bs}")
+        colors[bs] = line.get_color() if line else None
         by_d: dict = {}
-        for r in rows:
-            if r["block_size"] == bs:
-                by_d.setdefault(round(r["density"], 4), []).append(r)
+        for r in mine:  # grouped by the requested density (the achieved one varies by grid)
+            by_d.setdefault(r["density_nominal"], []).append(r["speedup_vs_dense"]["fwd+bwd"])
         ds = sorted(by_d)
-
-        def gmean(vals):
-            return math.exp(sum(math.log(v) for v in vals) / len(vals))
-
-        ours = [gmean([r["speedup_vs_dense"]["fwd+bwd"] for r in by_d[d]]) for d in ds]
-        masked = [gmean([r["dense_s"]["fwd+bwd"] / r["masked_s"]["fwd+bwd"] for r in by_d[d]])
-                  for d in ds]
-        line, = ax.plot(ds, ours, "o-", label=f"ours, block {bs} (geomean of layers)")
-        ax.plot(ds, masked, "--", color=line.get_color(), alpha=0.6,
-                label=f"masked dense, block {bs}")
-        firsts = [(round(r["density"], 4), r["speedup_vs_dense"]["fwd+bwd"]) for r in rows
-                  if r["block_size"] == bs and (r["net"], r["name"]) == first]
-        if firsts and len(by_d[ds[0]]) > 1:
-            fd, fs = zip(*sorted(firsts))
-            ax.plot(fd, fs, ":", color=line.get_color(), label=f"ours, {first[1]}, block {bs}")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("density (fraction of active blocks)")
-    ax.set_ylabel("fwd+bwd speedup over dense conv2d")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
+        pts = right.scatter([r["density_nominal"] for r in mine],
+                            [r["speedup_vs_dense"]["fwd+bwd"] for r in mine], s=12, alpha=0.5,
+                            color=colors[bs])
+        right.plot(ds, [gmean(by_d[d]) for d in ds], "-", color=pts.get_facecolor()[0],
+                   label=f"block {bs}: geomean over layer shapes")
+    for ax, name in ((left, f"{first[0]}/{first[1]}" if first else ""),
+                     (right, "all layer shapes")):
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density (fraction of active blocks)" if ax is left
+                      else "requested density")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted({r["density_nominal"] for r in rows}))
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    left.set_ylabel("fwd+bwd speedup over dense conv2d")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -370,29 +414,32 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if gpu:
-        dtype, layers = torch.bfloat16, gpu_layers(args.quick)
+        dtype = torch.bfloat16
         densities = args.densities or ([0.05, 0.1, 0.2] if args.quick
                                        else [0.02, 0.05, 0.1, 0.2, 0.5])
         block_sizes = args.block_sizes or [16, 32, 64]
+        plan = [(layer, {bs: densities for bs in block_sizes}) for layer in gpu_layers(args.quick)]
         repeats = args.repeats or 10
         device_name = torch.cuda.get_device_name(device)
     else:
-        dtype, layers = torch.float32, cpu_layers(args.quick)
-        densities = args.densities or ([0.02, 0.1] if args.quick else [0.02, 0.05, 0.1, 0.2, 0.5])
-        block_sizes = args.block_sizes or ([16] if args.quick else [16, 32, 64])
+        dtype = torch.float32
+        plan = cpu_plan(args.quick)
+        if args.densities or args.block_sizes:  # an explicit sweep for every CPU layer shape
+            plan = [(layer, {bs: args.densities or sorted({d for ds in sw.values() for d in ds})
+                             for bs in (args.block_sizes or list(sw))}) for layer, sw in plan]
         repeats = args.repeats or 3
-        device_name = platform.processor() or platform.machine()
+        device_name = _cpu_name()
     out = args.out or os.path.join(ROOT, "benchmarks", "results",
                                    f"conv_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     rows = []
-    with tqdm(total=len(layers) * len(block_sizes) * len(densities), desc="bench_conv",
-              file=sys.stderr) as bar:
-        for layer in layers:
+    total = sum(len(ds) for _, sw in plan for ds in sw.values())
+    with tqdm(total=total, desc="bench_conv", file=sys.stderr) as bar:
+        for layer, sweep in plan:
             bar.set_postfix_str(f"{layer.net}/{layer.name}")
-            rows += bench_layer(layer, block_sizes, densities, device, dtype, repeats,
-                                torch.channels_last, args.peak_tflops * 1e12 if gpu else None,
+            rows += bench_layer(layer, sweep, device, dtype, repeats, torch.channels_last,
+                                args.peak_tflops * 1e12 if gpu else None,
                                 args.peak_tbs * 1e12 if gpu else None, bar)
 
     try:
