@@ -2,15 +2,17 @@
 
 Two paths, chosen by the block size:
 
-* ``block_size >= 2`` (block-sparse). The operand blocks that a block-row (forward) or a
-  block-column (backward) needs are gathered *once per call* for all rows, in one
-  ``index_select`` into a reused workspace: ``X`` by the layout's ``col_idx`` (row-major block
-  order) and ``dY`` by ``t_row_idx`` (column-major order). Every block-row (block-column) is then
-  one BLAS GEMM that reads its slice of the gathered operand in place (a strided view, no copy)
-  and writes straight into its column slab of the row-major output (again a strided view), so
-  there are no transposes of ``X``, ``dY``, ``Y`` or ``dX``. The backward computes ``dX`` and
-  ``dW`` in the same loop over block-columns from one gather of ``dY``; ``dW`` reads the column
-  slab of ``X`` in place.
+* ``block_size >= 2`` (block-sparse). Block-rows (forward) and block-columns (backward) are
+  sorted by their number of active blocks; every run of rows with the same count ``k`` is one
+  batched GEMM (``torch.bmm``: ``[n, M, k·bs] @ [n, k·bs, bs]``), so a call makes a few dozen
+  BLAS calls, not one per row. The operand blocks are gathered *once per call*, in that sorted
+  order, by one ``index_select`` into a reused workspace (``X`` through ``col_idx``, ``dY``
+  through ``t_row_idx``); each batch reads its slice of the gather in place (strided views,
+  no copy) and the outputs are put back in row order by one row copy. There are no transposes
+  of ``X`` or ``dY``. The backward computes ``dX`` and ``dW`` in the same pass over the
+  block-columns from one gather of ``dY``. Few, large parallel regions also keep the path
+  steady when the cores are shared (hundreds of tiny multi-threaded GEMMs stall on every
+  preempted thread).
 * ``block_size == 1`` (unstructured). ``W`` is a CSR matrix built zero-copy from the layout's
   ``row_ptr``/``col_idx`` (int32, which MKL takes without conversion) and ``values.view(-1)``;
   ``Wᵀ`` is the CSR of the transpose metadata (``col_ptr``/``t_row_idx``) with the values
@@ -81,6 +83,33 @@ def _fill_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
 
 
 # =========================================================================== block size >= 2
+def _plan(ptr: torch.Tensor):
+    """Group the block-rows (or block-columns) of a CSR pointer array by their block count.
+
+    Returns ``(order, perm, groups)``: ``order`` lists the rows sorted by count (stable),
+    ``perm`` the block indices (into the CSR arrays) in that row order, and ``groups`` the
+    ``(i, j, k, s)`` runs of sorted rows ``i:j`` that all hold ``k`` blocks, whose blocks are
+    ``perm[s : s + (j-i)·k]``. Rows with equal counts then run as one batched GEMM."""
+    counts = ptr[1:] - ptr[:-1]
+    counts_sorted, order = torch.sort(counts, stable=True)
+    starts = ptr[:-1].long().index_select(0, order)
+    cs = counts_sorted.long()
+    nnz = int(ptr[-1])
+    first = torch.cumsum(cs, 0) - cs                     # sorted-order offset of each row
+    perm = (torch.repeat_interleave(starts - first, cs, output_size=nnz)
+            + torch.arange(nnz, dtype=torch.long))
+    ks = counts_sorted.tolist()
+    groups, i, s = [], 0, 0
+    while i < len(ks):
+        k, j = ks[i], i
+        while j < len(ks) and ks[j] == k:
+            j += 1
+        groups.append((i, j, k, s))
+        s += (j - i) * k
+        i = j
+    return order, perm, groups
+
+
 def _block_forward(x, values, row_ptr, col_idx, bias, bs, N, ct):
     M, K = x.shape
     R, C = N // bs, K // bs
@@ -90,23 +119,25 @@ def _block_forward(x, values, row_ptr, col_idx, bias, bs, N, ct):
     if nnz == 0 or M == 0:
         _fill_bias(y, b)
         return y
-    xg = _workspace("gather", (M, nnz, bs), ct)          # xg[:, i] = X[:, col_idx[i] block]
-    torch.index_select(x.to(ct).view(M, C, bs), 1, col_idx, out=xg)
-    vt = values.to(ct).transpose(1, 2).contiguous()       # [nnz, bs_in, bs_out]
-    rp = row_ptr.tolist()
-    for r in range(R):
-        a, e = rp[r], rp[r + 1]
-        ys = y[:, r * bs:(r + 1) * bs]                     # strided [M, bs] view of Y
-        if a == e:
-            _fill_bias(ys, None if b is None else b[r * bs:(r + 1) * bs])
+    order, perm, groups = _plan(row_ptr)
+    xg = _workspace("gather", (M, nnz, bs), ct)          # X blocks in sorted-row block order
+    torch.index_select(x.to(ct).view(M, C, bs), 1, col_idx.index_select(0, perm), out=xg)
+    vt = values.to(ct).index_select(0, perm).transpose(1, 2).contiguous()  # [nnz, in, out]
+    ys = _workspace("out_sorted", (R, M, bs), ct)        # Y's block-columns, sorted-row order
+    for i, j, k, s in groups:
+        n = j - i
+        if k == 0:
+            ys[i:j].zero_()
             continue
-        # Y[:, r] = [X_c0 | X_c1 | ...] (M × k·bs) @ [V_0ᵀ; V_1ᵀ; ...] (k·bs × bs)
-        lhs = xg[:, a:e].reshape(M, (e - a) * bs)
-        rhs = vt[a:e].view((e - a) * bs, bs)
-        if b is None:
-            torch.mm(lhs, rhs, out=ys)
-        else:
-            torch.addmm(b[r * bs:(r + 1) * bs], lhs, rhs, out=ys)
+        # Y[:, r] = [X_c0 | X_c1 | ...] (M × k·bs) @ [V_0ᵀ; V_1ᵀ; ...] (k·bs × bs), n rows at once
+        lhs = xg[:, s:s + n * k].reshape(M, n, k * bs).transpose(0, 1)
+        torch.bmm(lhs, vt[s:s + n * k].view(n, k * bs, bs), out=ys[i:j])
+    yr = _workspace("out_rows", (R, M, bs), ct)
+    torch.index_select(ys, 0, torch.argsort(order), out=yr)   # back to block-row order
+    if b is None:
+        y.view(M, R, bs).copy_(yr.transpose(0, 1))
+    else:
+        torch.add(yr.transpose(0, 1), b.view(R, bs), out=y.view(M, R, bs))
     return y
 
 
@@ -115,34 +146,40 @@ def _block_backward(dy, x, values, col_ptr, t_row_idx, t_block_idx, bs, K, need_
     R, C = N // bs, K // bs
     nnz = values.shape[0]
     dx = torch.empty(M, K, dtype=ct) if need_dx else None
-    dv_t = torch.empty(nnz, bs, bs, dtype=ct) if need_dv else None
     if nnz == 0 or M == 0:
         if need_dx:
             dx.zero_()
-        if need_dv:
-            dv_t.zero_()
-        return dx, dv_t
-    dyg = _workspace("gather", (M, nnz, bs), ct)         # dyg[:, k] = dY[:, t_row_idx[k] block]
-    torch.index_select(dy.to(ct).view(M, R, bs), 1, t_row_idx, out=dyg)
+        return dx, (torch.zeros(nnz, bs, bs, dtype=ct) if need_dv else None)
+    order, perm, groups = _plan(col_ptr)
+    dyg = _workspace("gather", (M, nnz, bs), ct)         # dY blocks in sorted-column order
+    torch.index_select(dy.to(ct).view(M, R, bs), 1, t_row_idx.index_select(0, perm), out=dyg)
+    vidx = t_block_idx.index_select(0, perm)              # values index of each gathered block
     if need_dx:
-        vc = values.to(ct).index_select(0, t_block_idx)    # column-major order [nnz, out, in]
+        vc = values.to(ct).index_select(0, vidx)          # [nnz, out, in], sorted-column order
+        dxs = _workspace("out_sorted", (C, M, bs), ct)
     if need_dv:
-        xc = x.to(ct)
-    cp = col_ptr.tolist()
-    for c in range(C):
-        a, e = cp[c], cp[c + 1]
-        if a == e:
+        xs = _workspace("x_cols", (M, C, bs), ct)          # X's block-columns, sorted order
+        torch.index_select(x.to(ct).view(M, C, bs), 1, order, out=xs)
+        dvs = torch.empty(nnz, bs, bs, dtype=ct)
+    for i, j, k, s in groups:
+        n = j - i
+        if k == 0:
             if need_dx:
-                dx[:, c * bs:(c + 1) * bs].zero_()
+                dxs[i:j].zero_()
             continue
-        g = dyg[:, a:e].reshape(M, (e - a) * bs)          # [dY_r0 | dY_r1 | ...]  (M × k·bs)
+        g = dyg[:, s:s + n * k].reshape(M, n, k * bs)     # [dY_r0 | dY_r1 | ...] per column
         if need_dx:   # dX[:, c] = g @ [V_0; V_1; ...]  (k·bs × bs)
-            torch.mm(g, vc[a:e].view((e - a) * bs, bs), out=dx[:, c * bs:(c + 1) * bs])
+            torch.bmm(g.transpose(0, 1), vc[s:s + n * k].view(n, k * bs, bs), out=dxs[i:j])
         if need_dv:   # [dV_0; dV_1; ...] = gᵀ @ X[:, c]  (k·bs × bs)
-            torch.mm(g.t(), xc[:, c * bs:(c + 1) * bs], out=dv_t[a:e].view((e - a) * bs, bs))
+            torch.bmm(g.permute(1, 2, 0), xs[:, i:j].transpose(0, 1),
+                      out=dvs[s:s + n * k].view(n, k * bs, bs))
+    if need_dx:
+        dxr = _workspace("out_rows", (C, M, bs), ct)
+        torch.index_select(dxs, 0, torch.argsort(order), out=dxr)
+        dx.view(M, C, bs).copy_(dxr.transpose(0, 1))
     dv = None
-    if need_dv:   # column-major -> row-major (values) order
-        dv = torch.empty_like(dv_t).index_copy_(0, t_block_idx.long(), dv_t)
+    if need_dv:   # sorted-column order -> row-major (values) order
+        dv = torch.empty_like(dvs).index_copy_(0, vidx.long(), dvs)
     return dx, dv
 
 
