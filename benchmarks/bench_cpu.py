@@ -15,7 +15,8 @@ forward + backward (``Y``, ``dX`` and ``dW``; fp32):
                    and ``dX``, ``torch.sparse.sampled_addmm`` for ``dW`` at the nonzeros, with
                    ``Wᵀ``'s values re-gathered every step (``W`` changes every step).
 - ``torch_bsr_fwd`` forward only, ``F.linear`` with ``W.to_sparse_bsr(32)`` (block-32 weight),
-                   for reference (its backward is not usable); it is not a training step.
+                   for reference (its backward is not usable); it is not a training step, so
+                   its speedup is over ``dense_fwd`` (dense ``F.linear``, forward only).
 
 Unstructured methods use a weight with exactly ``round(density * N * K)`` random nonzeros; block
 methods exactly ``round(density * R * C)`` random blocks. Each thread count runs in its own
@@ -42,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS_ALL = ["dense", "ours_b1", "ours_b16", "ours_b32", "ours_b64", "sparseprop", "torch_csr",
-               "torch_bsr_fwd"]
+               "torch_bsr_fwd", "dense_fwd"]
+FWD_ONLY = ("torch_bsr_fwd", "dense_fwd")   # forward-only references, compared with dense_fwd
 PEERS = ("sparseprop", "torch_csr")
 
 
@@ -65,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_linear.json"))
     p.add_argument("--png", default=None, help="plot path (default: --out with .png)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print the tables (text and markdown) of an earlier run's JSON and exit")
     p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.quick:
@@ -181,6 +185,14 @@ def _child(a) -> dict:
                 dw = torch.sparse.sampled_addmm(W_, dy.t(), x, beta=0.0)  # dW at nonzeros
                 return y, dx, dw
             run["torch_csr"], nnz["torch_csr"] = torch_csr, int(mask.sum())
+        if "dense_fwd" in methods:
+            Wf = torch.randn(N, K, generator=gen).mul_(K ** -0.5)
+            x = x0.clone()
+
+            def dense_fwd():
+                with torch.no_grad():
+                    return F.linear(x, Wf)
+            run["dense_fwd"], nnz["dense_fwd"] = dense_fwd, N * K
         if "torch_bsr_fwd" in methods:
             lay = BlockLayout.from_mask(exact_mask(N // 32, K // 32, d), 32)
             Wb = lay.scatter(torch.randn(lay.nnz, 32, 32, generator=gen)).to_sparse_bsr(32)
@@ -222,7 +234,7 @@ def _child(a) -> dict:
             ts = times[m]
             rows.append({"threads": nt, "density": d, "method": m, "nnz_weights": nnz[m],
                          "times_s": ts, "median_s": float(np.median(ts)), "min_s": min(ts),
-                         "fwd_only": m == "torch_bsr_fwd",
+                         "fwd_only": m in FWD_ONLY,
                          "loadavg_before": load_before, "loadavg_after": load_after})
     if bar:
         bar.close()
@@ -270,13 +282,15 @@ def _plot(result: dict, path: Path) -> None:
     for ax, nt in zip(axes[0], threads):
         sub = [r for r in rows if r["threads"] == nt]
         dense = {r["density"]: r["median_s"] for r in sub if r["method"] == "dense"}
-        for m in [m for m in METHODS_ALL if m != "dense"]:
-            pts = sorted((r["density"], dense[r["density"]] / r["median_s"]) for r in sub
-                         if r["method"] == m and r["density"] in dense)
+        dfwd = {r["density"]: r["median_s"] for r in sub if r["method"] == "dense_fwd"}
+        for m in [m for m in METHODS_ALL if m not in ("dense", "dense_fwd")]:
+            base = dfwd if m in FWD_ONLY else dense
+            pts = sorted((r["density"], base[r["density"]] / r["median_s"]) for r in sub
+                         if r["method"] == m and r["density"] in base)
             if not pts:
                 continue
             style = "--" if m in PEERS else (":" if m == "torch_bsr_fwd" else "-")
-            label = m + (" (forward only)" if m == "torch_bsr_fwd" else "")
+            label = m + (" (forward only, vs dense forward)" if m in FWD_ONLY else "")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log")
@@ -300,8 +314,8 @@ def _table(result: dict) -> str:
     methods = [m for m in METHODS_ALL if any(r["method"] == m for r in rows)]
     lines = []
     for nt in sorted({r["threads"] for r in rows}):
-        lines.append(f"\n== {nt} thread(s): median ms (speedup over dense)  "
-                     f"[ours_b32 / faster peer, ours_b1 / faster peer]")
+        lines.append(f"\n== {nt} thread(s): median ms (speedup over dense; forward-only "
+                     f"columns over dense_fwd)  [ours_b32 / faster peer, ours_b1 / faster peer]")
         lines.append("density  " + "".join(f"{m:>20s}" for m in methods) + "   b32/peer  b1/peer")
         for d in sorted({r["density"] for r in rows}):
             cell = {r["method"]: r["median_s"] for r in rows
@@ -310,6 +324,7 @@ def _table(result: dict) -> str:
             s = f"{d:<9.3f}"
             for m in methods:
                 t = cell.get(m)
+                dn = cell.get("dense_fwd" if m in FWD_ONLY else "dense")
                 s += (f"{t * 1e3:11.1f} ({dn / t:5.1f}x)" if t and dn
                       else f"{t * 1e3:11.1f}{'':9s}" if t else f"{'-':>20s}")
             peers = [cell[p] for p in PEERS if p in cell]
@@ -320,8 +335,41 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _markdown(result: dict) -> str:
+    """Speedup over dense (median fwd+bwd) per method, and ours over the faster peer."""
+    rows = result["rows"]
+    methods = [m for m in METHODS_ALL if m not in ("dense", "dense_fwd")
+               and any(r["method"] == m for r in rows)]
+    out = []
+    for nt in sorted({r["threads"] for r in rows}):
+        out.append(f"\n{nt} thread(s): speedup over dense `F.linear` forward+backward (median; "
+                   f"`torch_bsr_fwd` over the dense forward alone):\n")
+        out.append("| density | dense ms | " + " | ".join(methods) +
+                   " | b32 / faster peer | b1 / faster peer |")
+        out.append("|---" * (len(methods) + 4) + "|")
+        for d in sorted({r["density"] for r in rows}):
+            cell = {r["method"]: r["median_s"] for r in rows
+                    if r["threads"] == nt and r["density"] == d}
+            dn = cell.get("dense")
+            line = f"| {d:g} | {dn * 1e3:.0f} |" if dn else f"| {d:g} | - |"
+            for m in methods:
+                base = cell.get("dense_fwd" if m in FWD_ONLY else "dense")
+                line += f" {base / cell[m]:.1f}× |" if base and m in cell else " - |"
+            peers = [cell[p] for p in PEERS if p in cell]
+            for ours in ("ours_b32", "ours_b1"):
+                line += (f" {min(peers) / cell[ours]:.2f}× |" if peers and ours in cell
+                         else " - |")
+            out.append(line)
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.report:
+        result = json.loads(Path(a.report).read_text())
+        print(_table(result))
+        print(_markdown(result))
+        return 0
     if a._child is not None:
         print("@@RESULT@@" + json.dumps(_child(a)))
         return 0
