@@ -59,33 +59,34 @@ class _ChannelBlocks:
     """A 4-D tensor ``[N, Ch, H, W]`` cut into channel blocks of ``bs``, stored in dtype ``ct``
     in its own memory format (NCHW or channels-last), so that no layout conversion is needed.
 
-    ``take(blocks)`` returns channel blocks ``blocks`` as an ``[N, len(blocks)·bs, H, W]``
-    tensor in the same memory format (a view when every block is taken), ``one(c)`` block ``c``
-    as a view.
+    ``take(blocks, batch)`` returns channel blocks ``blocks`` of the samples ``batch`` (a slice)
+    as an ``[n, len(blocks)·bs, H, W]`` tensor in the same memory format (a view when every
+    block is taken), ``one(c, batch)`` block ``c`` as a view.
     """
 
     def __init__(self, t: torch.Tensor, ct: torch.dtype, bs: int):
         n, ch, h, w = t.shape
         self.shape = (n, ch, h, w)
-        self.nb = ch // bs
+        self.nb, self.bs = ch // bs, bs
         self.channels_last = output_memory_format(t) == torch.channels_last
         if self.channels_last:   # [N, H, W, B, bs]: a block is a contiguous run per pixel
             self.data = t.to(ct).permute(0, 2, 3, 1).contiguous().view(n, h, w, self.nb, bs)
         else:                    # [N, B, bs, H, W]: a block is a contiguous plane per sample
             self.data = t.to(ct).contiguous().view(n, self.nb, bs, h, w)
 
-    def take(self, blocks: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = self.shape
+    def take(self, blocks: torch.Tensor, batch: slice = slice(None)) -> torch.Tensor:
+        data = self.data[batch]
+        n, h, w = data.shape[0], self.shape[2], self.shape[3]
         if self.channels_last:
-            d = self.data if blocks.numel() == self.nb else self.data.index_select(3, blocks)
-            return d.view(n, h, w, -1).permute(0, 3, 1, 2)
-        d = self.data if blocks.numel() == self.nb else self.data.index_select(1, blocks)
-        return d.view(n, -1, h, w)
+            d = data if blocks.numel() == self.nb else data.index_select(3, blocks)
+            return d.view(n, h, w, blocks.numel() * self.bs).permute(0, 3, 1, 2)
+        d = data if blocks.numel() == self.nb else data.index_select(1, blocks)
+        return d.view(n, blocks.numel() * self.bs, h, w)
 
-    def one(self, c: int) -> torch.Tensor:
+    def one(self, c: int, batch: slice = slice(None)) -> torch.Tensor:
         if self.channels_last:
-            return self.data[:, :, :, c].permute(0, 3, 1, 2)
-        return self.data[:, c]
+            return self.data[batch, :, :, c].permute(0, 3, 1, 2)
+        return self.data[batch, c]
 
 
 # --------------------------------------------------------------------------- row workers
@@ -133,13 +134,23 @@ def _no_grad(fn):
     return run
 
 
-def _map(fn, items: list) -> list:
-    """``[fn(i) for i in items]``, concurrently on the single-threaded worker pool when there is
-    more than one item and more than one intra-op thread."""
+def _run(fn, indices: list, batch: int) -> list:
+    """``fn(i, samples)`` for every index ``i`` and slice of samples, on the worker pool; returns
+    ``[(i, samples, result)]`` in order.
+
+    With one intra-op thread (or inside a worker) everything runs here on whole batches.
+    Otherwise, when there are fewer than two items per worker, the batch is cut into chunks so
+    that every worker has work (a layout with one active block-row still uses all cores).
+    """
     n = torch.get_num_threads()
-    if n <= 1 or len(items) <= 1 or threading.current_thread().name.startswith("itop-cpu-conv"):
-        return [fn(i) for i in items]
-    return list(_pool(n).map(_no_grad(fn), items))
+    if (n <= 1 or batch == 0 or not indices
+            or threading.current_thread().name.startswith("itop-cpu-conv")):
+        return [(i, slice(None), fn(i, slice(None))) for i in indices]
+    chunks = max(1, min(batch, -(-2 * n // len(indices))))
+    bounds = [(k * batch // chunks, (k + 1) * batch // chunks) for k in range(chunks)]
+    items = [(i, slice(b0, b1)) for i in indices for b0, b1 in bounds if b1 > b0]
+    call = _no_grad(lambda item: fn(*item))
+    return [(i, sl, res) for (i, sl), res in zip(items, _pool(n).map(call, items))]
 
 
 # --------------------------------------------------------------------------- the three ops
@@ -169,19 +180,19 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
 
     out = torch.empty(N, out_channels, Ho, Wo, dtype=ct, memory_format=mf)
 
-    def row(r: int) -> None:                                       # writes out[:, r-block]
+    def row(r: int, sl: slice) -> None:                            # writes out[sl, r-block]
         lo, hi = rp[r], rp[r + 1]
         ch = slice(r * bs, (r + 1) * bs)
         if lo == hi:  # an empty block-row: only the bias
-            out[:, ch] = 0 if b is None else b[ch].view(bs, 1, 1)
+            out[sl, ch] = 0 if b is None else b[ch].view(bs, 1, 1)
             return
-        xg = xb.take(col_idx[lo:hi])                               # [N, cnt·bs, H, W]
+        xg = xb.take(col_idx[lo:hi], sl)                           # [n, cnt·bs, H, W]
         w_row = w_all[:, lo:hi].reshape(bs, (hi - lo) * bs, kh, kw)  # a view
-        out[:, ch] = torch.nn.functional.conv2d(xg, w_row, None if b is None else b[ch],
-                                                stride, padding, dilation)
+        out[sl, ch] = torch.nn.functional.conv2d(xg, w_row, None if b is None else b[ch],
+                                                 stride, padding, dilation)
 
-    # Every row, its copy into `out` included, runs on a worker (see _map).
-    _map(row, list(range(R)))
+    # Every row, its copy into `out` included, runs on a worker (see _run).
+    _run(row, list(range(R)), N)
     return out.to(x.dtype)
 
 
@@ -208,18 +219,18 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
 
     dx = torch.empty(N, Cin, H, W, dtype=ct, memory_format=mf)
 
-    def column(c: int) -> None:                                    # writes dx[:, c-block]
+    def column(c: int, sl: slice) -> None:                         # writes dx[sl, c-block]
         lo, hi = cp[c], cp[c + 1]
         ch = slice(c * bs, (c + 1) * bs)
         if lo == hi:  # no active block in this column: no gradient reaches it
-            dx[:, ch] = 0
+            dx[sl, ch] = 0
             return
-        dyg = dyb.take(t_row_idx[lo:hi])                           # [N, cnt·bs, Ho, Wo]
-        dx[:, ch], _, _ = torch.ops.aten.convolution_backward(
-            dyg, shape_only, v_t[lo:hi].view(-1, bs, kh, kw), None, stride, padding, dilation,
-            False, [0, 0], 1, [True, False, False])
+        dyg = dyb.take(t_row_idx[lo:hi], sl)                       # [n, cnt·bs, Ho, Wo]
+        dx[sl, ch], _, _ = torch.ops.aten.convolution_backward(
+            dyg, shape_only[sl], v_t[lo:hi].view(-1, bs, kh, kw), None, stride, padding,
+            dilation, False, [0, 0], 1, [True, False, False])
 
-    _map(column, list(range(C)))
+    _run(column, list(range(C)), N)
     return dx.to(dy.dtype)
 
 
@@ -244,18 +255,24 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, col_ptr: torch.Tensor,
 
     dv_t = torch.empty(nnz, kh, kw, bs, bs, dtype=ct)      # gradients in column-major order
 
-    def column(c: int) -> None:                                    # writes dv_t[lo:hi]
+    def column(c: int, sl: slice) -> torch.Tensor:    # -> [cnt·bs_o, bs_i, kh, kw], samples sl
         lo, hi = cp[c], cp[c + 1]
-        dyg = dyb.take(t_row_idx[lo:hi])                           # [N, cnt·bs, Ho, Wo]
-        x_c = xb.one(c)                                            # [N, bs, H, W] (a view)
+        dyg = dyb.take(t_row_idx[lo:hi], sl)                       # [n, cnt·bs, Ho, Wo]
+        x_c = xb.one(c, sl)                                        # [n, bs, H, W] (a view)
         shape_only = torch.empty(1, dtype=ct).expand((hi - lo) * bs, bs, kh, kw)
         _, dw_col, _ = torch.ops.aten.convolution_backward(
             dyg, x_c, shape_only, None, stride, padding, dilation, False, [0, 0], 1,
             [False, True, False])
-        # [cnt·bs_o, bs_i, kh, kw] -> [cnt, kh, kw, bs_o, bs_i]
-        dv_t[lo:hi] = dw_col.view(hi - lo, bs, bs, kh, kw).permute(0, 3, 4, 1, 2)
+        return dw_col
 
-    _map(column, [c for c in range(C) if cp[c + 1] > cp[c]])
+    for c, sl, dw_col in _run(column, [c for c in range(C) if cp[c + 1] > cp[c]], N):
+        lo, hi = cp[c], cp[c + 1]
+        # [cnt·bs_o, bs_i, kh, kw] -> [cnt, kh, kw, bs_o, bs_i]; batch chunks add up
+        part = dw_col.view(hi - lo, bs, bs, kh, kw).permute(0, 3, 4, 1, 2)
+        if sl.start in (None, 0):
+            dv_t[lo:hi] = part
+        else:
+            dv_t[lo:hi] += part
     dv = torch.empty_like(dv_t)
     dv[t_block_idx.long()] = dv_t                            # back to row-major (values) order
     return dv.to(dy.dtype)
