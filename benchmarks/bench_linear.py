@@ -37,6 +37,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # --------------------------------------------------------------------------- environment
 def git_commit() -> str:
+    """HEAD of this checkout; ``ITOP_GIT_COMMIT`` overrides it (a copy without .git)."""
+    if os.environ.get("ITOP_GIT_COMMIT"):
+        return os.environ["ITOP_GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
                                        cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
@@ -124,6 +127,25 @@ def roofline_ms(M: int, K: int, N: int, density: float, elsize: int, peaks: dict
 
 
 # --------------------------------------------------------------------------- methods
+def _derive_roofline(row: dict, elsize: int, peaks: dict) -> None:
+    """Add ``roofline_ms`` and ``roofline_fraction`` to a timed row. The sparse methods (ours,
+    torch BSR) are held to the floor of the sparse work, dense and masked dense to the dense one."""
+    sparse = row["method"] in ("ours", "torch_bsr")
+    floor = roofline_ms(row["M"], row["K"], row["N"], row["density"] if sparse else 1.0,
+                        elsize, peaks, row["phase"])
+    row["roofline_ms"] = floor
+    row["roofline_fraction"] = floor / row["ms"] if floor else None
+
+
+def rederive(path: Path) -> dict:
+    """Recompute the derived fields (roofline) of a results JSON from its raw times and peaks."""
+    result = json.loads(path.read_text())
+    for row in result["rows"]:
+        if "ms" in row:
+            _derive_roofline(row, DTYPES[row["dtype"]].itemsize, result["peaks"].get(row["dtype"], {}))
+    return result
+
+
 def exact_mask(R: int, C: int, density: float, gen: torch.Generator) -> torch.Tensor:
     """A random block mask with exactly round(density·R·C) (at least one) active blocks."""
     nnz = max(1, round(density * R * C))
@@ -217,10 +239,7 @@ def run(args, checkpoint=None) -> dict:
                         row["ms"] = t
                         ref = dense_t.get(phase)
                         row["speedup_vs_dense"] = ref / t if ref else None
-                        floor = roofline_ms(M, K, N, density if method == "ours" else 1.0,
-                                            x.element_size(), peaks[dname], phase)
-                        row["roofline_ms"] = floor
-                        row["roofline_fraction"] = floor / t if floor else None
+                        _derive_roofline(row, x.element_size(), peaks[dname])
                     rows.append(row)
                 if bar is not None:
                     bar.update(1)
@@ -310,7 +329,12 @@ def parse_args(argv=None):
     p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.2, 0.1, 0.05, 0.02])
     p.add_argument("--reps", type=int, default=5, help="CPU samples per point (median)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/linear_<device>.json)")
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="no timing: recompute derived fields of an existing results JSON from its "
+                        "raw times, rewrite it, re-plot it and print its table")
     args = p.parse_args(argv)
+    if args.replot:
+        return args
     gpu = args.device.startswith("cuda")
     if args.M is None:
         args.M = 16384 if gpu else 512
@@ -332,6 +356,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        result = rederive(args.replot)
+        args.replot.write_text(json.dumps(result, indent=1))
+        plot(result, args.replot.with_suffix(".png"))
+        print_table(result)
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = run(args, checkpoint=lambda r: args.out.write_text(json.dumps(r, indent=1)))
     args.out.write_text(json.dumps(result, indent=1))
