@@ -305,6 +305,9 @@ def plot(result: dict, path: Path) -> None:
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        dens = sorted({r["density"] for r in rows})
+        ax.set_xticks(dens, [f"{d:g}" for d in dens])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("density (fraction of active blocks)")
         ax.set_ylabel("fwd+bwd speedup over dense")
         r0 = rows[0]
