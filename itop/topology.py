@@ -46,6 +46,7 @@ skipped and scores come from that step's gradients. Gradient scores are divided 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -187,7 +188,10 @@ class TopologyManager:
         self._comm = _collectives(model, distributed)
         if self._comm is not None:
             self._broadcast_layers()
-        self._generator = torch.Generator().manual_seed(seed)
+        # Random growth draws on the layers' device: drawing millions of element scores on the
+        # host and copying them over (block size 1) would cost more than the training step.
+        device = self.layers[0][1].block_mask.device if self.layers else torch.device("cpu")
+        self._generator = torch.Generator(device=device).manual_seed(seed)
         self.step_count = 0
         self._pending = False
         self._scale_prev: Optional[float] = None
@@ -303,8 +307,8 @@ class TopologyManager:
                 prev.mul_(self._beta).add_(s, alpha=1.0 - self._beta)
 
     def _random_scores(self, m: SparseLayer) -> Tensor:
-        r = torch.rand(m.block_mask.shape, generator=self._generator)
-        return r.to(m.block_mask.device, non_blocking=True)
+        g = self._generator
+        return torch.rand(m.block_mask.shape, generator=g, device=g.device).to(m.block_mask.device)
 
     @torch.no_grad()
     def _update(self, t: int) -> bool:
@@ -414,6 +418,7 @@ class TopologyManager:
             "scale_prev": self._scale_prev,
             "fired": {n: f.clone() for n, f in self.fired.items()},
             "rng_state": self._generator.get_state(),
+            "rng_device": self._generator.device.type,
             "ema": {n: e.clone() for n, e in self._ema.items()},
             "config": {"update_every": self.update_every, "growth": self.growth,
                        "total_steps": self.total_steps},
@@ -434,7 +439,18 @@ class TopologyManager:
                 raise ValueError(f"fired mask of {n} has shape {tuple(f.shape)}, the layer "
                                  f"{tuple(m.block_mask.shape)}")
             self.fired[n] = f.to(device=m.block_mask.device, dtype=torch.bool).clone()
-        self._generator.set_state(state["rng_state"])
+        if state.get("rng_device", "cpu") == self._generator.device.type:
+            self._generator.set_state(state["rng_state"])
+        else:  # a checkpoint from another device type: derive a seed from its generator state
+            saved = torch.Generator()
+            if state.get("rng_device", "cpu") == "cpu":
+                saved.set_state(state["rng_state"])
+            else:
+                saved.manual_seed(int(state["rng_state"].to(torch.int64).sum()))
+            self._generator.manual_seed(int(torch.randint(2 ** 62, (1,), generator=saved)))
+            warnings.warn(f"TopologyManager state came from a {state.get('rng_device', 'cpu')} "
+                          f"generator; random growth on {self._generator.device.type} is reseeded "
+                          "from it (reproducible, but not the same draws)")
         self._ema = {n: e.to(dict(self.layers)[n].block_mask.device).clone()
                      for n, e in state.get("ema", {}).items()}
         self._arm()

@@ -496,3 +496,27 @@ def test_small_models_train_with_every_growth_mode(growth, image):
     assert mgr.itop_rate > 0.3
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.6 * first, (first, last)
+
+
+def test_random_growth_draws_on_the_layers_device_and_reseeds_across_device_types():
+    """The growth generator lives with the layers; a checkpoint from another device type is
+    reseeded from its generator state (with a warning), reproducibly."""
+    def fresh():
+        torch.manual_seed(0)
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, itop.TopologyManager(model, opt, update_every=1, total_steps=100,
+                                                growth="random")
+    model, opt, mgr = fresh()
+    assert mgr._generator.device == model[0].block_mask.device
+    state = mgr.state_dict()
+    assert state["rng_device"] == "cpu"
+    state["rng_device"] = "cuda"  # as if saved by a run on a GPU
+    masks = []
+    for _ in range(2):
+        model, opt, mgr = fresh()
+        with pytest.warns(UserWarning, match="reseeded"):
+            mgr.load_state_dict(state)
+        mgr.step()
+        masks.append([m.block_mask.clone() for m in (model[0], model[2])])
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
