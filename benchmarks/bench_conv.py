@@ -8,6 +8,8 @@ For every layer shape, block size and density it times, on the same random input
 - ``ours``: ``block_sparse_conv2d(x, values, layout)``;
 
 each as ``fwd``, ``bwd`` (gradients of x and the weight, from a retained graph) and ``fwd+bwd``.
+On the GPU, fwd+bwd is also timed replayed from a CUDA graph (``cuda_graph_s``, column
+``graph x``), which removes the host's launch and Python overhead (``--no-graphs`` skips it).
 
 - GPU: bf16, channels-last, ``triton.testing.do_bench`` (median). The layer shapes are the 3×3
   and 1×1 convolutions of ResNet-50 on ImageNet (batch 64) and the convolutions of VGG-16 and
@@ -180,6 +182,24 @@ def time_three(make_output, leaves: list, device: torch.device, repeats: int) ->
     return {k: v[0] for k, v in res.items()}, {k: v[1] for k, v in res.items()}
 
 
+def time_graphed(make_output, leaves: list) -> dict:
+    """GPU: fwd+bwd replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``, median),
+    which takes the host's launch and Python overhead out: at these layer sizes the eager
+    timings of a custom op with autograd are bound by the host, not the kernels. Returns
+    ``{"fwd+bwd": s}`` or ``{"error": text}`` if the capture fails."""
+    import triton.testing
+    y = make_output()
+    dy = torch.randn_like(y)
+    del y
+    try:
+        ms = triton.testing.do_bench_cudagraph(lambda: make_output().backward(dy), rep=20,
+                                               grad_to_none=leaves, return_mode="median")
+        return {"fwd+bwd": ms * 1e-3}
+    except Exception as exc:  # report, don't stop the sweep
+        torch.cuda.synchronize()
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+
 def time_interleaved(methods: dict, repeats: int) -> tuple:
     """CPU: fwd, bwd and fwd+bwd of several methods ``{name: (make_output, leaves)}``, run in
     turn within each repetition so that they share the machine's conditions (the development
@@ -242,7 +262,7 @@ def conv_bytes(layer: Layer, weight_fraction: float, elem: int) -> float:
 
 
 def bench_layer(layer: Layer, sweep: dict, device, dtype, repeats, memory_format,
-                peak_flops, peak_bw, bar) -> list[dict]:
+                peak_flops, peak_bw, bar, graphs: bool = False) -> list[dict]:
     """Rows for one layer shape; ``sweep`` maps block size -> densities."""
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -255,6 +275,7 @@ def bench_layer(layer: Layer, sweep: dict, device, dtype, repeats, memory_format
     dense_fn = (lambda: F.conv2d(x, w_param, **conv), [x, w_param])
     if device.type == "cuda":  # the GPU is ours alone: time dense once per layer
         dense, dense_raw = time_three(*dense_fn, device, repeats)
+        dense_graph = time_graphed(*dense_fn) if graphs else None
     elem = torch.finfo(dtype).bits // 8
     for bs, densities in sweep.items():
         if layer.cin % bs or layer.cout % bs:
@@ -273,9 +294,13 @@ def bench_layer(layer: Layer, sweep: dict, device, dtype, repeats, memory_format
             values = layout.gather(w_dense).requires_grad_()
             masked_fn = (lambda: F.conv2d(x, layout.scatter(values), **conv), [x, values])
             ours_fn = (lambda: block_sparse_conv2d(x, values, layout, **conv), [x, values])
+            graphed = None
             if device.type == "cuda":
                 masked, masked_raw = time_three(*masked_fn, device, repeats)
                 ours, ours_raw = time_three(*ours_fn, device, repeats)
+                if graphs:
+                    graphed = {"dense": dense_graph, "masked": time_graphed(*masked_fn),
+                               "ours": time_graphed(*ours_fn)}
             else:  # CPU: all three interleaved, dense again for every row
                 med, raw = time_interleaved({"dense": dense_fn, "masked": masked_fn,
                                              "ours": ours_fn}, repeats)
@@ -289,6 +314,11 @@ def bench_layer(layer: Layer, sweep: dict, device, dtype, repeats, memory_format
                    "speedup_vs_masked": {k: masked[k] / ours[k] for k in ours},
                    "flops_fwd_bwd": conv_flops(layer, layout.density),
                    "raw_s": {"dense": dense_raw, "masked": masked_raw, "ours": ours_raw}}
+            if graphed is not None:
+                row["cuda_graph_s"] = graphed
+                if "fwd+bwd" in graphed["dense"] and "fwd+bwd" in graphed["ours"]:
+                    row["speedup_vs_dense_cuda_graph"] = (graphed["dense"]["fwd+bwd"]
+                                                          / graphed["ours"]["fwd+bwd"])
             if peak_flops and peak_bw:
                 floor = max(conv_flops(layer, layout.density) / peak_flops,
                             conv_bytes(layer, layout.density, elem) / peak_bw)
@@ -327,7 +357,7 @@ def _git_commit() -> str:
 def print_table(rows: list[dict]) -> None:
     head = (f"{'net':9s} {'layer':18s} {'N':>4s} {'cin':>5s} {'cout':>5s} {'hw':>4s} {'k':>2s} "
             f"{'s':>2s} {'bs':>3s} {'dens':>5s} {'dense ms':>9s} {'masked ms':>9s} {'ours ms':>9s}"
-            f" {'x dense':>8s} {'fwd x':>6s} {'bwd x':>6s}")
+            f" {'x dense':>8s} {'fwd x':>6s} {'bwd x':>6s} {'graph x':>8s}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -336,7 +366,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['density']:5.3f} {1e3 * r['dense_s']['fwd+bwd']:9.2f} "
               f"{1e3 * r['masked_s']['fwd+bwd']:9.2f} {1e3 * r['ours_s']['fwd+bwd']:9.2f} "
               f"{r['speedup_vs_dense']['fwd+bwd']:8.2f} {r['speedup_vs_dense']['fwd']:6.2f} "
-              f"{r['speedup_vs_dense']['bwd']:6.2f}")
+              f"{r['speedup_vs_dense']['bwd']:6.2f} "
+              f"{r.get('speedup_vs_dense_cuda_graph', float('nan')):8.2f}")
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
@@ -409,6 +440,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tbs", type=float, default=3.0,
                    help="GPU memory bandwidth for the roofline floor, TB/s (measured H100: ~3)")
     p.add_argument("--out", help="JSON path (the plot goes next to it as .png)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="GPU: skip the CUDA-graph fwd+bwd timings (host overhead removed)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -440,7 +473,8 @@ def main(argv=None) -> int:
             bar.set_postfix_str(f"{layer.net}/{layer.name}")
             rows += bench_layer(layer, sweep, device, dtype, repeats, torch.channels_last,
                                 args.peak_tflops * 1e12 if gpu else None,
-                                args.peak_tbs * 1e12 if gpu else None, bar)
+                                args.peak_tbs * 1e12 if gpu else None, bar,
+                                graphs=gpu and not args.no_graphs)
 
     try:
         import triton.testing
