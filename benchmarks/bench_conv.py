@@ -448,11 +448,11 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     if gpu:
         dtype = torch.bfloat16
-        densities = args.densities or ([0.05, 0.1, 0.2] if args.quick
+        densities = args.densities or ([0.05, 0.2] if args.quick
                                        else [0.02, 0.05, 0.1, 0.2, 0.5])
         block_sizes = args.block_sizes or [16, 32, 64]
         plan = [(layer, {bs: densities for bs in block_sizes}) for layer in gpu_layers(args.quick)]
-        repeats = args.repeats or 10
+        repeats = args.repeats or (5 if args.quick else 10)
         device_name = torch.cuda.get_device_name(device)
     else:
         dtype = torch.float32
@@ -466,7 +466,28 @@ def main(argv=None) -> int:
                                    f"conv_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = None
     rows = []
+    result = {
+        "benchmark": "bench_conv", "device": device.type, "device_name": device_name,
+        "dtype": str(dtype), "memory_format": "channels_last",
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton_version,
+        "python": platform.python_version(), "git_commit": _git_commit(), "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "timer": "triton.testing.do_bench median" if gpu else f"median of {repeats} wall-clock runs",
+        "roofline": ({"peak_tflops": args.peak_tflops, "peak_tbs": args.peak_tbs} if gpu else None),
+        "complete": False, "rows": rows,
+    }
+
+    def save() -> None:  # after every layer shape, so a run cut short still leaves its rows
+        result["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
     total = sum(len(ds) for _, sw in plan for ds in sw.values())
     with tqdm(total=total, desc="bench_conv", file=sys.stderr) as bar:
         for layer, sweep in plan:
@@ -475,25 +496,9 @@ def main(argv=None) -> int:
                                 args.peak_tflops * 1e12 if gpu else None,
                                 args.peak_tbs * 1e12 if gpu else None, bar,
                                 graphs=gpu and not args.no_graphs)
-
-    try:
-        import triton.testing
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover
-        triton_version = None
-    result = {
-        "benchmark": "bench_conv", "device": device.type, "device_name": device_name,
-        "dtype": str(dtype), "memory_format": "channels_last",
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton_version,
-        "python": platform.python_version(), "git_commit": _git_commit(), "argv": sys.argv,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "timer": "triton.testing.do_bench median" if gpu else f"median of {repeats} wall-clock runs",
-        "roofline": ({"peak_tflops": args.peak_tflops, "peak_tbs": args.peak_tbs} if gpu else None),
-        "rows": rows,
-    }
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+            save()
+    result["complete"] = True
+    save()
     png = os.path.splitext(out)[0] + ".png"
     plot(rows, png, f"block_sparse_conv2d fwd+bwd, {device_name}, {str(dtype)[6:]}, "
                     f"channels_last ({'quick' if args.quick else 'full'} sweep)")
