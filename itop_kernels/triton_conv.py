@@ -38,6 +38,7 @@ All products accumulate in fp32 (fp32 inputs use tf32 dots on the GPU). Tile siz
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -290,12 +291,19 @@ CONFIGS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> tuple:
+    """``(config arch, SM count)`` of CUDA device ``index``, looked up once (host overhead)."""
+    props = torch.cuda.get_device_properties(index)
+    return (90 if props.major >= 9 else 80), props.multi_processor_count
+
+
 def _arch(device: torch.device) -> int:
     """The config table for ``device``: sm_90 for Hopper and newer, sm_80 otherwise (and for
     the CPU interpreter)."""
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return 90 if major >= 9 else 80
+        return _cuda_facts(device.index if device.index is not None
+                           else torch.cuda.current_device())[0]
     return 80
 
 
@@ -308,7 +316,8 @@ def _config(block_size: int, device: torch.device) -> ConvConfig:
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_facts(device.index if device.index is not None
+                           else torch.cuda.current_device())[1]
     return 1  # the interpreter runs programs one after another: fewer, longer ones
 
 
