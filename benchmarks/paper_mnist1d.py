@@ -272,7 +272,37 @@ def analysis(results: List[Dict[str, Any]]) -> str:
             (a1, r1), (a16, r16) = cells
             out.append(f"| {LABEL[m]} | {100 * sp:.0f} % | {_pct(a1)} % ({r1:.2f}) | "
                        f"{_pct(a16)} % ({r16:.2f}) | {100 * (a16 - a1):+.1f} points |")
+    out.append("")
+    out.append(collapses(results))
     return "\n".join(out) + "\n"
+
+
+def collapses(results: List[Dict[str, Any]], margin: float = 0.10) -> str:
+    """Count the DST runs that ended more than ``margin`` below the static runs of the same
+    sparsity and block size (where static training itself learned: above 50 %)."""
+    rows = []
+    for sp in sorted({r["sparsity"] for r in results if r["method"] != "dense"}):
+        for bs in sorted({r["block"] for r in results if r["method"] != "dense"}):
+            st = _mean([r["test_acc"] for r in results
+                        if (r["method"], r["sparsity"], r["block"]) == ("static", sp, bs)])
+            dst = [r for r in results if r["method"] in ("set", "rigl") and
+                   (r["sparsity"], r["block"]) == (sp, bs)]
+            if not dst or math.isnan(st) or st < 0.5:
+                continue
+            bad = [r for r in dst if r["test_acc"] < st - margin]
+            rows.append(f"{100 * sp:.0f} % / block {bs}: {len(bad)} of {len(dst)} DST runs "
+                        f"more than {100 * margin:.0f} points below static ({_pct(st)} %)")
+    return ("**Collapsed runs.** " + "; ".join(rows) + ". Such a run loses accuracy at one "
+            "topology update and never recovers. A replay of one of them (RigL, 90 %, block "
+            "16, ΔT 125, seed 101) showed the mechanism. The two strided 1×3 convolutions hold "
+            "only 4 of 32 and 6 of 64 blocks at block 16. `ceil(prune_rate·nnz)` then replaces "
+            "2 of the 4 blocks at every update. At step 375 the two pruned blocks had a tenth of "
+            "the L1 norm of the two kept ones. Yet the loss on 1000 training samples (eval "
+            "mode) went from 0.15 to 8.1 at that update. The epoch's training loss went from "
+            "0.23 to 1.8 and stayed above 1.1 until the end. Each convolution is followed by "
+            "batch norm, which makes a block's magnitude a poor measure of its importance. At "
+            "98 % sparsity with block 16 those convolutions keep a single block each, and even "
+            "static training stays at chance.\n")
 
 
 def _by(runs: List[Dict[str, Any]], key: str) -> Dict[Any, List[Dict[str, Any]]]:
@@ -322,7 +352,7 @@ def plot(results: List[Dict[str, Any]], path: str, title: str) -> None:
             ax.set_ylabel("test accuracy (%)")
             ax.set_xlim(0, 1.02)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -356,7 +386,8 @@ def write_outputs(data: Dict[str, Any], out_dir: str, update_readme: bool) -> st
     doc = "# ITOP on MNIST-1D: the paper's claims on a small 1-D CNN\n\n" + header + body
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(doc)
-    section = header + body + "\n![accuracy vs ITOP rate](benchmarks/results/paper_mnist1d.png)\n"
+    section = ("## Results: the ITOP paper's claims on MNIST-1D\n\n" + header + body +
+               "\n![accuracy vs ITOP rate](benchmarks/results/paper_mnist1d.png)\n")
     if update_readme:
         rewrite_readme(os.path.join(ROOT, "README.md"), section)
     return section

@@ -8,7 +8,8 @@
 - ``cifar10`` / ``cifar100``: read from the standard python-pickle archives
   ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` in the data directory (read straight
   from the tar, never extracted). A missing archive is downloaded from the Toronto site and its
-  MD5 checked; offline, :class:`DataError` says where to put the file. Samples ``(3, 32, 32)``,
+  MD5 checked; offline, :class:`DataError` says where to put the file. ``ITOP_NO_DOWNLOAD=1``
+  in the environment turns downloading off. Samples ``(3, 32, 32)``,
   stored as uint8, normalized per batch with the usual channel means/stds, and augmented in
   training with a random 4-pixel-padded crop and a horizontal flip (as in ITOP).
 - ``synthetic``: a seeded, learnable toy problem (a random teacher labels Gaussian inputs),
@@ -196,12 +197,14 @@ def _read_batches(tar: tarfile.TarFile, members, label_key: bytes, archive: str)
 
 def load_cifar(name: str, data_dir: str, download: bool = True) -> Dataset:
     """CIFAR-10/100 from the python-pickle archive ``data_dir/<file>`` (see
-    :data:`CIFAR_ARCHIVES`); downloads it (MD5-checked) when missing and ``download``.
+    :data:`CIFAR_ARCHIVES`); downloads it (MD5-checked) when missing and ``download`` (unless
+    ``ITOP_NO_DOWNLOAD`` is set).
 
     Raises:
         DataError: the archive is missing (and cannot be downloaded) or malformed.
     """
     spec = CIFAR_ARCHIVES[name]
+    download = download and not os.environ.get("ITOP_NO_DOWNLOAD")
     path = os.path.join(data_dir, spec["file"])
     if not os.path.exists(path):
         if not download:

@@ -68,7 +68,7 @@ class TrainConfig:
     data_dir: Optional[str] = None
     density: float = 0.1
     distribution: str = "erk"
-    block_size: int = 16
+    block_size: int = 1
     growth: str = "gradient"
     prune_rate: float = 0.5
     update_every: int = 20
@@ -355,7 +355,7 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
     ckpt_path = os.path.join(cfg.out, CHECKPOINT)
     start_epoch, step, dense_grad_steps, train_time = 0, 0, 0, 0.0
     if cfg.resume is not None:
-        ck = torch.load(_resume_path(cfg), map_location=device, weights_only=False)
+        ck = torch.load(_resume_path(cfg), map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if mgr is not None:
