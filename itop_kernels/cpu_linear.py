@@ -14,10 +14,11 @@ Two paths, chosen by the block size:
   steady when the cores are shared (hundreds of tiny multi-threaded GEMMs stall on every
   preempted thread).
 * ``block_size == 1`` (unstructured). ``W`` is a CSR matrix built zero-copy from the layout's
-  ``row_ptr``/``col_idx`` (int32, which MKL takes without conversion) and ``values.view(-1)``;
+  ``row_ptr``/``col_idx`` (int32, taken without conversion) and ``values.view(-1)``;
   ``Wᵀ`` is the CSR of the transpose metadata (``col_ptr``/``t_row_idx``) with the values
   re-gathered through ``t_block_idx`` each call (``W`` changes every step). ``Y`` and ``dX`` are
-  MKL sparse-dense products (``torch.mm`` on CSR), ``dW`` at the nonzeros is
+  CSR × dense products (``torch.sparse.mm(..., reduce="sum")``: ATen's native row-parallel
+  kernel, faster here than the MKL path), ``dW`` at the nonzeros is
   ``torch.sparse.sampled_addmm``. The dense operands are handed to them in the row-major
   ``[features, batch]`` layout they are fastest with, transposed into reused workspaces. No
   dense weight and no mask multiply anywhere.
@@ -203,21 +204,28 @@ def transposed_copy(x: torch.Tensor) -> torch.Tensor:
     return x.t().contiguous()
 
 
+def _spmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Fresh row-major ``a @ b`` for a CSR ``a`` and a row-major dense ``b``.
+
+    ``reduce="sum"`` selects ATen's native CSR kernel (row-parallel, vectorized over ``b``'s
+    rows), which runs about a quarter faster here than the MKL ``addmm`` that a plain
+    ``torch.sparse.mm`` calls, and needs no zero-filled output."""
+    return torch.sparse.mm(a, b, reduce="sum")
+
+
 def _csr_forward(x, values, row_ptr, col_idx, bias, N, ct):
     """Returns ``Y`` as the transposed view of a fresh row-major ``Yᵀ [N, M]``."""
     M, K = x.shape
-    yt = torch.empty(N, M, dtype=ct)
     b = bias.to(ct) if bias is not None else None
     if values.shape[0] == 0 or M == 0:
+        yt = torch.empty(N, M, dtype=ct)
         _fill_bias(yt, None if b is None else b[:, None])
         return yt.t()
     w = _csr(row_ptr, col_idx, values.to(ct).reshape(-1), (N, K))
     xt = _rows_of_t(x.to(ct), "xt")                        # Xᵀ, row-major [K, M]
-    if b is None:
-        yt.addmm_(w, xt, beta=0)     # Yᵀ = W · Xᵀ (MKL CSR × dense; beta=0: yt is not read)
-    else:
-        yt.copy_(b[:, None].expand(N, M))
-        yt.addmm_(w, xt)
+    yt = _spmm(w, xt)                                      # Yᵀ = W · Xᵀ
+    if b is not None:
+        yt.add_(b[:, None])
     return yt.t()
 
 
@@ -237,9 +245,7 @@ def _csr_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx, t_block_i
     if need_dx:
         vflat = values.to(ct).reshape(-1)
         wt = _csr(col_ptr, t_row_idx, vflat.index_select(0, t_block_idx), (K, N))
-        dxt = torch.empty(K, M, dtype=ct)
-        dxt.addmm_(wt, dyt, beta=0)                        # dXᵀ = Wᵀ · dYᵀ
-        dx = dxt.t()
+        dx = _spmm(wt, dyt).t()                            # dXᵀ = Wᵀ · dYᵀ
     if need_dv:
         xt = _rows_of_t(x.to(ct), "xt")
         pattern = _csr(row_ptr, col_idx, torch.zeros(nnz, dtype=ct), (N, K))

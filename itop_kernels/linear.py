@@ -36,7 +36,7 @@ def _triton():
 def _new_output(like: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
     """Shape and strides of an ``[rows, cols]`` output (``Y`` or ``dX``) of the ops.
 
-    Block size 1 runs only on the CPU path, whose MKL products write the transposed matrix
+    Block size 1 runs only on the CPU path, whose CSR products write the transposed matrix
     row-major: its outputs are transposed views (strides ``(1, rows)``), so that the next
     block-size-1 layer reads them without a copy. Other block sizes give row-major outputs."""
     if block_size == 1:
@@ -250,8 +250,8 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout,
         ``[..., out_features]`` in ``x``'s dtype. Products accumulate in float32 (float64 for
         float64 inputs). Differentiable with respect to ``x``, ``values`` and ``bias``.
 
-    Block size 1 (unstructured, ``values [nnz, 1, 1]``) runs a CSR path on CPU tensors (MKL
-    sparse × dense products and a sampled ``dW``; see :mod:`itop_kernels.cpu_linear`); its
+    Block size 1 (unstructured, ``values [nnz, 1, 1]``) runs a CSR path on CPU tensors (CSR
+    × dense products and a sampled ``dW``; see :mod:`itop_kernels.cpu_linear`); its
     output (and ``dX``) are transposed views of row-major ``[out, M]`` buffers, which the next
     block-size-1 layer reads without a copy. The Triton kernels have no block size 1: on CUDA
     tensors it raises ``ValueError`` (the ``itop`` layers run block size 1 there as masked dense).
