@@ -122,7 +122,8 @@ def plot_layer_density(layers: List[Dict[str, Any]], path: str, title: str) -> N
     ax.invert_yaxis()
     ax.set_xlim(0, 1.25)
     ax.set_xlabel("fraction of the layer's weights")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18 - 0.6 / max(1, len(names))),
+              ncol=2, fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -139,8 +140,10 @@ def _pick_layer(model_state: Dict[str, torch.Tensor]) -> Optional[str]:
 
 
 def plot_block_heatmap(active: torch.Tensor, fired: Optional[torch.Tensor], path: str,
-                       title: str) -> None:
-    """Heat-map of one mask: 2 = active, 1 = explored earlier, 0 = never explored."""
+                       title: str, unit: str = "block") -> None:
+    """Heat-map of one mask: 2 = active, 1 = explored earlier, 0 = never explored. ``unit``
+    names what a cell is (``"block"``, or ``"weight"`` for block size 1; the columns of a
+    4-D element mask are input channel × kernel tap)."""
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
     a = active.bool().reshape(active.shape[0], -1)
@@ -158,8 +161,9 @@ def plot_block_heatmap(active: torch.Tensor, fired: Optional[torch.Tensor], path
     ax.legend(handles=[Patch(color=cmap(v / 2), label=f"{lab} ({100 * c / n:.1f} %)")
                        for v, lab, c in zip((2, 1, 0), labels, counts)],
               loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
-    ax.set_xlabel("input block (columns)")
-    ax.set_ylabel("output block (rows)")
+    cols = "input channel × tap" if unit == "weight" and active.dim() == 4 else "input"
+    ax.set_xlabel(f"{cols} ({unit}s)")
+    ax.set_ylabel(f"output ({unit}s)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -194,7 +198,8 @@ def render_plots(run_dir: str) -> List[str]:
         fired = (ck.get("topology") or {}).get("fired", {}).get(name)
         mask = ck["model"][f"{name}.block_mask"]
         plot_block_heatmap(mask, fired, paths[3],
-                           f"layer {name}: mask {tuple(mask.shape)} — " + title)
+                           f"layer {name}: mask {tuple(mask.shape)} — " + title,
+                           unit="weight" if cfg.get("block_size") == 1 else "block")
     else:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 2.5))
