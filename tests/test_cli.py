@@ -1,7 +1,7 @@
 """The ``itop`` command line end to end on tiny settings: train (sparse/static/dense, CIFAR
 archive), resume bit for bit, report, bench, bad arguments, ``python -m itop`` and torchrun."""
 import hashlib
-import json
+import math
 import os
 import subprocess
 import sys
@@ -235,3 +235,18 @@ def test_torchrun_two_processes(tmp_path):
     assert final["mask_hashes"][0] == _mask_hash_of_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert final["itop_rate"] > final["density"]  # the topology did change
     assert sorted(os.listdir(out)) == sorted(["metrics.jsonl", "checkpoint.pt", *PLOT_FILES])
+
+
+def test_multiplier_extends_training_and_amp_runs(tmp_path, capsys):
+    """``--multiplier 2`` doubles the epochs and the schedule's length (ITOP's extended
+    training, same ΔT); ``--amp`` (bf16 autocast on the CPU) trains to finite losses."""
+    out = str(tmp_path / "m")
+    assert main(["train", *TINY, "--epochs", "1", "--multiplier", "2", "--amp", "--out", out,
+                 "--no-plots"]) == 0
+    recs = read_metrics(out)
+    assert recs[0]["total_steps"] == 2 * 8
+    ep = [r for r in recs if r["type"] == "epoch"]
+    assert [r["epoch"] for r in ep] == [1, 2]
+    assert ep[0]["lr"] == 0.1 and ep[1]["lr"] == pytest.approx(0.001)  # decays at 8 and 12
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["test_loss"]) for r in ep)
+    assert [r["step"] for r in recs if r["type"] == "topology"][-1] == 14
