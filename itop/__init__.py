@@ -3,7 +3,9 @@
 Public names:
 
 - :class:`SparseLinear`, :class:`SparseConv2d`: layers whose weight is stored as active blocks
-  (``values``, ``layout``), or as element masks on a dense weight for ``block_size=1``.
+  (``values``, ``layout``). At ``block_size=1`` a SparseLinear stores its active weights in CSR
+  (real sparse products on CPU tensors; masked dense with a one-time warning on CUDA) and a
+  SparseConv2d keeps element masks on a dense weight.
 - :func:`sparsify`, :func:`densify`, :func:`sparsity_summary`: model surgery and the per-layer
   density table.
 - :class:`TopologyManager`: prune/regrow every ``update_every`` steps (SET, RigL, SNFS-like

@@ -8,10 +8,16 @@ by ``block_size``:
   active blocks are stored, in ``values`` (``[nnz, bs, bs]``, or ``[nnz, kh, kw, bs, bs]`` for a
   convolution), and ``layout`` (a :class:`itop_kernels.BlockLayout`) says where they sit. The
   forward and backward run the block-sparse kernels and never touch inactive blocks.
-* **element storage** (``block_size == 1``): the paper's unstructured setting. ``values`` is
-  the plain dense weight (``[out, in]`` or ``[Cout, Cin/groups, kh, kw]``), kept at zero outside
-  an element mask, and the forward multiplies it by the mask (no speedup). ``layout`` is
-  ``None``.
+* **element storage** (``block_size == 1``): the paper's unstructured setting.
+
+  - :class:`SparseLinear`: only the active weights are stored, ``values [nnz, 1, 1]``, with a
+    block-size-1 ``layout`` (its CSR). On CPU tensors the forward and backward are real sparse
+    products (MKL CSR × dense for ``Y`` and ``dX``, ``dW`` sampled at the nonzeros only); on
+    CUDA tensors there is no block-1 kernel, so the forward scatters ``values`` into a dense
+    weight and runs ``F.linear`` (masked dense, no speedup) and warns once.
+  - :class:`SparseConv2d`: ``values`` is the plain dense weight ``[Cout, Cin/groups, kh, kw]``,
+    kept at zero outside an element mask, and the forward multiplies it by the mask (no
+    speedup, every device). ``layout`` is ``None``.
 
 Both storages implement one small internal interface (:mod:`itop.storage`); the layers and the
 topology manager go only through it, so a true CPU sparse path for block 1 is a new storage
@@ -120,7 +126,8 @@ class SparseLayer(nn.Module):
     Attributes:
         values: ``nn.Parameter``, the stored weights (see the module docstring for the shapes).
         block_mask: bool buffer, the topology mask (``[R, C]`` blocks, or element-level).
-        layout: :class:`itop_kernels.BlockLayout` (block storage) or ``None`` (``block_size=1``).
+        layout: :class:`itop_kernels.BlockLayout`, or ``None`` for a ``block_size=1``
+            :class:`SparseConv2d` (element masks on a dense weight).
         block_size: int.
         bias: ``nn.Parameter`` ``[out]`` or ``None``.
     """
@@ -133,7 +140,7 @@ class SparseLayer(nn.Module):
     def _setup_sparse(self, dense_shape: Tuple[int, ...], density: float, bound: float,
                       factory: dict) -> None:
         """Pick the storage, a random mask with exact nnz, and ``U(-bound, bound)`` values."""
-        self._storage = st = storage_for(self.block_size)
+        self._storage = st = storage_for(self.block_size, conv=len(dense_shape) == 4)
         shape = st.mask_shape(dense_shape, self.block_size)
         nnz = nnz_for_density(density, math.prod(shape))
         mask = _random_mask(shape, nnz, factory["device"])
@@ -322,13 +329,14 @@ class SparseLinear(SparseLayer):
         density: fraction of active blocks in ``(0, 1]``; the layer gets exactly
             ``nnz = round(density · R · C)`` blocks (at least 1), placed uniformly at random
             (torch's global RNG).
-        block_size: side of a square block; 1 means element-level masks on a dense weight.
+        block_size: side of a square block; 1 means unstructured (element-level) sparsity: a
+            real CSR path on CPU tensors, masked dense (with a one-time warning) on CUDA.
         device, dtype: of the parameters.
 
     Attributes:
-        values: ``nn.Parameter`` ``[nnz, bs, bs]`` (block storage) or ``[out, in]``
-            (``block_size=1``), initialized like ``nn.Linear``: ``U(-1/√in, 1/√in)``.
-        layout: :class:`~itop_kernels.BlockLayout` or ``None`` for ``block_size=1``.
+        values: ``nn.Parameter`` ``[nnz, bs, bs]`` (``[nnz, 1, 1]`` for ``block_size=1``),
+            initialized like ``nn.Linear``: ``U(-1/√in, 1/√in)``.
+        layout: :class:`~itop_kernels.BlockLayout` (at block size 1 too).
         block_mask: bool buffer ``[out/bs, in/bs]`` (``[out, in]`` for ``block_size=1``).
 
     Input ``[..., in_features]`` -> output ``[..., out_features]``, in the parameters' dtype.

@@ -4,15 +4,22 @@ layers (and through them the topology manager) and the weight storage.
 * :class:`BlockStorage` (``block_size >= 2``): only the active ``bs × bs`` blocks are stored
   (``values [nnz, bs, bs]`` or ``[nnz, kh, kw, bs, bs]``), with a
   :class:`itop_kernels.BlockLayout`; the forward runs the block-sparse kernels.
-* :class:`MaskedDenseStorage` (``block_size == 1``): the dense weight, kept at zero outside an
-  element mask, multiplied by the mask in the forward (the paper's setting, no speedup).
+* :class:`CsrStorage` (``block_size == 1``, linear layers): only the active weights are
+  stored, as ``values [nnz, 1, 1]`` with a :class:`itop_kernels.BlockLayout` of block size 1
+  (its row/column CSR). On CPU tensors the forward and backward run the CSR path of
+  :func:`itop_kernels.block_sparse_linear` (MKL sparse × dense products, ``dW`` sampled at the
+  nonzeros only). The Triton kernels have no block size 1: on CUDA tensors (and under
+  ``TRITON_INTERPRET=1``) the forward scatters the values into a dense weight and runs
+  ``F.linear`` (masked dense, no speedup) and warns once.
+* :class:`MaskedDenseStorage` (``block_size == 1``, convolutions): the dense weight, kept at
+  zero outside an element mask, multiplied by the mask in the forward (no speedup).
 
 A storage object is stateless; it reads and writes the layer's ``values``, ``block_mask``,
-``layout`` and ``_nnz``. A true CPU sparse path for block 1 (CSR or similar) is a third
-class implementing the same methods, selected in :func:`storage_for`.
+``layout`` and ``_nnz``. :func:`storage_for` picks one.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -20,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from itop_kernels import BlockLayout, block_sparse_linear
+from itop_kernels.dispatch import use_triton
 
-__all__ = ["BlockStorage", "MaskedDenseStorage", "storage_for"]
+__all__ = ["BlockStorage", "CsrStorage", "MaskedDenseStorage", "storage_for"]
 
 
 def _state_tensors(layer, optimizer) -> Iterator[Tensor]:
@@ -126,8 +134,30 @@ class BlockStorage:
                                    padding=layer.padding, dilation=layer.dilation)
 
 
+class CsrStorage(BlockStorage):
+    """Element-level sparsity of a linear weight (``block_size == 1``): the active weights only,
+    ``values [nnz, 1, 1]``, with a block-size-1 :class:`~itop_kernels.BlockLayout`. Everything
+    but the forward is :class:`BlockStorage`'s, so topology updates, optimizer state, magnitude
+    and gradient scores behave exactly as at other block sizes."""
+
+    warned_masked_dense = False
+
+    @staticmethod
+    def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if not use_triton(x):   # CPU tensors: the real CSR path
+            return block_sparse_linear(x, values, layer.layout, bias)
+        if not CsrStorage.warned_masked_dense:
+            CsrStorage.warned_masked_dense = True
+            warnings.warn("block_size=1 has no GPU kernel: on CUDA tensors SparseLinear runs it "
+                          "as a dense weight with zeros outside the mask (masked dense, no "
+                          "speedup); use block_size >= 16 for the block-sparse kernels",
+                          stacklevel=3)
+        return F.linear(x, layer.layout.scatter(values), bias)
+
+
 class MaskedDenseStorage:
-    """Element-level masks on a dense weight (``block_size == 1``); ``layout`` is ``None``."""
+    """Element-level masks on a dense weight (``block_size == 1`` convolutions); ``layout`` is
+    ``None``."""
 
     units_include_taps = True  # one unit = one weight, kernel taps included
 
@@ -187,6 +217,9 @@ class MaskedDenseStorage:
                         layer.dilation, layer.groups)
 
 
-def storage_for(block_size: int):
-    """The storage class for a block size: element masks for 1, active blocks otherwise."""
-    return MaskedDenseStorage if block_size == 1 else BlockStorage
+def storage_for(block_size: int, conv: bool = False):
+    """The storage class: active blocks for ``block_size >= 2``; at block size 1 the CSR storage
+    for linear layers and element masks on a dense weight for convolutions (``conv=True``)."""
+    if block_size != 1:
+        return BlockStorage
+    return MaskedDenseStorage if conv else CsrStorage

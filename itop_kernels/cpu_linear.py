@@ -196,12 +196,13 @@ def _rows_of_t(a: torch.Tensor, slot: str) -> torch.Tensor:
     return ws
 
 
-def transposed_copy(x: torch.Tensor) -> torch.Tensor:
-    """A fresh row-major ``xᵀ`` of a 2-D ``x``, or an empty tensor when ``x.t()`` already is
-    row-major (nothing to copy). Used to hand the block-size-1 backward the ``Xᵀ`` it needs."""
-    if x.t().is_contiguous():
-        return x.new_empty(0)
-    return x.t().contiguous()
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """``tᵀ`` for a row-major 2-D ``t``, as a tensor of its own (strides ``(1, rows)``) sharing
+    ``t``'s storage rather than a view of it: an op output that is a view could not be modified
+    in place by the caller (``ReLU(inplace=True)`` after a layer, say)."""
+    out = t.new_empty(0)
+    out.set_(t.untyped_storage(), t.storage_offset(), (t.shape[1], t.shape[0]), (1, t.shape[1]))
+    return out
 
 
 def _spmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -220,13 +221,13 @@ def _csr_forward(x, values, row_ptr, col_idx, bias, N, ct):
     if values.shape[0] == 0 or M == 0:
         yt = torch.empty(N, M, dtype=ct)
         _fill_bias(yt, None if b is None else b[:, None])
-        return yt.t()
+        return _transposed(yt)
     w = _csr(row_ptr, col_idx, values.to(ct).reshape(-1), (N, K))
     xt = _rows_of_t(x.to(ct), "xt")                        # Xᵀ, row-major [K, M]
     yt = _spmm(w, xt)                                      # Yᵀ = W · Xᵀ
     if b is not None:
         yt.add_(b[:, None])
-    return yt.t()
+    return _transposed(yt)
 
 
 def _csr_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx, t_block_idx, K,
@@ -237,7 +238,7 @@ def _csr_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx, t_block_i
     dx = dv = None
     if nnz == 0 or M == 0:
         if need_dx:
-            dx = torch.zeros(K, M, dtype=ct).t()
+            dx = _transposed(torch.zeros(K, M, dtype=ct))
         if need_dv:
             dv = torch.zeros(nnz, 1, 1, dtype=ct)
         return dx, dv
@@ -245,7 +246,7 @@ def _csr_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx, t_block_i
     if need_dx:
         vflat = values.to(ct).reshape(-1)
         wt = _csr(col_ptr, t_row_idx, vflat.index_select(0, t_block_idx), (K, N))
-        dx = _spmm(wt, dyt).t()                            # dXᵀ = Wᵀ · dYᵀ
+        dx = _transposed(_spmm(wt, dyt))                   # dXᵀ = Wᵀ · dYᵀ
     if need_dv:
         xt = _rows_of_t(x.to(ct), "xt")
         pattern = _csr(row_ptr, col_idx, torch.zeros(nnz, dtype=ct), (N, K))

@@ -152,48 +152,41 @@ _bsl_forward.register_autograd(_backward, setup_context=_setup_context)
 
 # --------------------------------------------------------------------------- block size 1, CPU
 @torch.library.custom_op("itop_kernels::bsl_forward_csr", mutates_args=())
-def _bsl_forward_csr(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+def _bsl_forward_csr(xt: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
                      row_idx: Tensor, col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
-                     bias: Optional[Tensor], out_features: int) -> Tuple[Tensor, Tensor]:
-    """Block size 1 on CPU tensors: ``(Y, Xᵀ)``. ``Xᵀ`` (row-major ``[K, M]``) is the copy the
-    CSR product needed anyway; the backward's sampled ``dW`` reuses it instead of transposing
-    ``X`` again. It is empty when ``x`` already is a transposed view (then ``x.t()`` is used)."""
-    xt = cpu_linear.transposed_copy(x)
-    y = cpu_linear.linear_forward(x if xt.numel() == 0 else xt.t(), values, row_ptr, col_idx,
-                                  bias, 1, out_features)
-    return y, xt
+                     bias: Optional[Tensor], out_features: int) -> Tensor:
+    """Block size 1 on CPU tensors. Takes ``Xᵀ`` (row-major ``[K, M]``: what the CSR product
+    reads) and returns ``Y`` ``[M, N]`` as a transposed view; its gradient for ``xt`` is
+    ``dXᵀ``, row-major. :func:`block_sparse_linear` forms ``xt`` with autograd-visible ops
+    (free when ``x`` already is a transposed view), so the backward reuses it for ``dW``."""
+    return cpu_linear.linear_forward(xt.t(), values, row_ptr, col_idx, bias, 1, out_features)
 
 
 @_bsl_forward_csr.register_fake
-def _(x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, out_features):
-    xt = x.new_empty(0) if x.t().is_contiguous() else x.new_empty((x.shape[1], x.shape[0]))
-    return _new_output(x, x.shape[0], out_features, 1), xt
+def _(xt, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias, out_features):
+    return _new_output(xt, xt.shape[1], out_features, 1)
 
 
 def _setup_context_csr(ctx, inputs, output):
-    (x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias,
+    (xt, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bias,
      out_features) = inputs
-    xt = output[1]
-    ctx.saved_xt = xt.numel() > 0   # a copy of Xᵀ was made (else x.t() is row-major already)
-    ctx.save_for_backward(xt if ctx.saved_xt else x, values, row_ptr, col_idx, row_idx,
-                          col_ptr, t_row_idx, t_block_idx)
+    ctx.save_for_backward(xt, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx)
     ctx.has_bias = bias is not None
 
 
-def _backward_csr(ctx, dy, _dxt_unused):
-    saved, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
-    x = saved.t() if ctx.saved_xt else saved
-    dx = dv = db = None
+def _backward_csr(ctx, dy):
+    xt, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
+    dxt = dv = db = None
     need_dx, need_dv = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
     if need_dx or need_dv:
-        gx, gv = _bsl_backward(dy, x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx,
-                               t_block_idx, 1, need_dx, need_dv)
-        dx = gx if need_dx else None
+        gx, gv = _bsl_backward(dy, xt.t(), values, row_ptr, col_idx, row_idx, col_ptr,
+                               t_row_idx, t_block_idx, 1, need_dx, need_dv)
+        dxt = gx.t() if need_dx else None                 # dXᵀ, row-major like xt
         dv = gv if need_dv else None
     if ctx.has_bias and ctx.needs_input_grad[8]:
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         db = dy.sum(0, dtype=acc).to(dy.dtype)
-    return dx, dv, None, None, None, None, None, None, db, None
+    return dxt, dv, None, None, None, None, None, None, db, None
 
 
 _bsl_forward_csr.register_autograd(_backward_csr, setup_context=_setup_context_csr)
@@ -260,10 +253,12 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if layout.block_size == 1 and not use_triton(x2):
-        # block size 1 reads Xᵀ: a transposed x is used in place, any other is copied once
-        y, _ = _bsl_forward_csr(x2, values.contiguous(), layout.row_ptr, layout.col_idx,
-                                layout.row_idx, layout.col_ptr, layout.t_row_idx,
-                                layout.t_block_idx, bias, layout.shape[0])
+        # block size 1 reads Xᵀ row-major: free when x already is a transposed view, else one
+        # copy, which the backward reuses (autograd routes dXᵀ back through the transpose)
+        xt = x2.t().contiguous()
+        y = _bsl_forward_csr(xt, values.contiguous(), layout.row_ptr, layout.col_idx,
+                             layout.row_idx, layout.col_ptr, layout.t_row_idx,
+                             layout.t_block_idx, bias, layout.shape[0])
         return y.reshape(*lead, layout.shape[0])
     x2 = x2.contiguous()
     y = _bsl_forward(x2, values.contiguous(), layout.row_ptr, layout.col_idx, layout.row_idx,

@@ -4,6 +4,8 @@ Forward and all gradients against a float64 dense reference, gradcheck, hypothes
 edge cases (empty rows, dense, all-empty masks, batch 1), the transposed-view output layout that
 chains of block-1 layers read in place, stale workspaces, and that no dense weight is formed.
 """
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -216,3 +218,128 @@ def test_cpu_layout_build_matches_the_device_build(monkeypatch, shape, density):
     monkeypatch.setattr(layout_mod, "_CPU_FAST_BUILD", True)
     with pytest.raises(ValueError, match="nnz"):   # a wrong nnz is caught, not trusted
         BlockLayout.from_mask(mask, 1, nnz=int(mask.sum()) + 1)
+
+
+# --------------------------------------------------------------------------- itop layers at block 1
+def test_sparse_linear_block1_stores_only_active_weights_and_runs_csr(monkeypatch):
+    import itop
+    torch.manual_seed(6)
+    layer = itop.SparseLinear(64, 48, density=0.1, block_size=1, dtype=torch.float64)
+    assert layer.values.shape == (layer.nnz, 1, 1) and layer.layout.block_size == 1
+    assert layer.layout.nnz == layer.nnz == int(layer.block_mask.sum()) == round(0.1 * 64 * 48)
+    w = layer.dense_weight().detach().requires_grad_()   # built before scatter is forbidden
+    calls = {"sampled": 0}
+    real_sampled = torch.sparse.sampled_addmm
+
+    def counting_sampled(*a, **k):
+        calls["sampled"] += 1
+        return real_sampled(*a, **k)
+
+    def boom(*a, **k):
+        raise AssertionError("the CPU block-1 path scattered to a dense weight")
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", counting_sampled)
+    monkeypatch.setattr(BlockLayout, "scatter", boom)
+    x = torch.randn(3, 4, 64, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    monkeypatch.undo()
+    assert calls["sampled"] == 1
+    ref = torch.nn.functional.linear(x, w, layer.bias)
+    dx, dw = torch.autograd.grad(ref, (x, w), g)
+    assert rel_err(y, ref) < 1e-12 and rel_err(x.grad, dx) < 1e-12
+    assert rel_err(layer.values.grad, layer.layout.gather(dw)) < 1e-12
+
+
+def test_sparse_linear_block1_without_cpu_path_is_masked_dense_and_warns_once(monkeypatch):
+    """Off the CPU path (CUDA, or TRITON_INTERPRET=1 here) block 1 runs as masked dense."""
+    import itop
+    from itop.storage import CsrStorage
+    torch.manual_seed(7)
+    layer = itop.SparseLinear(32, 16, density=0.2, block_size=1)
+    x = torch.randn(5, 32)
+    ref = torch.nn.functional.linear(x, layer.dense_weight().detach(), layer.bias.detach())
+    monkeypatch.setattr(CsrStorage, "warned_masked_dense", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.warns(UserWarning, match="masked dense"):
+        y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once only
+        y2 = layer(x)
+    y2.sum().backward()
+    assert rel_err(y, ref) < 1e-6 and torch.equal(y, y2)
+    assert layer.values.grad.shape == (layer.nnz, 1, 1)
+
+
+def test_block1_topology_update_keeps_survivors_and_zeroes_new_weights():
+    import itop
+    torch.manual_seed(8)
+    layer = itop.SparseLinear(24, 20, density=0.25, block_size=1)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(6, 24)).square().sum().backward()
+        opt.step()
+    old_mask = layer.block_mask.clone()
+    old_w = layer.dense_weight().detach().clone()
+    old_m = layer.layout.scatter(opt.state[layer.values]["exp_avg"]).clone()
+    param = layer.values
+    active = old_mask.nonzero()
+    new_mask = old_mask.clone()
+    drop = active[:7]
+    new_mask[drop[:, 0], drop[:, 1]] = False
+    grow = (~old_mask).nonzero()[:7]
+    new_mask[grow[:, 0], grow[:, 1]] = True
+    layer._apply_topology(new_mask, opt)
+    assert layer.values is param and layer.values.shape == (layer.nnz, 1, 1)
+    assert layer.nnz == int(new_mask.sum()) == int(old_mask.sum())
+    assert torch.equal(layer.layout.block_mask, new_mask)
+    w = layer.dense_weight().detach()
+    m = layer.layout.scatter(opt.state[layer.values]["exp_avg"])
+    keep = old_mask & new_mask
+    fresh = new_mask & ~old_mask
+    assert torch.equal(w[keep], old_w[keep]) and torch.equal(m[keep], old_m[keep])
+    assert (w[fresh] == 0).all() and (m[fresh] == 0).all() and (w[~new_mask] == 0).all()
+
+
+def test_block1_gradient_scores_match_the_dense_gradient():
+    import itop
+    torch.manual_seed(9)
+    layer = itop.SparseLinear(16, 12, density=0.3, block_size=1, dtype=torch.float64)
+    layer._start_capture()
+    x = torch.randn(7, 16, dtype=torch.float64)
+    layer(x).sin().sum().backward()
+    w = layer.dense_weight().detach().requires_grad_()
+    dw = torch.autograd.grad(torch.nn.functional.linear(x, w, layer.bias).sin().sum(), w)[0]
+    assert torch.allclose(layer._grad_scores(), dw.abs().float(), rtol=1e-6, atol=1e-7)
+    layer._stop_capture()
+
+
+def test_sparsify_block1_linear_is_csr_conv_is_masked_dense():
+    import itop
+    torch.manual_seed(10)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 4 * 4, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10))
+    x = torch.randn(2, 3, 6, 6)
+    itop.sparsify(model, 0.3, block_size=1)
+    lin = model[3]
+    assert lin.values.shape == (lin.nnz, 1, 1) and lin.layout is not None
+    assert model[0].values.shape == (8, 3, 3, 3) and model[0].layout is None
+    torch.testing.assert_close(itop.densify(model)(x), model(x))
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_block1_output_can_be_modified_in_place(lead):
+    """Outputs are tensors of their own, not views: in-place ops after the layer work."""
+    torch.manual_seed(11)
+    lay = BlockLayout.from_mask(torch.rand(12, 10) < 0.3, 1)
+    v = torch.randn(lay.nnz, 1, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*lead, 10, dtype=torch.float64, requires_grad=True)
+    y = block_sparse_linear(x, v, lay)
+    torch.relu_(y)
+    y.sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    vr = v.detach().clone().requires_grad_()
+    torch.relu(xr @ lay.scatter(vr).t()).sum().backward()
+    assert rel_err(x.grad, xr.grad) < 1e-12 and rel_err(v.grad, vr.grad) < 1e-12

@@ -120,7 +120,7 @@ def test_exact_nnz_over_1000_updates(growth, schedule, prune_rate, density, bs, 
         if layer.layout is not None:
             assert layer.layout.nnz == nnz and torch.equal(layer.layout.block_mask, new)
             assert layer.values.shape[0] == nnz
-    assert layer.values.shape == ((nnz, bs, bs) if bs > 1 else (12, 8))
+    assert layer.values.shape == (nnz, bs, bs)  # block 1 included (CSR storage)
 
 
 def test_exact_nnz_with_nan_gradients_gradient_growth():
