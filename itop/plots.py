@@ -161,9 +161,12 @@ def plot_block_heatmap(active: torch.Tensor, fired: Optional[torch.Tensor], path
     ax.legend(handles=[Patch(color=cmap(v / 2), label=f"{lab} ({100 * c / n:.1f} %)")
                        for v, lab, c in zip((2, 1, 0), labels, counts)],
               loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
-    cols = "input channel × tap" if unit == "weight" and active.dim() == 4 else "input"
-    ax.set_xlabel(f"{cols} ({unit}s)")
-    ax.set_ylabel(f"output ({unit}s)")
+    if unit == "weight":
+        ax.set_xlabel("input channel × kernel tap" if active.dim() == 4 else "input feature")
+        ax.set_ylabel("output channel" if active.dim() == 4 else "output feature")
+    else:
+        ax.set_xlabel("input block (columns)")
+        ax.set_ylabel("output block (rows)")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
