@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from itop_kernels import BlockLayout, block_sparse_linear, cpu_linear
-from numerics import rel_err, tol_for
+from numerics import rel_err
 from test_linear import check_linear, random_mask
 
 

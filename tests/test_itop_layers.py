@@ -10,21 +10,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import itop
-import itop_kernels
 from itop_kernels import block_norms
 from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
 
-needs_conv = pytest.mark.skipif(not hasattr(itop_kernels, "block_sparse_conv2d"),
-                                reason="itop_kernels.block_sparse_conv2d has not landed yet")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests use tiny matrices: one intra-op thread avoids thread-pool contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matrices: one intra-op thread avoids thread-pool contention (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- SparseLinear
@@ -147,7 +138,6 @@ def test_linear_bad_arguments():
 
 
 # --------------------------------------------------------------------------- SparseConv2d
-@needs_conv
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
 def test_conv_forward_backward_match_dense(stride, padding, dilation):
     torch.manual_seed(0)
@@ -177,7 +167,6 @@ def test_conv_block1_grouped_matches_masked_dense():
                                                  padding=1, groups=2))
 
 
-@needs_conv
 def test_conv_from_dense_to_dense_and_state_dict():
     torch.manual_seed(0)
     c = nn.Conv2d(16, 32, 3, padding="same")
@@ -284,7 +273,6 @@ def test_linear_captured_grad_scores_match_dense_gradient_over_micro_batches():
     assert layer._grad_scores() is None and not layer._forward_hooks
 
 
-@needs_conv
 @pytest.mark.parametrize("bs", [1, 8])
 def test_conv_captured_grad_scores_match_dense_gradient(bs):
     torch.manual_seed(0)

@@ -12,13 +12,8 @@ import itop
 from itop import er_densities, erk_densities, uniform_densities
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests use tiny matrices: one intra-op thread avoids thread-pool contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matrices: one intra-op thread avoids thread-pool contention (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- distributions

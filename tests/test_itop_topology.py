@@ -12,21 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import itop
-import itop_kernels
-
-needs_conv = pytest.mark.skipif(not hasattr(itop_kernels, "block_sparse_conv2d"),
-                                reason="itop_kernels.block_sparse_conv2d has not landed yet")
 
 GROWTH = ["random", "gradient", "momentum", "random_unfired"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests use tiny matrices: one intra-op thread avoids thread-pool contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matrices: one intra-op thread avoids thread-pool contention (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(bs=8, density=0.3, dtype=torch.float32):
@@ -378,12 +369,8 @@ def test_real_grad_scaler_cpu():
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _resume_model(bs_conv):
-    layers = []
-    if bs_conv:
-        layers += [itop.SparseConv2d(8, 16, 3, padding=1, density=0.4, block_size=8), nn.ReLU()]
-    else:
-        layers += [nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()]
+def _resume_model():
+    layers = [itop.SparseConv2d(8, 16, 3, padding=1, density=0.4, block_size=8), nn.ReLU()]
     layers += [itop.SparseConv2d(16, 16, 3, padding=1, density=0.3, block_size=1), nn.ReLU(),
                nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                itop.SparseLinear(64, 32, density=0.3, block_size=8), nn.ReLU(),
@@ -403,9 +390,9 @@ def _train(model, opt, mgr, steps, first):
         mgr.step()
 
 
-def _build(seed, growth, conv):
+def _build(seed, growth):
     torch.manual_seed(seed)
-    model = _resume_model(conv)
+    model = _resume_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     mgr = itop.TopologyManager(model, opt, update_every=3, total_steps=40, growth=growth, seed=7)
     return model, opt, mgr
@@ -413,18 +400,17 @@ def _build(seed, growth, conv):
 
 @pytest.mark.parametrize("growth", GROWTH)
 def test_checkpoint_resume_is_bit_identical(growth):
-    conv = hasattr(itop_kernels, "block_sparse_conv2d")
-    straight = _build(0, growth, conv)
+    straight = _build(0, growth)
     _train(*straight, steps=20, first=1)
 
-    first = _build(0, growth, conv)
+    first = _build(0, growth)
     _train(*first, steps=8, first=1)  # step 9 is an update step: hooks must re-arm on resume
     buf = io.BytesIO()
     torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(),
                 "mgr": first[2].state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf)
-    resumed = _build(123, growth, conv)  # a fresh model with other random masks and values
+    resumed = _build(123, growth)  # a fresh model with other random masks and values
     resumed[0].load_state_dict(ckpt["model"])
     resumed[1].load_state_dict(ckpt["opt"])
     resumed[2].load_state_dict(ckpt["mgr"])
@@ -465,8 +451,6 @@ def _teacher_data(image, n=256):
 @pytest.mark.parametrize("growth", GROWTH)
 @pytest.mark.parametrize("image", [False, True])
 def test_small_models_train_with_every_growth_mode(growth, image):
-    if image and not hasattr(itop_kernels, "block_sparse_conv2d"):
-        pytest.skip("itop_kernels.block_sparse_conv2d has not landed yet")
     torch.manual_seed(0)
     if image:
         model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(),
