@@ -19,8 +19,8 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 __all__ = ["AotCase", "CompileReport", "KERNEL_MODULES", "SMEM_LIMIT", "all_cases", "check_case", "main"]
 

@@ -25,11 +25,11 @@ from torch import Tensor
 from . import cpu_conv
 from .cpu_conv import conv_output_size, output_memory_format
 from .dispatch import use_triton
+from .arg_checks import check_bias, check_operands
 from .layout import BlockLayout
 
 __all__ = ["block_sparse_conv2d"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -169,20 +169,12 @@ def _padding(padding, stride: list[int], dilation: list[int], kernel: tuple) -> 
 
 
 def _check_args(x, values, layout, bias, groups) -> None:
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-    for name, t in (("x", x), ("values", values)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_operands(x, values, layout)
     if isinstance(groups, bool) or not isinstance(groups, int):
         raise TypeError(f"groups must be an int, got {groups!r}")
     if groups != 1:
         raise ValueError(f"groups={groups} is not supported: block_sparse_conv2d takes groups=1 "
                          "(block sparsity over channel blocks replaces grouping)")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values has dtype {values.dtype} but x has {x.dtype}; they must match")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, Cin, H, W], got shape {tuple(x.shape)}")
     cout, cin = layout.shape
@@ -194,22 +186,8 @@ def _check_args(x, values, layout, bias, groups) -> None:
             or values.shape[1] < 1 or values.shape[2] < 1):
         raise ValueError(f"values must have shape [nnz={layout.nnz}, kh, kw, {bs}, {bs}] "
                          f"(kh, kw >= 1), got {list(values.shape)}")
-    if x.device != values.device or x.device != layout.device:
-        raise ValueError(f"x ({x.device}), values ({values.device}) and layout "
-                         f"({layout.device}) must be on the same device")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (cout,):
-            raise ValueError(f"bias must have shape [Cout={cout}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias has dtype {bias.dtype} but x has {x.dtype}; they must match")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device}, x on {x.device}")
+    check_bias(bias, x, cout, "Cout")
     if use_triton(x):
-        if x.dtype == torch.float64:
-            raise TypeError("float64 runs on the CPU path only; the Triton kernels take "
-                            "float16, bfloat16 and float32")
         if bs not in _TRITON_BLOCK_SIZES:
             raise ValueError(f"layout.block_size={bs} is not supported by the Triton kernels; "
                              f"use one of {_TRITON_BLOCK_SIZES}")

@@ -21,11 +21,11 @@ from torch import Tensor
 
 from . import cpu_linear
 from .dispatch import use_triton
+from .arg_checks import check_bias, check_operands
 from .layout import BlockLayout
 
 __all__ = ["block_sparse_linear"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _triton():
@@ -194,15 +194,7 @@ _bsl_forward_csr.register_autograd(_backward_csr, setup_context=_setup_context_c
 
 # --------------------------------------------------------------------------- public function
 def _check_args(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor]) -> None:
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-    for name, t in (("x", x), ("values", values)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values has dtype {values.dtype} but x has {x.dtype}; they must match")
+    check_operands(x, values, layout)
     if x.dim() < 1 or x.shape[-1] != layout.shape[1]:
         raise ValueError(f"x must have shape [..., in_features={layout.shape[1]}], "
                          f"got {tuple(x.shape)}")
@@ -210,21 +202,7 @@ def _check_args(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[T
     if tuple(values.shape) != (layout.nnz, bs, bs):
         raise ValueError(f"values must have shape [nnz, bs, bs] = {[layout.nnz, bs, bs]}, "
                          f"got {list(values.shape)}")
-    if x.device != values.device or x.device != layout.device:
-        raise ValueError(f"x ({x.device}), values ({values.device}) and layout "
-                         f"({layout.device}) must be on the same device")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (layout.shape[0],):
-            raise ValueError(f"bias must have shape [out_features={layout.shape[0]}], "
-                             f"got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match x "
-                             f"({x.dtype}, {x.device})")
-    if x.dtype == torch.float64 and use_triton(x):
-        raise TypeError("float64 runs on the CPU path only; the Triton kernels take "
-                        "float16, bfloat16 and float32")
+    check_bias(bias, x, layout.shape[0], "out_features")
 
 
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout,

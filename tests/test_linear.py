@@ -203,7 +203,7 @@ def test_rejects_bad_arguments():
         (dict(v=torch.randn(2, 16, 16)), ValueError, "values must have shape"),
         (dict(v=torch.randn(3, 16, 8)), ValueError, "values must have shape"),
         (dict(b=torch.randn(31)), ValueError, "bias must have shape"),
-        (dict(b=torch.randn(32, dtype=torch.float64)), ValueError, "bias"),
+        (dict(b=torch.randn(32, dtype=torch.float64)), TypeError, "bias has dtype"),
         (dict(b=[0.0] * 32), TypeError, "bias must be a torch.Tensor"),
         (dict(lay="layout"), TypeError, "layout must be a BlockLayout"),
         (dict(x=[[1.0] * 32]), TypeError, "x must be a torch.Tensor"),
