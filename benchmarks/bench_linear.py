@@ -284,6 +284,30 @@ def print_table(result: dict) -> None:
               f"{(f'{b:.3f}' if b else 'n/a'):>10}")
 
 
+def markdown_table(result: dict, dtype: str) -> str:
+    """fwd+bwd speedup over dense (and roofline fraction) per block size × density, as Markdown."""
+    ours = {(r["block"], r["density"]): r for r in result["rows"]
+            if r["dtype"] == dtype and r["method"] == "ours" and r["phase"] == "fwd+bwd"}
+    fwd = {(r["block"], r["density"]): r["ms"] for r in result["rows"]
+           if r["dtype"] == dtype and r["method"] == "ours" and r["phase"] == "fwd"}
+    bsr = {(r["block"], r["density"]): r.get("ms") for r in result["rows"]
+           if r["dtype"] == dtype and r["method"] == "torch_bsr"}
+    blocks = sorted({b for b, _ in ours})
+    dens = sorted({d for _, d in ours}, reverse=True)
+    head = "| block | " + " | ".join(f"density {d:g}" for d in dens) + " |"
+    lines = [head, "|---" * (len(dens) + 1) + "|"]
+    for b in blocks:
+        cells = []
+        for d in dens:
+            r = ours[(b, d)]
+            frac = r.get("roofline_fraction")
+            ratio = bsr.get((b, d))
+            cells.append(f"{r['speedup_vs_dense']:.2f}× ({frac:.0%} of floor; fwd {ratio / fwd[(b, d)]:.1f}× BSR)"
+                         if frac and ratio else f"{r['speedup_vs_dense']:.2f}×")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -332,6 +356,8 @@ def parse_args(argv=None):
     p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.2, 0.1, 0.05, 0.02])
     p.add_argument("--reps", type=int, default=5, help="CPU samples per point (median)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/linear_<device>.json)")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --replot: also print a Markdown table per dtype (for README)")
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="no timing: recompute derived fields of an existing results JSON from its "
                         "raw times, rewrite it, re-plot it and print its table")
@@ -364,6 +390,9 @@ def main(argv=None) -> int:
         args.replot.write_text(json.dumps(result, indent=1))
         plot(result, args.replot.with_suffix(".png"))
         print_table(result)
+        if args.markdown:
+            for dname in sorted({r["dtype"] for r in result["rows"]}):
+                print(f"\n{dname}:\n" + markdown_table(result, dname))
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = run(args, checkpoint=lambda r: args.out.write_text(json.dumps(r, indent=1)))
