@@ -347,8 +347,14 @@ class TopologyManager:
                 new_masks.append(m.block_mask.clone())
                 continue
             mag = _finite(m._magnitude_scores(p)).reshape(-1)
-            prune_key = torch.where(mask, mag, torch.full_like(mag, float("inf")))
-            drop = torch.topk(prune_key, k, largest=False, sorted=False).indices
+            active = mask.nonzero().squeeze(1)
+            if k <= active.numel():
+                # top-k over the active units only: at block size 1 the mask has millions of
+                # entries and a top-k over all of them dominated the update (issue 9)
+                drop = active[torch.topk(mag[active], k, largest=False, sorted=False).indices]
+            else:
+                prune_key = torch.where(mask, mag, torch.full_like(mag, float("inf")))
+                drop = torch.topk(prune_key, k, largest=False, sorted=False).indices
             grow_key = _finite(grow).reshape(-1).to(mag.device)
             grow_key = torch.where(mask, torch.full_like(grow_key, float("-inf")), grow_key)
             add = torch.topk(grow_key, k, largest=True, sorted=False).indices
