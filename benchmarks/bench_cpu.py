@@ -41,7 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import ROOT, cpu_model, git_state, package_versions
+
 METHODS_ALL = ["dense", "ours_b1", "ours_b16", "ours_b32", "ours_b64", "sparseprop", "torch_csr",
                "torch_bsr_fwd", "dense_fwd"]
 FWD_ONLY = ("torch_bsr_fwd", "dense_fwd")   # forward-only references, compared with dense_fwd
@@ -243,34 +244,6 @@ def _child(a) -> dict:
 
 
 # --------------------------------------------------------------------------- parent
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = git("status", "--porcelain", "--", "itop_kernels", "benchmarks/bench_cpu.py").strip()
-    return {"commit": git("rev-parse", "HEAD").strip(), "kernels_dirty": bool(dirty)}
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy", "sparseprop", "scipy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -389,8 +362,9 @@ def main(argv=None) -> int:
     result = {
         "meta": {
             "benchmark": "bench_cpu.py: sparse linear layer, forward+backward, fp32",
-            "device": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "versions": _versions(), "git": _git_commit(),
+            "device": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "versions": package_versions("torch", "numpy", "sparseprop", "scipy"),
+            "git": git_state("itop_kernels", "benchmarks/bench_cpu.py", dirty_key="kernels_dirty"),
             "argv": [sys.executable, __file__, *argv_list],
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "shape": {"M": a.batch, "K": a.in_features, "N": a.out_features},

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
+from provenance import ROOT, cpu_model, git_state, package_versions
+
 sys.path.insert(0, str(ROOT))
 import itop  # noqa: E402
 
@@ -215,35 +214,6 @@ def bench_threads(a, runners, nt, bar):
             "loadavg_before": load_before, "loadavg_after": load_after, "rows": out}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
-    dirty = git("status", "--porcelain", "--", "itop", "itop_kernels",
-                "benchmarks/bench_train_cpu.py").strip()
-    return {"commit": git("rev-parse", "HEAD").strip(), "code_dirty": bool(dirty)}
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def _table(result) -> str:
     lines = [f"{'threads':>7} {'model':>9} {'median ms/step':>15} {'mean ms/step':>13} "
              f"{'speedup':>8} {'update share':>13} {'+hooks share':>13} {'update ms':>10}"]
@@ -309,8 +279,9 @@ def main(argv=None) -> int:
         bar.close()
     result = {
         "meta": {
-            "benchmark": "train_cpu", "device": f"{_cpu_model()} ({os.cpu_count()} cores)",
-            "cpu_count": os.cpu_count(), "versions": _versions(), "git": _git_commit(),
+            "benchmark": "train_cpu", "device": f"{cpu_model()} ({os.cpu_count()} cores)",
+            "cpu_count": os.cpu_count(), "versions": package_versions("torch", "numpy"),
+            "git": git_state("itop", "itop_kernels", "benchmarks/bench_train_cpu.py"),
             "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_s": time.time() - t_start, "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(), "repeats": a.repeats, "width": a.width,
