@@ -129,8 +129,9 @@ def test_block1_stale_workspaces_do_not_leak(monkeypatch):
     assert rel_err(y, _reference(x, v, lay)) < 1e-6
 
 
-def test_block1_never_forms_the_dense_weight(monkeypatch):
-    """The CSR path: no scatter to dense, and the sparse kernels are the ones that run."""
+def _forbid_dense_count_sampled(monkeypatch) -> dict:
+    """Make ``BlockLayout.scatter`` fail (no dense weight may be formed) and count calls of
+    ``torch.sparse.sampled_addmm`` (the sampled dW) in the returned dict's ``"sampled"``."""
     calls = {"sampled": 0}
     real_sampled = torch.sparse.sampled_addmm
 
@@ -139,12 +140,18 @@ def test_block1_never_forms_the_dense_weight(monkeypatch):
         return real_sampled(*a, **k)
 
     def boom(*a, **k):
-        raise AssertionError("CPU path called BlockLayout.scatter")
+        raise AssertionError("the CPU block-1 path scattered to a dense weight")
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", counting_sampled)
+    monkeypatch.setattr(BlockLayout, "scatter", boom)
+    return calls
+
+
+def test_block1_never_forms_the_dense_weight(monkeypatch):
+    """The CSR path: no scatter to dense, and the sparse kernels are the ones that run."""
     lay = BlockLayout.from_mask(torch.rand(64, 64) < 0.05, 1)
     v = torch.randn(lay.nnz, 1, 1, requires_grad=True)
     x = torch.randn(8, 64, requires_grad=True)
-    monkeypatch.setattr(BlockLayout, "scatter", boom)
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", counting_sampled)
+    calls = _forbid_dense_count_sampled(monkeypatch)
     block_sparse_linear(x, v, lay).sum().backward()
     assert calls["sampled"] == 1
     assert v.grad.shape == (lay.nnz, 1, 1)
@@ -228,17 +235,7 @@ def test_sparse_linear_block1_stores_only_active_weights_and_runs_csr(monkeypatc
     assert layer.values.shape == (layer.nnz, 1, 1) and layer.layout.block_size == 1
     assert layer.layout.nnz == layer.nnz == int(layer.block_mask.sum()) == round(0.1 * 64 * 48)
     w = layer.dense_weight().detach().requires_grad_()   # built before scatter is forbidden
-    calls = {"sampled": 0}
-    real_sampled = torch.sparse.sampled_addmm
-
-    def counting_sampled(*a, **k):
-        calls["sampled"] += 1
-        return real_sampled(*a, **k)
-
-    def boom(*a, **k):
-        raise AssertionError("the CPU block-1 path scattered to a dense weight")
-    monkeypatch.setattr(torch.sparse, "sampled_addmm", counting_sampled)
-    monkeypatch.setattr(BlockLayout, "scatter", boom)
+    calls = _forbid_dense_count_sampled(monkeypatch)
     x = torch.randn(3, 4, 64, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     g = torch.randn_like(y)
