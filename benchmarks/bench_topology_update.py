@@ -1,15 +1,26 @@
 """Cost of one topology update against one training step (issue 4, "Overhead").
 
-For an MLP-heavy model of sparse layers, it times
-- a plain training step (forward, backward, optimizer step, ``mgr.step()`` with nothing to do),
-- an update step: the same, with the growth-score hooks armed and the topology update inside
-  ``mgr.step()``,
-and reports ``extra = update_step - plain_step`` and the overhead at ``update_every=100``:
-``extra / (100 · plain_step)`` (the target is < 1 %).
+For an MLP-heavy model of sparse layers (``depth`` × SparseLinear width→width at ``density``,
+ReLU, then a dense head width→10; uniform density, SGD with momentum, cross-entropy on one fixed
+random batch) it alternates
+- plain training steps (forward, ``zero_grad``, backward, ``opt.step()``, ``mgr.step()`` with
+  nothing to do), and
+- update steps: the same, with the growth-score hooks armed in the backward and the topology
+  update inside ``mgr.step()`` (``update_every=2``, constant prune rate 0.3),
 
-Writes raw timings with the device, versions and git commit to JSON:
+and reports the medians, ``extra = update_step - plain_step`` (hooks included) and the overhead
+at ``update_every=100``: ``extra / (100 · plain_step)``. The target is < 1 %. The time inside
+``mgr.step()`` on update steps is recorded separately (``mgr_update_s``).
 
-    python benchmarks/bench_topology_update.py [--device cpu|cuda] [--out PATH]
+Cases: block 32 and block 1 × growth ``random`` / ``gradient`` (``score_precision="auto"``,
+which is bf16 on devices with native bf16 matmul) / ``gradient`` with ``score_precision=
+"exact"``, for every ``--threads`` value. Every case runs in a fresh model; cases take turns
+in rounds (``--rounds``) so that machine noise hits all of them.
+
+    python benchmarks/bench_topology_update.py [--device cpu|cuda] [--threads 1 2] [--out PATH]
+
+Writes raw timings with the device, versions and git commit to
+``benchmarks/results/topology_update_<device>.json`` and a bar chart next to it (``.png``).
 """
 from __future__ import annotations
 
@@ -18,104 +29,177 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from provenance import ROOT, cpu_model, git_state, package_versions
+
+sys.path.insert(0, str(ROOT))
 import itop  # noqa: E402
+from itop_kernels.block_norms import resolve_precision  # noqa: E402
+
+CASES = [(32, "random", "auto"), (32, "gradient", "auto"), (32, "gradient", "exact"),
+         (1, "random", "auto"), (1, "gradient", "auto"), (1, "gradient", "exact")]
+TARGET = 0.01
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:  # pragma: no cover - not a checkout
-        return "unknown"
-
-
-def _sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def run_case(device, width, depth, batch, density, block_size, growth, repeats, dtype):
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(width, 10)).to(device=device, dtype=dtype)
-    itop.sparsify(model, density, block_size=block_size, distribution="uniform",
-                  exclude=[str(2 * depth)])
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    # update_every=2: odd steps are plain steps, even steps are update steps
-    mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=10 ** 9, prune_rate=0.3,
-                               schedule="constant", growth=growth)
-    x = torch.randn(batch, width, device=device, dtype=dtype)
-    y = torch.randint(0, 10, (batch,), device=device)
-    plain, update = [], []
-    for i in range(2 * (repeats + 2)):
-        _sync(device)
+class Case:
+    """One model + optimizer + manager, stepped in windows of plain/update step pairs."""
+
+    def __init__(self, device, dtype, width, depth, batch, density, block_size, growth,
+                 precision):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        self.model = nn.Sequential(*layers, nn.Linear(width, 10)).to(device=device, dtype=dtype)
+        itop.sparsify(self.model, density, block_size=block_size, distribution="uniform",
+                      exclude=[str(2 * depth)])
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        # update_every=2: odd steps are plain steps, even steps are update steps
+        self.mgr = itop.TopologyManager(self.model, self.opt, update_every=2,
+                                        total_steps=10 ** 9, prune_rate=0.3,
+                                        schedule="constant", growth=growth,
+                                        score_precision=precision)
+        self.x = torch.randn(batch, width, device=device, dtype=dtype)
+        self.y = torch.randint(0, 10, (batch,), device=device)
+        self.device = device
+        self.info = {"width": width, "depth": depth, "batch": batch, "density": density,
+                     "block_size": block_size, "growth": growth, "score_precision": precision,
+                     "score_precision_resolved": (resolve_precision(precision, dtype, device)
+                                                  if growth == "gradient" else None),
+                     "dtype": str(dtype)}
+        self.plain, self.update, self.mgr_update = [], [], []
+
+    def step(self, record: bool) -> None:
+        _sync(self.device)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        changed = mgr.step()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        if i >= 4:  # warm-up
-            (update if changed else plain).append(dt)
-    p, u = statistics.median(plain), statistics.median(update)
-    return {"width": width, "depth": depth, "batch": batch, "density": density,
-            "block_size": block_size, "growth": growth, "dtype": str(dtype),
-            "plain_step_s": plain, "update_step_s": update,
-            "plain_step_median_s": p, "update_step_median_s": u,
-            "update_extra_s": u - p, "overhead_at_update_every_100": (u - p) / (100 * p)}
+        self.opt.step()
+        _sync(self.device)
+        t1 = time.perf_counter()
+        changed = self.mgr.step()
+        _sync(self.device)
+        t2 = time.perf_counter()
+        if record:
+            (self.update if changed else self.plain).append(t2 - t0)
+            if changed:
+                self.mgr_update.append(t2 - t1)
+
+    def result(self) -> dict:
+        p, u = statistics.median(self.plain), statistics.median(self.update)
+        return {**self.info, "plain_step_s": self.plain, "update_step_s": self.update,
+                "mgr_update_s": self.mgr_update, "plain_step_median_s": p,
+                "update_step_median_s": u, "mgr_update_median_s": statistics.median(
+                    self.mgr_update), "update_extra_s": u - p,
+                "overhead_at_update_every_100": (u - p) / (100 * p)}
+
+
+def run(device, dtype, threads, args) -> list:
+    torch.set_num_threads(threads)
+    cases = [Case(device, dtype, args.width, args.depth, args.batch, args.density, bs, growth,
+                  precision) for bs, growth, precision in CASES]
+    for c in cases:  # warm-up: two plain/update pairs each
+        for _ in range(4):
+            c.step(record=False)
+    for r in range(args.rounds):
+        order = cases[r % len(cases):] + cases[:r % len(cases)]  # rotate who goes first
+        for c in order:
+            for _ in range(2 * args.pairs):
+                c.step(record=True)
+    out = []
+    for c in cases:
+        res = {**c.result(), "threads": threads}
+        out.append(res)
+        print(f"{threads} thr  block {res['block_size']:2d} {res['growth']:8s} "
+              f"{(res['score_precision_resolved'] or '-'):5s}: step "
+              f"{res['plain_step_median_s'] * 1e3:7.2f} ms, update step "
+              f"{res['update_step_median_s'] * 1e3:7.2f} ms (mgr.step "
+              f"{res['mgr_update_median_s'] * 1e3:6.2f} ms), overhead at update_every=100: "
+              f"{100 * res['overhead_at_update_every_100']:.2f} %", flush=True)
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = result["cases"]
+    threads = sorted({c["threads"] for c in cases})
+    labels = [f"block {bs}\n{g}" + (f"\n({p})" if g == "gradient" else "")
+              for bs, g, p in CASES]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(threads)
+    for i, t in enumerate(threads):
+        vals = [100 * next(c["overhead_at_update_every_100"] for c in cases
+                           if c["threads"] == t and c["block_size"] == bs
+                           and c["growth"] == g and c["score_precision"] == p)
+                for bs, g, p in CASES]
+        xs = [j + (i - (len(threads) - 1) / 2) * width for j in range(len(CASES))]
+        bars = ax.bar(xs, vals, width, label=f"{t} thread{'s' if t > 1 else ''}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(100 * TARGET, color="red", ls="--", lw=1, label="target (1 %)")
+    ax.set_xticks(range(len(CASES)), labels, fontsize=8)
+    ax.set_ylabel("update cost, % of training time\nat update_every=100")
+    c0 = cases[0]
+    ax.set_title(f"Topology update overhead ({result['device_name']}; {c0['depth']}×"
+                 f"{c0['width']}² at density {c0['density']}, batch {c0['batch']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--width", type=int, default=None, help="default: 1024 (CPU), 4096 (GPU)")
     ap.add_argument("--depth", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None, help="default: 256 (CPU), 4096 (GPU)")
     ap.add_argument("--density", type=float, default=0.05)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--pairs", type=int, default=3, help="plain/update step pairs per window")
+    ap.add_argument("--rounds", type=int, default=4, help="windows per case")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="torch intra-op thread counts (default: 1 and all cores on the CPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = device.type == "cuda"
+    args.width = args.width or (4096 if gpu else 1024)
+    args.batch = args.batch or (4096 if gpu else 256)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    threads = args.threads or ([torch.get_num_threads()] if gpu else
+                               sorted({1, os.cpu_count() or 1}))
     cases = []
-    for bs in (32, 1):
-        for growth in ("random", "gradient"):
-            r = run_case(device, args.width, args.depth, args.batch, args.density, bs, growth,
-                         args.repeats, dtype)
-            print(f"block {bs:2d} {growth:8s}: step {r['plain_step_median_s'] * 1e3:8.2f} ms, "
-                  f"update step {r['update_step_median_s'] * 1e3:8.2f} ms, overhead at "
-                  f"update_every=100: {100 * r['overhead_at_update_every_100']:.3f} %")
-            cases.append(r)
+    for t in threads:
+        cases += run(device, dtype, t, args)
     result = {
         "benchmark": "topology_update", "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "git_commit": _git_commit(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": cases,
+        "device_name": torch.cuda.get_device_name(device) if gpu else cpu_model(),
+        "cores": os.cpu_count(), "platform": platform.platform(),
+        "versions": package_versions("torch", "triton", "numpy"),
+        "git": git_state("itop", "itop_kernels", "benchmarks/bench_topology_update.py"),
+        "argv": sys.argv[1:], "load_avg": list(os.getloadavg()),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
+        "cases": cases,
     }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"topology_update_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"topology_update_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

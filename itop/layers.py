@@ -150,6 +150,7 @@ class SparseLayer(nn.Module):
         self._nnz = nnz
         self._captured: list = []
         self._capture_handle = None
+        self._capture_owner: object = None
         self._rebuild_layout()
 
     def _sync_layout(self) -> None:
@@ -197,23 +198,30 @@ class SparseLayer(nn.Module):
         return self._storage.dense_weight(self)
 
     # ------------------------------------------------------------------ topology interface
-    def _magnitude_scores(self, p: int = 1) -> Tensor:
-        """float32 score per unit (mask-shaped): the Lp norm of the unit's values (0 if inactive)."""
+    def _active_units(self, p: int = 1) -> Tuple[Tensor, Tensor]:
+        """``(positions, norms)``: int64 ascending flat mask positions of the active units and the
+        float32 Lp norm of each one's values (the magnitude prune score)."""
         self._sync_layout()
-        return self._storage.magnitudes(self, p)
+        return self._storage.active_units(self, p)
 
-    def _start_capture(self) -> None:
-        """Arm the hooks that keep this step's input and output gradient (for growth scores)."""
+    def _start_capture(self, owner: object = None) -> None:
+        """Arm the hooks that keep this step's input and output gradient (for growth scores);
+        ``owner`` (a topology manager's token) is remembered for :meth:`_stop_capture`."""
         if self._capture_handle is None:
             self._captured = []
             self._capture_handle = self.register_forward_hook(_capture_forward_hook)
+        self._capture_owner = owner
 
-    def _stop_capture(self) -> None:
-        """Remove the capture hooks and drop whatever they kept."""
+    def _stop_capture(self, owner: object = None) -> None:
+        """Remove the capture hooks and drop whatever they kept. With an ``owner``, only if
+        that owner armed them: a manager being dropped must not disarm its successor's."""
+        if owner is not None and getattr(self, "_capture_owner", None) is not owner:
+            return
         if self._capture_handle is not None:
             self._capture_handle.remove()
             self._capture_handle = None
         self._captured = []
+        self._capture_owner = None
 
     @property
     def _capturing(self) -> bool:
@@ -222,21 +230,23 @@ class SparseLayer(nn.Module):
     def _captured_pairs(self) -> List[Tuple[Tensor, Tensor]]:
         return [(x, g) for x, g in self._captured if g is not None]
 
-    def _grad_scores(self) -> Optional[Tensor]:
+    def _grad_scores(self, precision: str = "exact") -> Optional[Tensor]:
         """float32 mask-shaped norms of the dense weight gradient of the captured batch(es),
         or ``None`` when nothing was captured. Never materializes the dense gradient (block
-        storage)."""
+        storage). ``precision``: see :mod:`itop_kernels.block_norms`."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def _apply_topology(self, new_mask: Tensor, optimizer=None) -> None:
-        """Switch to ``new_mask`` (bool, mask-shaped, exactly ``nnz`` True entries), in place.
+    def _apply_topology(self, drop: Tensor, add: Tensor, optimizer=None) -> None:
+        """Deactivate the active units in slots ``drop`` (indices into the order of
+        :meth:`_active_units`) and activate the inactive units at flat mask positions ``add``,
+        ``[k]`` int64 each, in place.
 
         Surviving units keep their values, gradient and optimizer state; new units start at zero
         with zero state. ``values`` stays the same Parameter with the same shape. No host sync.
         """
         self._sync_layout()
-        self._storage.apply_topology(self, new_mask, optimizer)
+        new_mask = self._storage.apply_topology(self, drop, add, optimizer)
         self.block_mask.copy_(new_mask)
         self._mask_version = self.block_mask._version
 
@@ -369,7 +379,7 @@ class SparseLinear(SparseLayer):
         x, values, bias = self._operands(x)
         return self._storage.linear(self, x, values, bias)
 
-    def _grad_scores(self) -> Optional[Tensor]:
+    def _grad_scores(self, precision: str = "exact") -> Optional[Tensor]:
         pairs = self._captured_pairs()
         if not pairs:
             return None
@@ -377,7 +387,7 @@ class SparseLinear(SparseLayer):
         dys = [g.reshape(-1, self.out_features) for _, g in pairs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         dy = (dys[0] if len(dys) == 1 else torch.cat(dys)).to(x.dtype)
-        return block_grad_norms(x, dy, self.block_size)
+        return block_grad_norms(x, dy, self.block_size, precision=precision)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, density: float = 0.1, block_size: int = 32,
@@ -504,14 +514,14 @@ class SparseConv2d(SparseLayer):
         x, values, bias = self._operands(x)
         return self._storage.conv2d(self, x, values, bias)
 
-    def _grad_scores(self) -> Optional[Tensor]:
+    def _grad_scores(self, precision: str = "exact") -> Optional[Tensor]:
         pairs = self._captured_pairs()
         if not pairs:
             return None
         args = dict(weight_shape=self.dense_weight_shape, block_size=self.block_size,
                     stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups,
-                    reduce_taps=not self._storage.units_include_taps)
+                    reduce_taps=not self._storage.units_include_taps, precision=precision)
         if len({tuple(x.shape[1:]) for x, _ in pairs}) == 1:
             x = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs])
             dy = (pairs[0][1] if len(pairs) == 1 else torch.cat([g for _, g in pairs])).to(x.dtype)

@@ -91,26 +91,38 @@ class BlockStorage:
         return sq.sum(dim=tuple(d for d in range(sq.dim()) if d not in (0, 2))).sqrt()
 
     @staticmethod
-    def magnitudes(layer, p: int) -> Tensor:
-        """float32 ``[R, C]``: Lp norm of each active block's values, 0 for inactive blocks."""
+    def active_units(layer, p: int) -> Tuple[Tensor, Tensor]:
+        """``(positions, norms)`` of the active blocks, in ``values`` order: int64 ascending
+        flat grid positions ``r*C + c`` and the float32 Lp norm of each block's values."""
         v = layer.values.detach()
         flat = v.reshape(v.shape[0], -1).float()
         s = flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()
-        grid = torch.zeros(layer.block_mask.shape, dtype=torch.float32, device=v.device)
-        return grid.index_put_((layer.layout.row_idx.long(), layer.layout.col_idx.long()), s)
+        return layer.layout.flat_positions(), s
 
     @staticmethod
-    def apply_topology(layer, new_mask: Tensor, optimizer) -> None:
-        """Permute the rows of ``values``, its gradient and its optimizer state into the new
-        layout's order, in place; rows of new blocks become zero. No host sync."""
-        old = layer.layout
-        R, C = layer.block_mask.shape
-        dev = layer.block_mask.device
-        nnz = layer._nnz
-        rank = torch.full((R * C,), -1, dtype=torch.long, device=dev)
-        rank[old.row_idx.long() * C + old.col_idx.long()] = torch.arange(nnz, device=dev)
-        new_layout = BlockLayout.from_mask(new_mask, layer.block_size, nnz=nnz)
-        src = rank[new_layout.row_idx.long() * C + new_layout.col_idx.long()]
+    def apply_topology(layer, drop: Tensor, add: Tensor, optimizer) -> Tensor:
+        """Drop the active blocks in slots ``drop`` (rows of ``values``, the order of
+        :meth:`active_units`) and activate the blocks at flat positions ``add`` (``[k]``
+        each): rows of ``values``, its gradient and its optimizer state move to the new layout's
+        order in place, rows of new blocks become zero. Time proportional to ``nnz`` (plus a
+        copy of the mask), no host sync. Returns the new mask."""
+        pos = layer.layout.flat_positions()
+        mask = layer.block_mask.clone()
+        flat = mask.view(-1)
+        flat[pos[drop]] = False
+        flat[add] = True
+        # The arriving blocks take over the dropped blocks' slots, so sorting the positions
+        # gives the new row-major order and, through `src`, where each new row comes from
+        # (-1: a new block). Positions that fit int32 sort faster (a radix sort on the CPU).
+        it = torch.int32 if mask.numel() < 2 ** 31 else torch.int64
+        new_pos = pos.to(it)
+        new_pos[drop] = add.to(it)
+        src = torch.arange(pos.numel(), device=pos.device)
+        src[drop] = -1
+        new_pos, order = torch.sort(new_pos, stable=True)
+        src = src[order]
+        new_layout = BlockLayout.from_positions(new_pos, mask.shape, layer.block_size,
+                                                block_mask=mask)
         fresh = src < 0
         idx = src.clamp(min=0)
         for t in _state_tensors(layer, optimizer):
@@ -118,6 +130,7 @@ class BlockStorage:
             moved.masked_fill_(fresh.view(-1, *([1] * (t.dim() - 1))), 0)
             t.copy_(moved)
         layer.layout = new_layout
+        return mask
 
     @staticmethod
     def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -196,16 +209,25 @@ class MaskedDenseStorage:
         return w.abs().float()
 
     @staticmethod
-    def magnitudes(layer, p: int) -> Tensor:
-        """float32, weight-shaped: ``|w|`` at active weights, 0 elsewhere."""
-        return layer.values.detach().abs().float() * layer.block_mask
+    def active_units(layer, p: int) -> Tuple[Tensor, Tensor]:
+        """``(positions, |w|)`` of the active weights: int64 ascending flat positions in the
+        weight and their float32 magnitudes (for one weight every Lp norm is ``|w|``)."""
+        pos = layer.block_mask.reshape(-1).nonzero().squeeze(1)
+        return pos, layer.values.detach().reshape(-1)[pos].abs().float()
 
     @staticmethod
-    def apply_topology(layer, new_mask: Tensor, optimizer) -> None:
-        """Zero the weights, gradient and optimizer state of pruned and of new weights."""
-        survive = layer.block_mask & new_mask
+    def apply_topology(layer, drop: Tensor, add: Tensor, optimizer) -> Tensor:
+        """Zero the weights, gradient and optimizer state of the dropped weights (slots ``drop``
+        in the order of :meth:`active_units`) and of the new ones (``add``, flat positions).
+        Returns the new mask."""
+        mask = layer.block_mask.clone()
+        flat = mask.view(-1)
+        flat[flat.nonzero().squeeze(1)[drop]] = False
+        flat[add] = True
+        survive = layer.block_mask & mask
         for t in _state_tensors(layer, optimizer):
             t.mul_(survive)
+        return mask
 
     @staticmethod
     def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -27,16 +27,9 @@ import torch
 
 __all__ = ["BlockLayout"]
 
-# CPU masks take BlockLayout._build_cpu (nonzero-based; the device path avoids host syncs).
-# Tests switch it off to check that both builds agree.
+# CPU masks find their active positions with nonzero (the device path uses a sort with a known
+# nnz, which needs no host sync). Tests switch it off to check that both builds agree.
 _CPU_FAST_BUILD = True
-
-
-def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
-    """``[n] -> [n + 1]`` int32 prefix sums starting at 0 (a CSR pointer array)."""
-    out = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-    out[1:] = torch.cumsum(counts, 0)
-    return out
 
 
 def _active_positions(flat_mask: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -52,7 +45,8 @@ def _active_positions(flat_mask: torch.Tensor, nnz: int) -> torch.Tensor:
 class BlockLayout:
     """Active blocks of a block-sparse weight and the index metadata the kernels need.
 
-    Build one with :meth:`from_mask`. Attributes (index tensors are int32, on the mask's device):
+    Build one with :meth:`from_mask` (or :meth:`from_positions`). Attributes (index tensors are
+    int32, on the mask's device):
 
     - ``block_mask``: bool ``[R, C]``.
     - ``block_size``: int, the side of a square block.
@@ -109,53 +103,81 @@ class BlockLayout:
         elif isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= R * C:
             raise ValueError(f"nnz must be an int in [0, {R * C}], got {nnz!r}")
 
+        flat = mask.reshape(-1)
+        if mask.device.type == "cpu" and _CPU_FAST_BUILD:
+            pos = flat.nonzero().squeeze(1)           # no device to wait for on the CPU
+            if pos.numel() != nnz:
+                raise ValueError(f"nnz={nnz} but the mask has {pos.numel()} active blocks")
+        else:
+            pos = _active_positions(flat, nnz)        # no host sync when nnz is known
+        return cls._from_positions(pos, mask, block_size)
+
+    @classmethod
+    def from_positions(cls, positions: torch.Tensor, grid_shape: Sequence[int], block_size: int,
+                       *, block_mask: Optional[torch.Tensor] = None) -> "BlockLayout":
+        """Build a layout from the flat positions ``r*C + c`` of its active blocks.
+
+        This is what a topology update uses: it knows which blocks stay and which arrive, so the
+        build costs time proportional to ``nnz`` (a sort of ``nnz`` ints), not to the grid, and
+        never waits on the device.
+
+        Args:
+            positions: int tensor ``[nnz]``, strictly ascending flat positions in ``[0, R*C)``
+                (not checked on a GPU, where checking would wait on the device).
+            grid_shape: ``(R, C)``.
+            block_size: side of a square block, a positive int.
+            block_mask: the bool ``[R, C]`` mask of the same blocks, if the caller has it
+                (it is built from ``positions`` otherwise).
+        """
+        if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or \
+                positions.dtype not in (torch.int32, torch.int64):
+            raise TypeError("positions must be a 1-D int32/int64 tensor")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        R, C = (int(v) for v in grid_shape)
+        pos = positions.long()
+        if pos.device.type == "cpu" and pos.numel() and not (
+                int(pos[0]) >= 0 and int(pos[-1]) < R * C and bool((pos[1:] > pos[:-1]).all())):
+            raise ValueError(f"positions must be strictly ascending in [0, {R * C})")
+        if block_mask is None:
+            block_mask = torch.zeros(R * C, dtype=torch.bool, device=pos.device)
+            block_mask[pos] = True
+            block_mask = block_mask.view(R, C)
+        elif tuple(block_mask.shape) != (R, C) or block_mask.dtype != torch.bool:
+            raise ValueError(f"block_mask must be a bool tensor of shape {(R, C)}")
+        return cls._from_positions(pos, block_mask.contiguous(), block_size)
+
+    @classmethod
+    def _from_positions(cls, pos: torch.Tensor, mask: torch.Tensor, block_size: int
+                        ) -> "BlockLayout":
+        """The metadata from the ascending row-major positions ``pos = r*C + c`` (int64), in
+        time proportional to ``nnz`` and with no host sync: what keeps element-level layouts
+        (``block_size=1``, a grid as large as the weight) cheap to rebuild."""
+        R, C = mask.shape
         self = object.__new__(cls)
         self.block_mask = mask
         self.block_size = block_size
-        self.nnz = nnz
+        self.nnz = pos.numel()
         self._host_cache = None
-        if mask.device.type == "cpu" and _CPU_FAST_BUILD:
-            self._build_cpu(mask)
-            return self
-        flat = mask.reshape(-1)
-        # Row-major active positions p = r*C + c: the order of `values`.
-        pos = _active_positions(flat, nnz)
-        self.row_idx = torch.div(pos, C, rounding_mode="floor").to(torch.int32)
-        self.col_idx = (pos % C).to(torch.int32)
-        self.row_ptr = _exclusive_cumsum(mask.sum(1))
-        # Column-major active positions q = c*R + r, for the transpose view.
-        tpos = _active_positions(mask.t().reshape(-1), nnz)
-        t_col = torch.div(tpos, R, rounding_mode="floor")
-        t_row = tpos % R
-        self.t_row_idx = t_row.to(torch.int32)
-        # Index into `values` of block (r, c) = number of active blocks before it in row-major
-        # order = inclusive prefix count at r*C + c, minus one.
-        rank = torch.cumsum(flat.to(torch.int32), 0) - 1
-        self.t_block_idx = rank[t_row * C + t_col].to(torch.int32)
-        self.col_ptr = _exclusive_cumsum(mask.sum(0))
-        self._host_cache = None
-        return self
-
-    def _build_cpu(self, mask: torch.Tensor) -> None:
-        """The same metadata from ``nonzero`` (no device to wait for on the CPU), in time
-        proportional to ``nnz`` after one scan of the mask: what keeps element-level layouts
-        (``block_size=1``, a grid as large as the weight) cheap to rebuild."""
-        R, C = mask.shape
-        pos = mask.reshape(-1).nonzero().squeeze(1)                  # row-major, ascending
-        if pos.numel() != self.nnz:
-            raise ValueError(f"nnz={self.nnz} but the mask has {pos.numel()} active blocks")
         row = torch.div(pos, C, rounding_mode="floor")
         self.row_idx = row.to(torch.int32)
         self.col_idx = (pos - row * C).to(torch.int32)
         # row r's entries start at the first position >= r*C (R+1 binary searches)
-        self.row_ptr = torch.searchsorted(pos, torch.arange(R + 1) * C).to(torch.int32)
+        starts = torch.arange(R + 1, device=pos.device, dtype=torch.int64) * C
+        self.row_ptr = torch.searchsorted(pos, starts).to(torch.int32)
         # Column-major order = the row-major entries stably sorted by column (each column's
         # entries are already in row order); the sort permutation is t_block_idx itself.
         t_col, perm = torch.sort(self.col_idx, stable=True)
         self.t_block_idx = perm.to(torch.int32)
         self.t_row_idx = self.row_idx[perm]
-        self.col_ptr = torch.searchsorted(t_col, torch.arange(C + 1, dtype=torch.int32)
-                                          ).to(torch.int32)
+        self.col_ptr = torch.searchsorted(
+            t_col, torch.arange(C + 1, dtype=torch.int32, device=pos.device)).to(torch.int32)
+        return self
+
+    def flat_positions(self) -> torch.Tensor:
+        """int64 ``[nnz]``: the flat grid position ``r*C + c`` of each active block, in
+        ``values`` order (ascending)."""
+        return self.row_idx.long() * self.block_mask.shape[1] + self.col_idx.long()
 
     @staticmethod
     def grid_for(weight_shape: Sequence[int], block_size: int) -> tuple[int, int]:

@@ -281,13 +281,14 @@ def test_block1_topology_update_keeps_survivors_and_zeroes_new_weights():
     old_w = layer.dense_weight().detach().clone()
     old_m = layer.layout.scatter(opt.state[layer.values]["exp_avg"]).clone()
     param = layer.values
-    active = old_mask.nonzero()
-    new_mask = old_mask.clone()
-    drop = active[:7]
-    new_mask[drop[:, 0], drop[:, 1]] = False
-    grow = (~old_mask).nonzero()[:7]
-    new_mask[grow[:, 0], grow[:, 1]] = True
-    layer._apply_topology(new_mask, opt)
+    flat = old_mask.reshape(-1)
+    slots = torch.randperm(int(flat.sum()))[:7]          # which active weights (values rows)
+    grow = (~flat).nonzero().squeeze(1)[torch.randperm(int((~flat).sum()))[:7]]
+    new_mask = flat.clone()
+    new_mask[flat.nonzero().squeeze(1)[slots]] = False
+    new_mask[grow] = True
+    new_mask = new_mask.view(old_mask.shape)
+    layer._apply_topology(slots, grow, opt)
     assert layer.values is param and layer.values.shape == (layer.nnz, 1, 1)
     assert layer.nnz == int(new_mask.sum()) == int(old_mask.sum())
     assert torch.equal(layer.layout.block_mask, new_mask)

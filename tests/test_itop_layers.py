@@ -250,8 +250,52 @@ def test_block_grad_norms_is_a_custom_op():
     assert hasattr(torch.ops.itop_kernels, "block_grad_norms")
     assert hasattr(torch.ops.itop_kernels, "conv2d_block_grad_norms")
     x, dy = torch.randn(6, 16), torch.randn(6, 8)
-    torch.testing.assert_close(torch.ops.itop_kernels.block_grad_norms(x, dy, 4),
-                               block_grad_norms(x, dy, 4))
+    for precision in ("exact", "bf16"):
+        torch.testing.assert_close(torch.ops.itop_kernels.block_grad_norms(x, dy, 4, precision),
+                                   block_grad_norms(x, dy, 4, precision=precision))
+        torch.library.opcheck(torch.ops.itop_kernels.block_grad_norms, (x, dy, 4, precision))
+    xc, dyc = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    torch.library.opcheck(torch.ops.itop_kernels.conv2d_block_grad_norms,
+                          (xc, dyc, [8, 8, 3, 3], 4, [1, 1], [1, 1], [1, 1], 1, True, "bf16"))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("bs", [1, 4, 16])
+def test_bf16_precision_norms_are_close_to_exact(bs):
+    """precision="bf16" multiplies bf16 copies (fp32 accumulation): within the fp16 class
+    tolerance of the float64 norms, and the same top blocks where they are not near-ties."""
+    gen = torch.Generator().manual_seed(bs)
+    x = torch.randn(96, 64, generator=gen)
+    dy = torch.randn(96, 48, generator=gen)
+    ref = block_grad_norms(x.double(), dy.double(), bs)
+    got = block_grad_norms(x, dy, bs, precision="bf16")
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert _rel(got, ref) <= 1e-2
+    assert _rel(block_grad_norms(x, dy, bs, precision="exact"), ref) <= 1e-4
+    xc = torch.randn(2, 16, 7, 7, generator=gen).to(memory_format=torch.channels_last)
+    dyc = torch.randn(2, 16, 7, 7, generator=gen)
+    cbs = 1 if bs == 1 else 8
+    cref = conv2d_block_grad_norms(xc.double(), dyc.double(), (16, 16, 3, 3), cbs, padding=1)
+    cgot = conv2d_block_grad_norms(xc, dyc, (16, 16, 3, 3), cbs, padding=1, precision="bf16")
+    assert _rel(cgot, cref) <= 1e-2
+
+
+def test_auto_precision_resolution(monkeypatch):
+    from itop_kernels.block_norms import resolve_precision
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(block_norms, "native_bf16_matmul", lambda device: True)
+    assert resolve_precision("auto", torch.float32, cpu) == "bf16"
+    assert resolve_precision("auto", torch.bfloat16, cpu) == "bf16"
+    assert resolve_precision("auto", torch.float64, cpu) == "exact"  # float64 stays exact
+    assert resolve_precision("exact", torch.float32, cpu) == "exact"
+    monkeypatch.setattr(block_norms, "native_bf16_matmul", lambda device: False)
+    assert resolve_precision("auto", torch.float32, cpu) == "exact"
+    assert resolve_precision("bf16", torch.float64, cpu) == "bf16"   # asked for explicitly
+    with pytest.raises(ValueError, match="precision"):
+        block_grad_norms(torch.randn(4, 8), torch.randn(4, 8), 4, precision="fp8")
 
 
 # --------------------------------------------------------------------------- captured scores

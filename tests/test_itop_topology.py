@@ -218,6 +218,22 @@ def test_hooks_only_armed_for_update_steps():
     assert len(layer._forward_hooks) == 0 and random_mgr.step()  # random growth needs no hook
 
 
+def test_a_dropped_manager_leaves_its_successors_hooks_armed():
+    """Replacing a manager (``mgr = TopologyManager(...)`` again, after loading a checkpoint,
+    say) drops the old one after the new one armed the layers: the old one's cleanup must not
+    disarm them, or the first gradient update would silently fall back to random growth."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="gradient")
+    mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="gradient")
+    assert all(len(m._forward_hooks) == 1 for m in (model[0], model[2]))
+    model(torch.randn(4, 16)).square().mean().backward()
+    assert all(m._grad_scores() is not None for m in (model[0], model[2]))
+    mgr.close()
+    assert all(len(m._forward_hooks) == 0 for m in (model[0], model[2]))
+
+
 # --------------------------------------------------------------------------- reference
 def _reference_run(layer, xs, targets, update_every, rate_fn, steps):
     """Dense weights, block masks and SGD momentum following DESIGN.md, with autograd's dense dW."""
