@@ -170,7 +170,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="default: 256 (CPU), 4096 (GPU)")
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--pairs", type=int, default=3, help="plain/update step pairs per window")
-    ap.add_argument("--rounds", type=int, default=4, help="windows per case")
+    ap.add_argument("--rounds", type=int, default=6, help="windows per case")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="torch intra-op thread counts (default: 1 and all cores on the CPU)")
     ap.add_argument("--out", default=None)

@@ -122,7 +122,7 @@ class BlockStorage:
         new_pos, order = torch.sort(new_pos, stable=True)
         src = src[order]
         new_layout = BlockLayout.from_positions(new_pos, mask.shape, layer.block_size,
-                                                block_mask=mask)
+                                                block_mask=mask, check=False)
         fresh = src < 0
         idx = src.clamp(min=0)
         for t in _state_tensors(layer, optimizer):

@@ -114,7 +114,8 @@ class BlockLayout:
 
     @classmethod
     def from_positions(cls, positions: torch.Tensor, grid_shape: Sequence[int], block_size: int,
-                       *, block_mask: Optional[torch.Tensor] = None) -> "BlockLayout":
+                       *, block_mask: Optional[torch.Tensor] = None,
+                       check: bool = True) -> "BlockLayout":
         """Build a layout from the flat positions ``r*C + c`` of its active blocks.
 
         This is what a topology update uses: it knows which blocks stay and which arrive, so the
@@ -128,6 +129,8 @@ class BlockLayout:
             block_size: side of a square block, a positive int.
             block_mask: the bool ``[R, C]`` mask of the same blocks, if the caller has it
                 (it is built from ``positions`` otherwise).
+            check: verify on the CPU that ``positions`` is strictly ascending and in range
+                (one pass; callers that built them sorted and distinct may skip it).
         """
         if not isinstance(positions, torch.Tensor) or positions.dim() != 1 or \
                 positions.dtype not in (torch.int32, torch.int64):
@@ -136,7 +139,7 @@ class BlockLayout:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         R, C = (int(v) for v in grid_shape)
         pos = positions.long()
-        if pos.device.type == "cpu" and pos.numel() and not (
+        if check and pos.device.type == "cpu" and pos.numel() and not (
                 int(pos[0]) >= 0 and int(pos[-1]) < R * C and bool((pos[1:] > pos[:-1]).all())):
             raise ValueError(f"positions must be strictly ascending in [0, {R * C})")
         if block_mask is None:
