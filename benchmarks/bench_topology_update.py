@@ -138,8 +138,17 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     cases = result["cases"]
     threads = sorted({c["threads"] for c in cases})
-    labels = [f"block {bs}\n{g}" + (f"\n({p})" if g == "gradient" else "")
-              for bs, g, p in CASES]
+    resolved = {(c["block_size"], c["growth"], c["score_precision"]):
+                c["score_precision_resolved"] for c in cases}
+
+    def label(bs, growth, precision):
+        text = f"block {bs}\n{growth}"
+        if growth == "gradient":
+            text += f"\n({precision}" + (f" = {resolved[bs, growth, precision]})"
+                                          if precision == "auto" else ")")
+        return text
+
+    labels = [label(*c) for c in CASES]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(threads)
     for i, t in enumerate(threads):
