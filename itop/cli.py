@@ -28,6 +28,7 @@ __all__ = ["main", "build_parser"]
 
 GROWTH = ("gradient", "random", "momentum", "random_unfired")
 DISTRIBUTIONS = ("erk", "er", "uniform")
+PRECISIONS = ("auto", "exact", "bf16")  # itop_kernels.block_norms.PRECISIONS
 
 
 # ------------------------------------------------------------------------------ arg types
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block side; 1 = unstructured (element-level) sparsity")
     g.add_argument("--growth", choices=GROWTH, default=d.growth,
                    help="gradient = RigL-ITOP, random = SET-ITOP")
+    g.add_argument("--score-precision", choices=PRECISIONS, default=d.score_precision,
+                   help="arithmetic of RigL's dense-gradient scores: auto = bf16 where the "
+                        "device multiplies bf16 natively, exact = the model's dtype")
     g.add_argument("--prune-rate", type=unit_interval, default=d.prune_rate,
                    help="initial fraction of active weights replaced per update "
                         "(the reference's --death-rate; cosine-decayed)")
@@ -164,7 +168,7 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     cfg = TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, density=args.density,
         distribution=args.distribution, block_size=args.block_size, growth=args.growth,
-        prune_rate=args.prune_rate, update_every=args.update_every, dense=args.dense,
+        score_precision=args.score_precision, prune_rate=args.prune_rate, update_every=args.update_every, dense=args.dense,
         static=args.static, epochs=args.epochs, multiplier=args.multiplier,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,

@@ -69,6 +69,7 @@ class TrainConfig:
     distribution: str = "erk"
     block_size: int = 1
     growth: str = "gradient"
+    score_precision: str = "auto"
     prune_rate: float = 0.5
     update_every: int = 20
     dense: bool = False
@@ -344,7 +345,8 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                               prune_rate=0.0 if cfg.static else cfg.prune_rate,
                               total_steps=total_steps,
                               growth="random" if cfg.static else cfg.growth,
-                              seed=cfg.seed, grad_scaler=scaler)
+                              seed=cfg.seed, grad_scaler=scaler,
+                              score_precision=cfg.score_precision)
     fwd = torch.compile(net) if cfg.compile else net
 
     if d.main:

@@ -58,6 +58,7 @@ def test_train_writes_metrics_checkpoint_and_plots(sparse_run):
     recs = read_metrics(out)
     kinds = [r["type"] for r in recs]
     assert kinds[0] == "config" and kinds[-1] == "final"
+    assert recs[0]["score_precision"] == "auto"
     assert kinds.count("epoch") == 2 and kinds.count("final") == 1
     cfg = recs[0]
     assert cfg["steps_per_epoch"] == 512 // 64 and cfg["total_steps"] == 16
@@ -144,6 +145,12 @@ def test_train_on_a_cifar_archive(tmp_path, capsys):
     assert recs[-1]["finished"]
 
 
+def test_cli_precisions_are_the_kernels():
+    from itop.cli import PRECISIONS
+    from itop_kernels.block_norms import PRECISIONS as KERNEL_PRECISIONS
+    assert PRECISIONS == KERNEL_PRECISIONS
+
+
 def test_lr_schedule():
     assert [lr_at(s, 8, 1.0) for s in range(8)] == pytest.approx(
         [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
@@ -155,6 +162,7 @@ def test_lr_schedule():
     (["train", "--block-size", "0"], "--block-size: '0' is not a positive integer"),
     (["train", "--model", "resnet-50"], "--model: invalid choice: 'resnet-50'"),
     (["train", "--growth", "magic"], "--growth: invalid choice"),
+    (["train", "--score-precision", "fp8"], "--score-precision: invalid choice"),
     (["train", "--device", "gpu"], "--device: 'gpu' is not a device"),
     (["train", "--dense", "--static"], "--static: not allowed with argument --dense"),
     (["train", "--prune-rate", "2"], "--prune-rate"),
