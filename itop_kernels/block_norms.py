@@ -101,14 +101,22 @@ def _block_grad_norms(x: Tensor, dy: Tensor, block_size: int, precision: str) ->
     dyt = dy.to(ct).t()                                    # [N, M] view
     out = torch.empty(R, C, dtype=torch.float32, device=x.device)
     step = _rows_per_chunk(R, bs * K, x.device)
+    # One GEMM-output buffer and one float32 buffer for all chunks: fresh allocations of this
+    # size cost page faults on the CPU every chunk.
+    gbuf = torch.empty(step * bs, K, dtype=ct, device=x.device)
+    sq_dtype = torch.float64 if ct == torch.float64 else torch.float32
+    sbuf = gbuf if sq_dtype == ct else torch.empty(step * bs, K, dtype=sq_dtype, device=x.device)
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
-        g = torch.mm(dyt[r0 * bs:r1 * bs], xc)             # [(r1-r0)·bs, K]: these block-rows of dW
+        n = (r1 - r0) * bs
+        g = torch.mm(dyt[r0 * bs:r1 * bs], xc, out=gbuf[:n])  # [n, K]: these block-rows of dW
+        sq = sbuf[:n]
+        if sq is not g:
+            sq.copy_(g)
         if bs == 1:                                        # element level: the norm is |dW|
-            out[r0:r1] = g.abs_()
+            out[r0:r1] = sq.abs_()
             continue
-        sq = _square_in_fp32(g)                            # g is ours: square in place
-        out[r0:r1] = sq.view(r1 - r0, bs, C, bs).sum((1, 3)).sqrt()
+        out[r0:r1] = sq.square_().view(r1 - r0, bs, C, bs).sum((1, 3)).sqrt_()
     return out
 
 
