@@ -22,7 +22,8 @@ inputs in float32). ``"bf16"`` runs them on bfloat16 copies of the inputs (float
 as cuBLAS and oneDNN do) and reduces in float32: about 3× faster on CPUs with AVX512-BF16 or AMX
 and on any recent GPU, for norms within ~1e-3 relative of the exact ones. The norms only rank
 blocks for growth, and measured on MNIST-1D MLP gradients the bf16 top-k growth set matches the
-exact one (100 % at block 16 and 32, 99.7 % of the units at block 1). ``"auto"`` (what
+exact one (100 % at block 16 and 32, 99.7 % of the units at block 1;
+``benchmarks/score_precision_agreement.py``). ``"auto"`` (what
 :class:`itop.TopologyManager` uses by default) picks ``"bf16"`` for float32/float16/bfloat16
 inputs on a device with native bf16 matrix multiplication (:func:`native_bf16_matmul`), else
 ``"exact"``.
