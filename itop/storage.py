@@ -115,7 +115,7 @@ class BlockStorage:
         # gives the new row-major order and, through `src`, where each new row comes from
         # (-1: a new block). Positions that fit int32 sort faster (a radix sort on the CPU).
         it = torch.int32 if mask.numel() < 2 ** 31 else torch.int64
-        new_pos = pos.to(it)
+        new_pos = pos.to(it, copy=True)                   # pos is the old layout's own
         new_pos[drop] = add.to(it)
         src = torch.arange(pos.numel(), device=pos.device)
         src[drop] = -1

@@ -65,7 +65,7 @@ class BlockLayout:
 
     __slots__ = (
         "block_mask", "block_size", "nnz", "row_ptr", "col_idx", "row_idx",
-        "col_ptr", "t_row_idx", "t_block_idx", "_host_cache",
+        "col_ptr", "t_row_idx", "t_block_idx", "_host_cache", "_positions",
     )
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - guard against misuse
@@ -138,7 +138,7 @@ class BlockLayout:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         R, C = (int(v) for v in grid_shape)
-        pos = positions.long()
+        pos = positions.to(torch.int64, copy=True)  # the layout keeps it: not the caller's
         if check and pos.device.type == "cpu" and pos.numel() and not (
                 int(pos[0]) >= 0 and int(pos[-1]) < R * C and bool((pos[1:] > pos[:-1]).all())):
             raise ValueError(f"positions must be strictly ascending in [0, {R * C})")
@@ -162,6 +162,7 @@ class BlockLayout:
         self.block_size = block_size
         self.nnz = pos.numel()
         self._host_cache = None
+        self._positions = pos
         row = torch.div(pos, C, rounding_mode="floor")
         self.row_idx = row.to(torch.int32)
         self.col_idx = (pos - row * C).to(torch.int32)
@@ -179,8 +180,8 @@ class BlockLayout:
 
     def flat_positions(self) -> torch.Tensor:
         """int64 ``[nnz]``: the flat grid position ``r*C + c`` of each active block, in
-        ``values`` order (ascending)."""
-        return self.row_idx.long() * self.block_mask.shape[1] + self.col_idx.long()
+        ``values`` order (ascending). The layout's own tensor: do not modify it."""
+        return self._positions
 
     @staticmethod
     def grid_for(weight_shape: Sequence[int], block_size: int) -> tuple[int, int]:

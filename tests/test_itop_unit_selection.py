@@ -121,6 +121,15 @@ def test_layout_from_positions_matches_from_mask(R, C, density, seed):
     assert torch.equal(got.flat_positions(), mask.reshape(-1).nonzero().squeeze(1))
 
 
+def test_layout_keeps_its_own_positions():
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    pos = mask.reshape(-1).nonzero().squeeze(1)
+    lay = BlockLayout.from_positions(pos, (2, 3), 8)
+    pos[0] = 5  # the caller's tensor changes; the layout's must not
+    assert lay.flat_positions().tolist() == [0, 2, 4]
+    assert BlockLayout.from_mask(mask, 8).flat_positions().tolist() == [0, 2, 4]
+
+
 def test_layout_from_positions_rejects_bad_positions():
     with pytest.raises(ValueError, match="ascending"):
         BlockLayout.from_positions(torch.tensor([3, 1]), (2, 2), 4)
