@@ -53,7 +53,7 @@ def topk_indices(key: Tensor, k: int, *, largest: bool = True) -> Tensor:
         return torch.empty(0, dtype=torch.int64, device=key.device)
     if key.device.type != "cpu" or n < _SELECT_MIN or 2 * k > n:
         return torch.topk(key, k, largest=largest, sorted=False).indices
-    sample = key[::n // _SAMPLE]
+    sample = key[::max(1, n // _SAMPLE)]
     s = sample.numel()
     # The sample's r-th extreme value: about r·n/s entries of the key pass it, 1.5·k plus a
     # margin of 16 sample ranks (several standard deviations of that count).
