@@ -522,12 +522,9 @@ class SparseConv2d(SparseLayer):
                     stride=self.stride, padding=self.padding, dilation=self.dilation,
                     groups=self.groups,
                     reduce_taps=not self._storage.units_include_taps, precision=precision)
-        if len({tuple(x.shape[1:]) for x, _ in pairs}) == 1:
-            x = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs])
-            dy = (pairs[0][1] if len(pairs) == 1 else torch.cat([g for _, g in pairs])).to(x.dtype)
-            return conv2d_block_grad_norms(x, dy, **args)
-        # micro-batches of different spatial sizes: add their norms
-        return sum(conv2d_block_grad_norms(a, g.to(a.dtype), **args) for a, g in pairs)
+        # micro-batches (gradient accumulation, any spatial sizes): their gradients add up
+        return conv2d_block_grad_norms([a for a, _ in pairs],
+                                       [g.to(a.dtype) for a, g in pairs], **args)
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, *, density: float = 0.1, block_size: int = 16,

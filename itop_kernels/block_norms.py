@@ -11,9 +11,11 @@ CPU (``2**24`` on a GPU) whatever the number of output features ``N``.
 Two ``torch.library`` custom ops (the implementation is plain torch ops, so it runs on any
 device; on CUDA tensors the chunked GEMMs are cuBLAS calls):
 
-- ``itop_kernels::block_grad_norms(x [M, K], dy [M, N], block_size) -> [N/bs, K/bs]`` float32
-- ``itop_kernels::conv2d_block_grad_norms(x [B, Cin, H, W], dy [B, Cout, Ho, Wo], weight_shape,
-  block_size, stride, padding, dilation, groups, reduce_taps) -> [Cout/bs, Cin/bs]`` float32
+- ``itop_kernels::block_grad_norms(x [M, K], dy [M, N], block_size, precision) -> [N/bs, K/bs]``
+  float32
+- ``itop_kernels::conv2d_block_grad_norms(xs [B, Cin, H, W][], dys [B, Cout, Ho, Wo][],
+  weight_shape, block_size, stride, padding, dilation, groups, reduce_taps, precision)
+  -> [Cout/bs, Cin/bs]`` float32 (micro-batches' gradients summed)
   (or ``[Cout, Cin/groups, kh, kw]`` element magnitudes when ``block_size == 1`` and
   ``reduce_taps`` is False).
 
@@ -127,31 +129,38 @@ def _(x, dy, block_size, precision):
 
 
 @torch.library.custom_op("itop_kernels::conv2d_block_grad_norms", mutates_args=())
-def _conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape: List[int], block_size: int,
-                             stride: List[int], padding: List[int], dilation: List[int],
-                             groups: int, reduce_taps: bool, precision: str) -> Tensor:
+def _conv2d_block_grad_norms(xs: List[Tensor], dys: List[Tensor], weight_shape: List[int],
+                             block_size: int, stride: List[int], padding: List[int],
+                             dilation: List[int], groups: int, reduce_taps: bool,
+                             precision: str) -> Tensor:
     bs = block_size
     cout, cin_g, kh, kw = weight_shape
-    ct = _compute_dtype(x.dtype, precision)
-    xc = x.to(ct)
-    dyc = dy.to(ct)
+    ct = _compute_dtype(xs[0].dtype, precision)
+    xcs = [x.to(ct) for x in xs]
+    dycs = [dy.to(ct) for dy in dys]
+
+    def dw(o0: int, o1: int, g: int) -> Tensor:
+        """Output channels o0:o1 of the weight gradient, summed over the micro-batches."""
+        total = None
+        for xc, dyc in zip(xcs, dycs):
+            part = torch.nn.grad.conv2d_weight(xc, [o1 - o0, cin_g, kh, kw],
+                                               dyc[:, o0:o1].contiguous(), stride, padding,
+                                               dilation, g)
+            total = part if total is None else total.add_(part)
+        return total
+
     if groups != 1:
         # Only element-level (block 1) layers may be grouped; the gradient has the size of the
         # weight, which such a layer stores densely anyway.
-        g = torch.nn.grad.conv2d_weight(xc, list(weight_shape), dyc, stride, padding, dilation,
-                                        groups)
-        g = g.to(torch.float32).abs_()
+        g = dw(0, cout, groups).to(torch.float32).abs_()
         return g if not reduce_taps else g.square().sum(dim=(2, 3)).sqrt()
     R, C = cout // bs, cin_g // bs
     out_shape = (R, C) if reduce_taps else (R, C, kh, kw)
-    out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-    step = _rows_per_chunk(R, bs * cin_g * kh * kw, x.device)
+    out = torch.empty(out_shape, dtype=torch.float32, device=xs[0].device)
+    step = _rows_per_chunk(R, bs * cin_g * kh * kw, xs[0].device)
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
-        rows = (r1 - r0) * bs
-        g = torch.nn.grad.conv2d_weight(xc, [rows, cin_g, kh, kw],
-                                        dyc[:, r0 * bs:r1 * bs].contiguous(), stride, padding,
-                                        dilation, 1)        # [rows, Cin, kh, kw]
+        g = dw(r0 * bs, r1 * bs, 1)                        # [rows, Cin, kh, kw]
         # contiguous: a channels-last input gives a channels-last gradient
         g = _square_in_fp32(g).contiguous()
         if reduce_taps:
@@ -163,11 +172,12 @@ def _conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape: List[int], blo
 
 
 @_conv2d_block_grad_norms.register_fake
-def _(x, dy, weight_shape, block_size, stride, padding, dilation, groups, reduce_taps, precision):
+def _(xs, dys, weight_shape, block_size, stride, padding, dilation, groups, reduce_taps,
+      precision):
     cout, cin_g, kh, kw = weight_shape
     R, C = cout // block_size, cin_g // block_size
     shape = (R, C) if reduce_taps else (R, C, kh, kw)
-    return x.new_empty(shape, dtype=torch.float32)
+    return xs[0].new_empty(shape, dtype=torch.float32)
 
 
 def block_grad_norms(x: Tensor, dy: Tensor, block_size: int, *,
@@ -198,14 +208,16 @@ def block_grad_norms(x: Tensor, dy: Tensor, block_size: int, *,
     return _block_grad_norms(x, dy, block_size, resolve_precision(precision, x.dtype, x.device))
 
 
-def conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape, block_size: int, stride=1,
+def conv2d_block_grad_norms(x, dy, weight_shape, block_size: int, stride=1,
                             padding=0, dilation=1, groups: int = 1,
                             reduce_taps: bool = True, *, precision: str = "exact") -> Tensor:
     """Block norms of the dense gradient of a conv2d weight ``[Cout, Cin/groups, kh, kw]``.
 
     Args:
-        x: ``[B, Cin, H, W]`` layer input.
-        dy: ``[B, Cout, Ho, Wo]`` gradient of the layer output (same dtype/device as ``x``).
+        x: ``[B, Cin, H, W]`` layer input, or a list of micro-batches (their spatial sizes may
+            differ); the gradient is then the sum over them, as in gradient accumulation.
+        dy: ``[B, Cout, Ho, Wo]`` gradient of the layer output (same dtype/device as ``x``), or
+            the list matching ``x``.
         weight_shape: ``(Cout, Cin/groups, kh, kw)``.
         block_size: ``bs``, dividing ``Cout`` and ``Cin``; ``groups`` must be 1 unless ``bs == 1``.
         stride, padding, dilation: the convolution's, ints or pairs.
@@ -228,9 +240,21 @@ def conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape, block_size: int
     weight_shape = [int(s) for s in weight_shape]
     if len(weight_shape) != 4:
         raise ValueError(f"weight_shape must be (Cout, Cin/groups, kh, kw), got {weight_shape}")
-    if x.dim() != 4 or dy.dim() != 4 or x.shape[0] != dy.shape[0]:
-        raise ValueError(f"x must be [B, Cin, H, W] and dy [B, Cout, Ho, Wo], got "
-                         f"{tuple(x.shape)} and {tuple(dy.shape)}")
+    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    dys = list(dy) if isinstance(dy, (list, tuple)) else [dy]
+    if not xs or len(xs) != len(dys):
+        raise ValueError(f"x and dy must be tensors or equally long lists of tensors, got "
+                         f"{len(xs)} and {len(dys)}")
+    for x, dy in zip(xs, dys):
+        if not isinstance(x, Tensor) or not isinstance(dy, Tensor):
+            raise TypeError("x and dy must be torch.Tensors (or lists of them)")
+        if x.dim() != 4 or dy.dim() != 4 or x.shape[0] != dy.shape[0]:
+            raise ValueError(f"x must be [B, Cin, H, W] and dy [B, Cout, Ho, Wo], got "
+                             f"{tuple(x.shape)} and {tuple(dy.shape)}")
+        if x.device != xs[0].device or x.dtype != xs[0].dtype or dy.device != x.device or \
+                dy.dtype != x.dtype:
+            raise ValueError(f"x ({x.dtype}, {x.device}) and dy ({dy.dtype}, {dy.device}) "
+                             f"must match, in every micro-batch")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if weight_shape[0] % block_size or weight_shape[1] % block_size:
@@ -238,9 +262,7 @@ def conv2d_block_grad_norms(x: Tensor, dy: Tensor, weight_shape, block_size: int
                          f"{weight_shape}")
     if groups != 1 and block_size != 1:
         raise ValueError("groups > 1 is only supported with block_size 1")
-    if x.device != dy.device or x.dtype != dy.dtype:
-        raise ValueError(f"x ({x.dtype}, {x.device}) and dy ({dy.dtype}, {dy.device}) must match")
-    return _conv2d_block_grad_norms(x, dy, weight_shape, block_size, pair(stride, "stride"),
+    return _conv2d_block_grad_norms(xs, dys, weight_shape, block_size, pair(stride, "stride"),
                                     pair(padding, "padding"), pair(dilation, "dilation"),
                                     int(groups), bool(reduce_taps),
-                                    resolve_precision(precision, x.dtype, x.device))
+                                    resolve_precision(precision, xs[0].dtype, xs[0].device))

@@ -256,7 +256,7 @@ def test_block_grad_norms_is_a_custom_op():
         torch.library.opcheck(torch.ops.itop_kernels.block_grad_norms, (x, dy, 4, precision))
     xc, dyc = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
     torch.library.opcheck(torch.ops.itop_kernels.conv2d_block_grad_norms,
-                          (xc, dyc, [8, 8, 3, 3], 4, [1, 1], [1, 1], [1, 1], 1, True, "bf16"))
+                          ([xc], [dyc], [8, 8, 3, 3], 4, [1, 1], [1, 1], [1, 1], 1, True, "bf16"))
 
 
 def _rel(a, b):
@@ -330,6 +330,27 @@ def test_conv_captured_grad_scores_match_dense_gradient(bs):
     ref = dw.abs() if bs == 1 else _ref_block_norms(dw, bs)
     torch.testing.assert_close(conv._grad_scores(), ref.float())
     conv._stop_capture()
+
+
+@pytest.mark.parametrize("bs", [1, 8])
+def test_conv_grad_scores_over_micro_batches_of_different_sizes(bs):
+    """Gradient accumulation over micro-batches of different spatial sizes: the score is the
+    norm of the summed gradient (not a sum of per-micro-batch norms)."""
+    torch.manual_seed(1)
+    conv = itop.SparseConv2d(16, 16, 3, padding=1, density=0.4, block_size=bs,
+                             dtype=torch.float64)
+    conv._start_capture()
+    w = conv.dense_weight().detach().requires_grad_()
+    dense_grad = torch.zeros_like(w)
+    for hw in (5, 8):
+        x = torch.randn(2, 16, hw, hw, dtype=torch.float64)
+        conv(x).sin().sum().backward()
+        dense_grad += torch.autograd.grad(F.conv2d(x, w, conv.bias, 1, 1).sin().sum(), w)[0]
+    ref = dense_grad.abs() if bs == 1 else _ref_block_norms(dense_grad, bs)
+    torch.testing.assert_close(conv._grad_scores(), ref.float())
+    conv._stop_capture()
+    with pytest.raises(ValueError, match="equally long"):
+        conv2d_block_grad_norms([torch.randn(1, 16, 4, 4)], [], (16, 16, 3, 3), 8)
 
 
 def test_autocast_runs_in_the_autocast_dtype_with_fp32_gradients():
