@@ -109,7 +109,7 @@ class BlockStorage:
         pos = layer.layout.flat_positions()
         mask = layer.block_mask.clone()
         flat = mask.view(-1)
-        flat[pos[drop]] = False
+        flat[pos.index_select(0, drop)] = False
         flat[add] = True
         # The arriving blocks take over the dropped blocks' slots, so sorting the positions
         # gives the new row-major order and, through `src`, where each new row comes from
@@ -120,15 +120,23 @@ class BlockStorage:
         src = torch.arange(pos.numel(), device=pos.device)
         src[drop] = -1
         new_pos, order = torch.sort(new_pos, stable=True)
-        src = src[order]
+        src = src.index_select(0, order)
         new_layout = BlockLayout.from_positions(new_pos, mask.shape, layer.block_size,
                                                 block_mask=mask, check=False)
         fresh = src < 0
         idx = src.clamp(min=0)
         for t in _state_tensors(layer, optimizer):
-            moved = t.index_select(0, idx)
-            moved.masked_fill_(fresh.view(-1, *([1] * (t.dim() - 1))), 0)
-            t.copy_(moved)
+            # rows as a 2-D view, 1-D for one weight per row (block size 1): index_select on
+            # [nnz, 1, 1] is several times slower than on [nnz]
+            if not t.is_contiguous():
+                rows = t
+            elif t.numel() == t.shape[0]:
+                rows = t.view(-1)
+            else:
+                rows = t.view(t.shape[0], -1)
+            moved = rows.index_select(0, idx)
+            moved.masked_fill_(fresh.view(-1, *([1] * (rows.dim() - 1))), 0)
+            rows.copy_(moved)
         layer.layout = new_layout
         return mask
 

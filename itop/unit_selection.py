@@ -63,7 +63,8 @@ def topk_indices(key: Tensor, k: int, *, largest: bool = True) -> Tensor:
     cand = passing.nonzero().squeeze(1)
     if cand.numel() < k:  # the sample misjudged the key: fall back to the exact full top-k
         return torch.topk(key, k, largest=largest, sorted=False).indices
-    return cand[torch.topk(key[cand], k, largest=largest, sorted=False).indices]
+    top = torch.topk(key.index_select(0, cand), k, largest=largest, sorted=False).indices
+    return cand.index_select(0, top)
 
 
 def random_inactive(mask: Tensor, k: int, generator: torch.Generator, *,
@@ -104,7 +105,7 @@ def random_inactive(mask: Tensor, k: int, generator: torch.Generator, *,
         order = torch.arange(cand.numel(), dtype=torch.int32)
         first = torch.empty(n, dtype=torch.int32).scatter_reduce_(
             0, cand, order, reduce="amin", include_self=False)
-        distinct = cand[first[cand] == order]    # in draw order
+        distinct = cand[first.index_select(0, cand) == order]  # in draw order
         if distinct.numel() >= k:
             return distinct[:k]
         draws *= 2

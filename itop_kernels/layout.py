@@ -173,7 +173,7 @@ class BlockLayout:
         # entries are already in row order); the sort permutation is t_block_idx itself.
         t_col, perm = torch.sort(self.col_idx, stable=True)
         self.t_block_idx = perm.to(torch.int32)
-        self.t_row_idx = self.row_idx[perm]
+        self.t_row_idx = self.row_idx.index_select(0, perm)
         self.col_ptr = torch.searchsorted(
             t_col, torch.arange(C + 1, dtype=torch.int32, device=pos.device)).to(torch.int32)
         return self
