@@ -100,7 +100,7 @@ def random_inactive(mask: Tensor, k: int, generator: torch.Generator, *,
     draws = (k + k // 8 + 64 + (k * k) // free) * n // free
     while True:
         cand = torch.randint(n, (draws,), generator=generator)
-        cand = cand[~mask[cand]]
+        cand = cand[~mask.index_select(0, cand)]
         # first occurrence of each value: the smallest draw index that wrote it
         order = torch.arange(cand.numel(), dtype=torch.int32)
         first = torch.empty(n, dtype=torch.int32).scatter_reduce_(
