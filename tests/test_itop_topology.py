@@ -3,6 +3,7 @@ gradient growth against a masked-dense reference, AMP skips, checkpoint -> resum
 import copy
 import io
 import math
+import warnings
 from unittest import mock
 
 import pytest
@@ -94,8 +95,22 @@ def test_exact_nnz_over_1000_updates(growth, schedule, prune_rate, density, bs, 
     # sampled: the threshold top-k and the rank sampling of itop.unit_selection, which large
     # grids take, forced onto this small one
     with mock.patch.object(unit_selection, "_SELECT_MIN", 0 if sampled else
-                           unit_selection._SELECT_MIN):
+                           unit_selection._SELECT_MIN), warnings.catch_warnings():
+        # no backward here: gradient growth falls back to random (and says so)
+        warnings.filterwarnings("ignore", "gradient growth: no gradient was captured")
         _exact_nnz_run(growth, schedule, prune_rate, density, bs, poison_every, seed)
+
+
+def test_gradient_growth_without_a_backward_warns_once_and_grows_at_random():
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=100, growth="gradient")
+    with pytest.warns(UserWarning, match=r"no gradient was captured for sparse layers \['0', '2'\]"):
+        assert mgr.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mgr.step()  # once per manager
 
 
 def _exact_nnz_run(growth, schedule, prune_rate, density, bs, poison_every, seed):
