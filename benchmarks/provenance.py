@@ -6,6 +6,7 @@ is on ``sys.path``).
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -38,8 +39,16 @@ def package_versions(*packages: str) -> dict:
 
 
 def git_state(*paths: str, dirty_key: str = "code_dirty") -> dict:
-    """``{"commit": HEAD, dirty_key: whether ``paths`` have uncommitted changes}``."""
+    """``{"commit": HEAD, dirty_key: whether ``paths`` have uncommitted changes}``.
+
+    In a copy without ``.git`` (a device machine), the commit is ``ITOP_GIT_COMMIT`` if set and
+    the dirty flag is ``None`` (unknown).
+    """
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+    commit = git("rev-parse", "HEAD").strip()
+    if not commit:
+        return {"commit": os.environ.get("ITOP_GIT_COMMIT", "unknown (no .git)"),
+                dirty_key: None}
     dirty = git("status", "--porcelain", "--", *paths).strip()
-    return {"commit": git("rev-parse", "HEAD").strip(), dirty_key: bool(dirty)}
+    return {"commit": commit, dirty_key: bool(dirty)}

@@ -19,5 +19,5 @@ timeout 150 python3 benchmarks/bench_linear.py $QUICK --out "$OUT/linear_gpu.jso
 if [ -f benchmarks/bench_conv.py ]; then
   timeout 120 python3 benchmarks/bench_conv.py $QUICK --out "$OUT/conv_gpu.json" 2>&1 | grep -v "it/s\]" | tail -60
 fi
-timeout 50 python3 benchmarks/bench_topology_update.py --device cuda --width 4096 --batch 4096 --out "$OUT/topology_update_gpu.json" 2>&1 | tail -15
+timeout 90 python3 benchmarks/bench_topology_update.py --device cuda --width 4096 --batch 4096 --rounds 4 --out "$OUT/topology_update_gpu.json" 2>&1 | tail -15
 ls -la "$OUT"
