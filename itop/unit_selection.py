@@ -82,21 +82,23 @@ def random_inactive(mask: Tensor, k: int, generator: torch.Generator, *,
         int64 ``[k]`` flat positions of inactive units, in no particular order.
     """
     n = mask.numel()
-    dev = mask.device
-    if dev.type != "cpu" or n < _SELECT_MIN:
-        key = torch.rand(n, generator=generator, device=generator.device).to(dev)
-        key.masked_fill_(mask, -1.0)             # below every inactive unit's score (>= 0)
-        return topk_indices(key, k)
-    free = n - (int(torch.count_nonzero(mask)) if num_active is None else num_active)
-    if not 0 <= k <= free:
-        raise ValueError(f"k must be in [0, {free}] (the inactive units), got {k}")
-    if 4 * k > free:                             # crowded: a score per unit is as cheap
-        key = torch.rand(n, generator=generator)
-        key.masked_fill_(mask, -1.0)
-        return topk_indices(key, k)
-    # Uniform draws over all units, the active ones thrown away, are uniform draws over the
-    # inactive ones; the first k distinct of those are a uniform k-subset. Draw enough for k
-    # distinct with room to spare (more if the first round falls short).
+    if mask.device.type == "cpu":
+        free = n - (int(torch.count_nonzero(mask)) if num_active is None else num_active)
+        if not 0 <= k <= free:
+            raise ValueError(f"k must be in [0, {free}] (the inactive units), got {k}")
+        if n >= _SELECT_MIN and 4 * k <= free:   # large and not crowded: draw, don't score
+            return _first_distinct_inactive(mask, k, free, generator)
+    key = torch.rand(n, generator=generator, device=generator.device).to(mask.device)
+    key.masked_fill_(mask, -1.0)                 # below every inactive unit's score (>= 0)
+    return topk_indices(key, k)
+
+
+def _first_distinct_inactive(mask: Tensor, k: int, free: int, generator: torch.Generator
+                             ) -> Tensor:
+    """Uniform draws over all units, the active ones thrown away, are uniform draws over the
+    inactive ones; the first ``k`` distinct of those are a uniform ``k``-subset (CPU)."""
+    n = mask.numel()
+    # enough draws for k distinct with room to spare (twice as many if a round falls short)
     draws = (k + k // 8 + 64 + (k * k) // free) * n // free
     while True:
         cand = torch.randint(n, (draws,), generator=generator)
