@@ -17,8 +17,8 @@ Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each 
      :mod:`itop_kernels.block_norms` reduces ``dYᵀ·X`` to block norms block-row chunk by
      chunk, never holding the dense ``dW``. All other steps run with no hook at all. By
      default (``score_precision="auto"``) that GEMM multiplies bfloat16 copies where the
-     device does so natively: about 2.5× faster on the development CPU, for the same growth
-     choices up to near-ties. A layer with nothing captured (no backward through it on the
+     device does so natively: updates about 1.7× cheaper on the development CPU
+     (``benchmarks/bench_topology_update.py``), for the same growth choices up to near-ties. A layer with nothing captured (no backward through it on the
      update step) grows at random, with a warning.
    - ``"momentum"`` (SNFS-like): an exponential moving average of those block-gradient norms,
      with the optimizer's momentum (SGD ``momentum`` or Adam ``betas[0]``, else 0.9). It needs

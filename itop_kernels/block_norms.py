@@ -22,9 +22,10 @@ device; on CUDA tensors the chunked GEMMs are cuBLAS calls):
 
 Precision (``precision=``): ``"exact"`` runs the GEMMs in the inputs' dtype (float16/bfloat16
 inputs in float32). ``"bf16"`` runs them on bfloat16 copies of the inputs (float32 accumulation,
-as cuBLAS and oneDNN do) and reduces in float32: on the development CPU (AVX512-BF16) the GEMM
-runs about 2.6× and the whole op about 2× faster than float32 (a 1024² layer, batch 256), for
-norms within ~1e-3 relative of the exact ones; bf16 tensor cores do the same on a GPU. The norms only rank
+as cuBLAS and oneDNN do) and reduces in float32, for norms within ~1e-3 relative of the exact
+ones. On the development CPU (AVX512-BF16) that makes a RigL topology update about 1.7× cheaper
+(``benchmarks/bench_topology_update.py``, ``auto`` against ``exact``); bf16 tensor cores give a
+GPU the same kind of gain (not measured yet). The norms only rank
 blocks for growth, and measured on MNIST-1D MLP gradients the bf16 top-k growth set matches the
 exact one (100 % at block 16 and 32, 99.7 % of the units at block 1;
 ``benchmarks/score_precision_agreement.py``). ``"auto"`` (what
