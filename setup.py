@@ -1,6 +1,8 @@
 """itop: dynamic sparse training that is really faster (block-sparse Triton kernels + ITOP)."""
 from setuptools import find_packages, setup
 
+CLI = ["tqdm", "matplotlib", "mnist1d", "scikit-learn"]
+
 setup(
     name="itop",
     version="0.1.0",
@@ -12,11 +14,14 @@ setup(
     packages=find_packages(include=["itop_kernels", "itop_kernels.*", "itop", "itop.*"]),
     # torch itself is installed first (see README): a bare `torch` requirement resolved by pip
     # on a machine without it would pull a multi-GB CUDA build.
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "mnist1d", "scikit-learn"],
+    # The library (itop, itop_kernels) needs torch and numpy only.
+    install_requires=["torch>=2.4", "numpy"],
     extras_require={
+        # The application (itop.app: the `itop` command line, models, data, plots).
+        "cli": CLI,
         # Triton runs the GPU kernels, and in tests its interpreter runs them on the CPU.
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton==3.8.0", "matplotlib"],
-        "bench": ["matplotlib", "pytest-benchmark", "triton==3.8.0"],
+        "test": CLI + ["pytest", "hypothesis", "pytest-benchmark", "triton==3.8.0"],
+        "bench": CLI + ["pytest-benchmark", "triton==3.8.0"],
     },
-    entry_points={"console_scripts": ["itop=itop.cli:main"]},
+    entry_points={"console_scripts": ["itop=itop.app.cli:main"]},
 )

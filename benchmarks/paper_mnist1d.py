@@ -1,6 +1,6 @@
 """The ITOP paper's findings, re-tested on MNIST-1D with the sparse 1-D CNN (``itop train``).
 
-The grid (every run is an ``itop train`` run, in process, through :func:`itop.train.train`):
+The grid (every run is an ``itop train`` run, in process, through :func:`itop.app.train.train`):
 
 - dense;
 - static sparse (no exploration);
@@ -80,7 +80,7 @@ def _run_one(spec: Dict[str, Any], epochs: int) -> Dict[str, Any]:
     """Train one run (in a worker process, one thread) and return its result."""
     import torch
     torch.set_num_threads(1)
-    from itop.train import TrainConfig, train
+    from itop.app.train import TrainConfig, train
     with tempfile.TemporaryDirectory() as out:
         m = spec["method"]
         cfg = TrainConfig(

@@ -28,7 +28,7 @@ from torch import nn
 from provenance import ROOT, cpu_model, git_state, package_versions
 
 sys.path.insert(0, str(ROOT))
-from itop.data import default_data_dir, load_mnist1d  # noqa: E402
+from itop.app.data import default_data_dir, load_mnist1d  # noqa: E402
 from itop_kernels.block_norms import block_grad_norms  # noqa: E402
 
 

@@ -1,8 +1,8 @@
 """``python -m itop ...`` (also ``torchrun --nproc_per_node N -m itop train ...``): the ``itop``
-command line of :mod:`itop.cli`."""
+command line of :mod:`itop.app.cli`."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

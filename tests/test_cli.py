@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from itop.cli import main
-from itop.plots import PLOT_FILES
-from itop.train import lr_at, read_metrics
+from itop.app.cli import main
+from itop.app.plots import PLOT_FILES
+from itop.app.train import lr_at, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--data", "synthetic", "--batch-size", "64", "--update-every", "2", "--block-size", "4",
@@ -146,7 +146,7 @@ def test_train_on_a_cifar_archive(tmp_path, capsys):
 
 
 def test_cli_precisions_are_the_kernels():
-    from itop.cli import PRECISIONS
+    from itop.app.cli import PRECISIONS
     from itop_kernels.block_norms import PRECISIONS as KERNEL_PRECISIONS
     assert PRECISIONS == KERNEL_PRECISIONS
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from itop.data import (CIFAR_ARCHIVES, DataError, _augment, _download, load_cifar,
+from itop.app.data import (CIFAR_ARCHIVES, DataError, _augment, _download, load_cifar,
                        load_dataset, prepare_batch)
 
 

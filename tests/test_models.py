@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import itop
-from itop.flops import flop_report, layer_flops
-from itop.models import MODELS, build_model
+from itop.app.flops import flop_report, layer_flops
+from itop.app.models import MODELS, build_model
 
 SMALL = ["mlp", "lenet5", "cnn1d"]
 LARGE = ["vgg-c", "vgg-d", "vgg-like", "resnet-18", "resnet-34", "wrn-16-8", "wrn-28-2"]

@@ -206,7 +206,7 @@ def _table(rows: List[List[str]]) -> str:
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .plots import layer_rows, render_plots
-    from .train import METRICS, read_metrics
+    from .run_files import METRICS, read_metrics
     if not os.path.isfile(os.path.join(args.run_dir, METRICS)):
         parser.error(f"run_dir {args.run_dir!r} has no {METRICS}")
     records = read_metrics(args.run_dir)
@@ -241,9 +241,9 @@ def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def default_benchmarks_dir() -> str:
-    """``benchmarks/`` next to the package (a source checkout)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "benchmarks")
+    """``benchmarks/`` next to the ``itop`` package (a source checkout)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(checkout, "benchmarks")
 
 
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -280,10 +280,25 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+#: The packages of the ``cli`` extra (``pip install "itop[cli]"``), by import name.
+APP_PACKAGES = ("tqdm", "matplotlib", "mnist1d", "sklearn")
+
+
+def missing_app_packages() -> List[str]:
+    """The import names in :data:`APP_PACKAGES` that are not installed."""
+    import importlib.util
+    return [name for name in APP_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``itop`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = missing_app_packages()
+    if missing:
+        parser.exit(2, f"itop {args.command}: the application needs packages that are not "
+                       f"installed ({', '.join(missing)}); install them with: "
+                       f"pip install \"itop[cli]\" (or pip install -e \".[cli]\" in a checkout)\n")
     from .data import DataError
     commands = {"train": _cmd_train, "report": _cmd_report, "bench": _cmd_bench}
     try:

@@ -26,7 +26,7 @@ Output directory (rank 0):
 - ``checkpoint.pt``: written after every epoch: model, optimizer, topology manager, grad scaler,
   RNG states and the config. ``resume`` continues from it bit for bit on the CPU (the data order
   is a function of the seed and the epoch; dropout/augmentation RNG states are saved).
-- PNG plots (see :mod:`itop.plots`).
+- PNG plots (see :mod:`itop.app.plots`).
 """
 from __future__ import annotations
 
@@ -46,16 +46,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset, load_dataset, prepare_batch
+from ..layers import SparseLayer
+from ..sparsify import sparsify, sparsity_summary
+from ..topology import TopologyManager
 from .flops import flop_report, layer_flops
-from .layers import SparseLayer
 from .models import build_model
-from .sparsify import sparsify, sparsity_summary
-from .topology import TopologyManager
+from .run_files import CHECKPOINT, METRICS, append_metric, read_metrics, write_metrics
 
 __all__ = ["TrainConfig", "train", "lr_at", "read_metrics", "CHECKPOINT", "METRICS"]
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -159,26 +158,6 @@ def _all_sum(values: List[float], d: _Dist, device: torch.device) -> List[float]
 
 
 # ------------------------------------------------------------------------------ helpers
-def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl``, in order."""
-    path = os.path.join(run_dir, METRICS)
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_metrics(path: str, records: List[Dict[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def _append(path: str, record: Dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -289,7 +268,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     Raises:
         ValueError: inconsistent settings. FileNotFoundError: ``resume`` without a checkpoint.
-        itop.data.DataError: the data cannot be loaded.
+        itop.app.data.DataError: the data cannot be loaded.
     """
     t_start = time.time()
     threads = torch.get_num_threads()
@@ -370,15 +349,15 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                     if r["type"] == "config" or
                     (r["type"] == "epoch" and r["epoch"] <= start_epoch) or
                     (r["type"] == "topology" and r["step"] <= step)]
-            _write_metrics(metrics_path, kept)
+            write_metrics(metrics_path, kept)
     elif d.main:
         cfg_rec = {"type": "config", **dataclasses.asdict(cfg), "world_size": d.world,
                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                    "in_shape": list(ds.in_shape), "num_classes": ds.num_classes,
                    "torch": torch.__version__}
-        _write_metrics(metrics_path, [cfg_rec])
+        write_metrics(metrics_path, [cfg_rec])
         if mgr is not None:
-            _append(metrics_path, {"type": "topology", "step": 0, "itop_rate": mgr.itop_rate})
+            append_metric(metrics_path, {"type": "topology", "step": 0, "itop_rate": mgr.itop_rate})
 
     grows_dense = mgr is not None and not cfg.static and cfg.growth in ("gradient", "momentum")
 
@@ -417,7 +396,7 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                 if grows_dense and (cfg.growth == "momentum" or mgr.is_update_step(step)):
                     dense_grad_steps += 1
                 if mgr.step() and d.main:
-                    _append(metrics_path, {"type": "topology", "step": step,
+                    append_metric(metrics_path, {"type": "topology", "step": step,
                                            "itop_rate": mgr.itop_rate})
             loss_sum += float(loss.detach()) * len(b)
             correct += float((out.detach().argmax(1) == y).sum())
@@ -431,7 +410,7 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
         last_epoch = epoch + 1
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", test_acc=f"{100 * test_acc:.1f}%")
         if d.main:
-            _append(metrics_path, {
+            append_metric(metrics_path, {
                 "type": "epoch", "epoch": epoch + 1, "step": step, "lr": lr,
                 "train_loss": loss_sum / seen, "train_acc": correct / seen,
                 "test_loss": test_loss, "test_acc": test_acc,
@@ -478,7 +457,7 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
         "mask_hashes": hashes, "world_size": d.world,
     }
     if d.main:
-        _append(metrics_path, final)
+        append_metric(metrics_path, final)
         if cfg.plots:
             from .plots import render_plots
             render_plots(cfg.out)

@@ -1,6 +1,6 @@
 """The paper's models, built for any input shape and class count.
 
-Every model takes ``in_shape = (C, H, W)`` (the shape of one sample, as :mod:`itop.data`
+Every model takes ``in_shape = (C, H, W)`` (the shape of one sample, as :mod:`itop.app.data`
 returns it; MNIST-1D is ``(1, 1, 40)``) and ``num_classes``, and returns logits.
 
 - ``mlp``: LeNet-300-100 (two hidden layers of 300 and 100 units) on the flattened input.

@@ -182,7 +182,7 @@ def _load_checkpoint(run_dir: str) -> Optional[Dict[str, Any]]:
 
 def render_plots(run_dir: str) -> List[str]:
     """Render every plot of ``run_dir`` (see the module docstring); returns the PNG paths."""
-    from .train import read_metrics
+    from .run_files import read_metrics
     records = read_metrics(run_dir)
     cfg = next((r for r in records if r["type"] == "config"), {})
     final = next((r for r in reversed(records) if r["type"] == "final"), None)
@@ -229,7 +229,7 @@ def _layers_from_checkpoint(ck: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def layer_rows(run_dir: str) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, Any]]]:
     """(per-layer rows, final record or None) of a run directory, for ``itop report``."""
-    from .train import read_metrics
+    from .run_files import read_metrics
     records = read_metrics(run_dir)
     final = next((r for r in reversed(records) if r["type"] == "final"), None)
     if final:

@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .layers import SparseConv2d, SparseLayer, SparseLinear
+from ..layers import SparseConv2d, SparseLayer, SparseLinear
 
 __all__ = ["LayerFlops", "layer_flops", "FlopReport", "flop_report"]
 
