@@ -30,6 +30,8 @@ from torch import nn
 
 from .density import DISTRIBUTIONS
 from .layers import SparseConv2d, SparseLayer, SparseLinear, check_density
+from .surgery_guards import (carry_over, module_names, refuse_second_sparsify, tied_layers,
+                             warn_starved_layers)
 
 __all__ = ["sparsify", "densify", "sparsity_summary", "SparsitySummary"]
 
@@ -37,7 +39,8 @@ __all__ = ["sparsify", "densify", "sparsity_summary", "SparsitySummary"]
 class SparsitySummary:
     """A printable per-layer table: ``rows`` is a list of dicts with keys ``name``, ``kind``,
     ``shape``, ``block_size`` (None for dense layers), ``density`` (fraction of weights
-    active), ``weights`` (dense weight count) and, from a topology manager, ``itop_rate``.
+    active), ``weights`` (dense weight count) and, from a topology manager, ``itop_rate`` and
+    ``frozen`` (the manager leaves the layer alone: its ``values`` do not require a gradient).
 
     ``overall_density`` is the active fraction of the weights of all listed layers;
     ``sparse_density`` of the sparse layers only. ``str(summary)`` is an aligned table.
@@ -77,13 +80,17 @@ class SparsitySummary:
         cols = ["name", "kind", "shape", "block_size", "density", "weights"]
         if any("itop_rate" in r for r in self.rows):
             cols.append("itop_rate")
+        if any(r.get("frozen") for r in self.rows):
+            cols.append("frozen")
 
         def fmt(r, c):
             v = r.get(c)
             if isinstance(v, float):
                 return f"{v:.4f}"
-            if v is None:
+            if v is None or v is False:
                 return "-"
+            if v is True:
+                return "yes"
             return str(tuple(v)) if c == "shape" else str(v)
 
         table = [cols] + [[fmt(r, c) for c in cols] for r in self.rows]
@@ -182,6 +189,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     for n in names:
         if n not in all_names:
             raise ValueError(f"exclude names {n!r}, which is not a module of the model")
+    refuse_second_sparsify(model)
+    tied = tied_layers(model)
 
     candidates: List[Tuple[str, nn.Module]] = []
     skipped: List[str] = []
@@ -192,7 +201,7 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         is_first, first = first, False
         if (dense_first and is_first) or _match_exclude(name, m, names, tuple(types)):
             continue
-        reason = _ineligible_reason(m, block_size)
+        reason = tied.get(id(m)) or _ineligible_reason(m, block_size)
         if reason is not None:
             skipped.append(f"{name or '<model>'} ({reason})")
             continue
@@ -203,16 +212,20 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     densities = DISTRIBUTIONS[distribution]([tuple(m.weight.shape) for _, m in candidates],
                                             density)
     result = model
+    aliases = module_names(model)
     for (name, m), d in zip(candidates, densities):
         if d >= 1.0:
             continue
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
         new = cls.from_dense(m, density=d, block_size=block_size)
         new.train(m.training)
+        carry_over(m, new)
         if name == "":
             result = new
         else:
-            _set_submodule(model, name, new)
+            for alias in aliases[id(m)]:  # a module registered twice stays one module
+                _set_submodule(model, alias, new)
+    warn_starved_layers(result)
     if verbose:
         print(sparsity_summary(result))
     return result
