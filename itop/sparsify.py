@@ -14,6 +14,15 @@ stay dense), except
 * layers whose distribution density is 1.0 (ERK's over-full layers): they stay plain dense
   modules, counted in the budget as RigL does.
 
+A layer that shares a parameter with another module (weight tying: an output layer tied to an
+embedding) stays dense and is listed in that warning with the tie; a module registered under
+several names is replaced by one sparse layer at every name. A sparse layer takes over the
+``requires_grad`` flags and the forward/backward hooks of the layer it replaces. A model that
+``sparsify`` already processed is refused (a second call would sparsify the layers the
+distribution kept dense; :func:`densify` clears that); sparse layers built by hand are kept
+as they are. Layers left with fewer active blocks than block-rows, or a single
+block, get a :class:`itop.surgery_guards.StarvedLayerWarning`.
+
 Subclasses of ``nn.Linear`` (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight
 is read directly by its parent) are left alone. ``density`` is the overall density of the
 weights of the layers that can be sparsified (excluded and ineligible layers do not count).
@@ -30,8 +39,8 @@ from torch import nn
 
 from .density import DISTRIBUTIONS
 from .layers import SparseConv2d, SparseLayer, SparseLinear, check_density
-from .surgery_guards import (carry_over, module_names, refuse_second_sparsify, tied_layers,
-                             warn_starved_layers)
+from .surgery_guards import (carry_over, clear_sparsified, mark_sparsified, module_names,
+                             refuse_second_sparsify, tied_layers, warn_starved_layers)
 
 __all__ = ["sparsify", "densify", "sparsity_summary", "SparsitySummary"]
 
@@ -163,7 +172,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
 
     Raises:
         ValueError/TypeError: on a density outside ``(0, 1]``, an unknown distribution, a bad
-        block size, or an ``exclude`` name that matches no module.
+        block size, an ``exclude`` name that matches no module, or a model that
+        ``sparsify`` already processed.
     """
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:
@@ -225,6 +235,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         else:
             for alias in aliases[id(m)]:  # a module registered twice stays one module
                 _set_submodule(model, alias, new)
+    mark_sparsified(result, {"density": density, "distribution": distribution,
+                             "block_size": block_size})
     warn_starved_layers(result)
     if verbose:
         print(sparsity_summary(result))
@@ -237,6 +249,7 @@ def densify(model: nn.Module) -> nn.Module:
     Returns the model (the dense layer if ``model`` was itself a sparse layer).
     """
     root = _unwrap(model)
+    clear_sparsified(root)
     if isinstance(root, SparseLayer):
         dense = root.to_dense()
         dense.train(root.training)

@@ -7,8 +7,11 @@
 - **Frozen parameters and hooks**: :func:`carry_over` gives the new layer the old one's
   ``requires_grad`` flags and its forward/backward hooks (the hook dictionaries themselves, so
   the handles the user holds still remove them).
-- **A second call**: :func:`refuse_second_sparsify` raises on a model that already holds
-  sparse layers (a second call would sparsify the layers the distribution kept dense).
+- **A second call**: :func:`mark_sparsified` records on the model what ``sparsify`` did, and
+  :func:`refuse_second_sparsify` raises on a model (or a model containing a module) so marked:
+  a second call would sparsify the layers the distribution kept dense. Sparse layers built by
+  hand carry no mark, so ``sparsify`` still fills in the rest of such a model.
+  :func:`clear_sparsified` (``densify``) removes the marks.
 - **Starved layers**: :func:`starved_layers` lists the sparse layers with fewer active units
   than rows of their mask (at any time some outputs are zero, whatever the topology), or a
   single active unit; training such a model can stay at chance.
@@ -24,7 +27,11 @@ from torch import nn
 from .layers import SparseLayer
 
 __all__ = ["StarvedLayerWarning", "tied_layers", "module_names", "carry_over",
-           "refuse_second_sparsify", "starved_layers", "warn_starved_layers"]
+           "mark_sparsified", "refuse_second_sparsify", "clear_sparsified", "starved_layers",
+           "warn_starved_layers"]
+
+#: The attribute ``sparsify`` sets on the model it processed: a dict of its settings.
+MARK = "_itop_sparsified"
 
 # The hook dictionaries of an ``nn.Module`` that belong to its forward and backward passes.
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -80,14 +87,30 @@ def carry_over(old: nn.Module, new: nn.Module) -> None:
         new._is_full_backward_hook = old._is_full_backward_hook
 
 
+def mark_sparsified(model: nn.Module, settings: Dict[str, object]) -> None:
+    """Record on ``model`` that ``sparsify`` processed it, with ``settings`` (plain values)."""
+    if not isinstance(model, SparseLayer):
+        setattr(model, MARK, dict(settings))
+
+
 def refuse_second_sparsify(model: nn.Module) -> None:
-    """Raise ``ValueError`` when ``model`` already holds sparse layers."""
-    sparse = [n or "<model>" for n, m in model.named_modules() if isinstance(m, SparseLayer)]
-    if sparse:
-        shown = ", ".join(sparse[:5]) + (", ..." if len(sparse) > 5 else "")
-        raise ValueError(f"model already holds sparse layers ({shown}): sparsify a model once "
-                         "(a second call would sparsify the layers the distribution kept "
-                         "dense); call itop.densify(model) first to start over")
+    """Raise ``ValueError`` when ``sparsify`` already processed ``model`` or a module in it."""
+    for name, m in model.named_modules():
+        done = getattr(m, MARK, None)
+        if isinstance(done, dict):
+            what = ", ".join(f"{k}={v!r}" for k, v in done.items())
+            where = f"its submodule {name!r}" if name else "it"
+            raise ValueError(f"itop.sparsify already sparsified {where} ({what}): sparsify a "
+                             "model once (a second call would sparsify the layers the "
+                             "distribution kept dense); call itop.densify(model) first to "
+                             "start over")
+
+
+def clear_sparsified(model: nn.Module) -> None:
+    """Remove the marks of :func:`mark_sparsified` from ``model`` and its modules."""
+    for m in model.modules():
+        if MARK in m.__dict__:
+            delattr(m, MARK)
 
 
 def starved_layers(model: nn.Module) -> List[str]:

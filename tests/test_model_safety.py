@@ -170,9 +170,24 @@ def test_a_second_sparsify_is_refused():
     itop.sparsify(model, 0.05, block_size=4)
     assert isinstance(model[0], itop.SparseLinear)
     assert type(model[2]) is nn.Linear  # ERK keeps the small head dense on purpose
-    with pytest.raises(ValueError, match="already holds sparse layers"):
+    with pytest.raises(ValueError, match="already sparsified it"):
         itop.sparsify(model, 0.05, block_size=4)
+    outer = nn.Sequential(model, nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="already sparsified its submodule '0'"):
+        itop.sparsify(outer, 0.5, block_size=4)
     assert type(model[2]) is nn.Linear
+    itop.densify(model)  # starts over
+    itop.sparsify(model, 0.05, block_size=4)
+    assert isinstance(model[0], itop.SparseLinear)
+
+
+def test_sparsify_completes_a_model_with_hand_built_sparse_layers():
+    model = nn.Sequential(itop.SparseLinear(16, 16, density=0.5, block_size=8), nn.ReLU(),
+                          nn.Linear(16, 16))
+    first = model[0]
+    itop.sparsify(model, 0.5, block_size=4, distribution="uniform")
+    assert model[0] is first and model[0].block_size == 8
+    assert isinstance(model[2], itop.SparseLinear) and model[2].block_size == 4
 
 
 # ------------------------------------------------------------------------------ item 11: starved
