@@ -10,8 +10,14 @@ makes this small CNN's DST runs collapse in some seeds (see benchmarks/results/
 paper_mnist1d.md); ``--block-size 16`` runs the block kernels. It also runs
 under ``torchrun --nproc_per_node N -m itop train ...`` (DDP).
 
-Errors in the arguments or the data print one ``itop <command>: error: ...`` line and exit
-with status 2, without a traceback (``ITOP_DEBUG=1`` re-raises them instead).
+A run directory that already holds files is refused unless ``--resume`` (continue it, with
+its stored settings) or ``--overwrite``; see docs/reliability.md. ``itop bench`` runs the
+benchmark scripts (``--quick`` unless ``--full``), streaming their output, and writes their JSON
+and plots into a new directory (``runs/bench-<timestamp>`` or ``--out``), never over the
+committed ``benchmarks/results/`` unless ``--out`` names it.
+
+Errors in the arguments, the data or the run files print one ``itop <command>: error: ...``
+line and exit with status 2, without a traceback (``ITOP_DEBUG=1`` re-raises them instead).
 """
 from __future__ import annotations
 

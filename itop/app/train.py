@@ -396,8 +396,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run training as configured; returns the ``final`` record (also written to
     ``metrics.jsonl`` by rank 0).
 
+    With ``resume``, ``cfg`` must agree with the checkpoint's :data:`RUN_SETTINGS`
+    (:func:`resumed_config` builds such a config from the checkpoint's).
+
     Raises:
-        ValueError: inconsistent settings. FileNotFoundError: ``resume`` without a checkpoint.
+        ValueError: inconsistent settings, or a resume that contradicts the checkpoint.
+        itop.app.run_files.RunFileError (a ValueError): ``out`` holds files of another run
+            (without ``resume``/``overwrite``), or a run file is missing, unreadable, unsafe
+            or does not fit the model. Either way nothing in ``out`` has been touched.
         itop.app.data.DataError: the data cannot be loaded.
     """
     t_start = time.time()
