@@ -317,7 +317,7 @@ def test_bench_writes_to_a_new_directory_and_streams(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as e:  # a directory that holds results is not reused
         main(["bench", "--benchmarks-dir", str(scripts), "--out", f"runs/{made}"])
     assert e.value.code == 2 and "already holds files" in capsys.readouterr().err
-    assert main(["bench", "--benchmarks-dir", str(scripts), "--out", f"runs/{made}",
+    assert main(["bench", "--quick", "--benchmarks-dir", str(scripts), "--out", f"runs/{made}",
                  "--overwrite"]) == 0
 
 

@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow --out to be a directory that already holds files")
     b.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these scripts (e.g. bench_conv)")
-    b.add_argument("--full", action="store_true", help="full sweeps instead of --quick")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="quick settings (the default: about a minute on 2 CPU cores)")
+    size.add_argument("--full", action="store_true", help="full sweeps instead of --quick")
     b.add_argument("--list", action="store_true", help="list the scripts and exit")
     b.add_argument("--benchmarks-dir", default=None, help="where the bench_*.py scripts are")
     return p

@@ -446,7 +446,8 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
 
     if cfg.amp and device.type == "cpu" and not native_bf16_matmul(device) and d.main:
         _warn("--amp: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), so bf16 "
-              "autocast is emulated and runs many times slower than float32; drop --amp here")
+              "autocast is emulated and runs many times slower than float32; train without --amp "
+              "on this machine")
     model = _build(cfg, ds, device, d)
     _pick_threads(cfg, d, sum(p.numel() for p in model.parameters()))
     net: nn.Module = model
