@@ -145,8 +145,8 @@ def warn_starved_layers(model: nn.Module, stacklevel: int = 3) -> None:
     if lines:
         warnings.warn("itop.sparsify: these layers get fewer active blocks (weights at block "
                       "size 1) than rows of their mask, or a single one, so part of each is dead "
-                      "at every step, whatever the topology, and training may stay near chance: "
-                      +
+                      "at every step whatever the topology (a model with much of a layer dead "
+                      "can train at chance): " +
                       "; ".join(lines) +
                       ". Use a smaller block size or a higher density.",
                       StarvedLayerWarning, stacklevel=stacklevel)
