@@ -46,6 +46,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from itop_kernels import BlockLayout, block_sparse_conv2d  # noqa: E402
+from provenance import OUT_DIR_HELP, results_path  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -440,6 +441,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tbs", type=float, default=3.0,
                    help="GPU memory bandwidth for the roofline floor, TB/s (measured H100: ~3)")
     p.add_argument("--out", help="JSON path (the plot goes next to it as .png)")
+    p.add_argument("--out-dir", help=OUT_DIR_HELP)
     p.add_argument("--no-graphs", action="store_true",
                    help="GPU: skip the CUDA-graph fwd+bwd timings (host overhead removed)")
     args = p.parse_args(argv)
@@ -462,8 +464,8 @@ def main(argv=None) -> int:
                              for bs in (args.block_sizes or list(sw))}) for layer, sw in plan]
         repeats = args.repeats or 3
         device_name = _cpu_name()
-    out = args.out or os.path.join(ROOT, "benchmarks", "results",
-                                   f"conv_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json")
+    out = args.out or str(results_path(
+        f"conv_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json", args.out_dir))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     try:

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import ROOT, cpu_model, git_state, package_versions
+from provenance import OUT_DIR_HELP, ROOT, cpu_model, git_state, package_versions, results_path
 
 METHODS_ALL = ["dense", "ours_b1", "ours_b16", "ours_b32", "ours_b64", "sparseprop", "torch_csr",
                "torch_bsr_fwd", "dense_fwd"]
@@ -65,7 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="M=128, K=N=1024, densities 0.02,0.10, 3 reps (smoke test)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_linear.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON path (default cpu_linear[_quick].json in --out-dir)")
+    p.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     p.add_argument("--png", default=None, help="plot path (default: --out with .png)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report", default=None, metavar="JSON",
@@ -75,6 +77,8 @@ def parse_args(argv=None):
     if a.quick:
         a.batch, a.in_features, a.out_features = 128, 1024, 1024
         a.densities, a.reps = "0.02,0.10", 3
+    if a.out is None:
+        a.out = str(results_path(f"cpu_linear{'_quick' if a.quick else ''}.json", a.out_dir))
     return a
 
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from itop_kernels import BlockLayout, block_sparse_linear  # noqa: E402
+from provenance import OUT_DIR_HELP, results_path  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -356,6 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.2, 0.1, 0.05, 0.02])
     p.add_argument("--reps", type=int, default=5, help="CPU samples per point (median)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/linear_<device>.json)")
+    p.add_argument("--out-dir", type=Path, help=OUT_DIR_HELP)
     p.add_argument("--markdown", action="store_true",
                    help="with --replot: also print a Markdown table per dtype (for README)")
     p.add_argument("--replot", type=Path, metavar="JSON",
@@ -379,7 +380,8 @@ def parse_args(argv=None):
         if args.K % bs or args.N % bs:
             p.error(f"--blocks {bs} does not divide --K {args.K} / --N {args.N}")
     if args.out is None:
-        args.out = RESULTS / f"linear_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json"
+        args.out = results_path(f"linear_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json",
+                                args.out_dir)
     return args
 
 

@@ -18,9 +18,11 @@ which is bf16 on devices with native bf16 matmul) / ``gradient`` with ``score_pr
 in rounds (``--rounds``) so that machine noise hits all of them.
 
     python benchmarks/bench_topology_update.py [--device cpu|cuda] [--threads 1 2] [--out PATH]
+    python benchmarks/bench_topology_update.py --quick   # width 512 (CPU), 1 thread, 2 rounds
 
 Writes raw timings with the device, versions and git commit to
-``benchmarks/results/topology_update_<device>.json`` and a bar chart next to it (``.png``).
+``benchmarks/results/topology_update_<device>[_quick].json`` (or ``--out-dir``) and a bar chart
+next to it (``.png``).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provenance import ROOT, cpu_model, git_state, package_versions
+from provenance import OUT_DIR_HELP, ROOT, cpu_model, git_state, package_versions, results_path
 
 sys.path.insert(0, str(ROOT))
 import itop  # noqa: E402
@@ -183,9 +185,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="torch intra-op thread counts (default: 1 and all cores on the CPU)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: half the width, 2 pairs, 2 rounds, one thread count")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if args.quick:
+        args.width = args.width or (2048 if gpu else 512)
+        args.pairs, args.rounds = 2, 2
+        args.threads = args.threads or [1 if not gpu else torch.get_num_threads()]
     args.width = args.width or (4096 if gpu else 1024)
     args.batch = args.batch or (4096 if gpu else 256)
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -204,7 +213,8 @@ def main(argv=None):
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
         "cases": cases,
     }
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"topology_update_{device.type}.json")
+    out = Path(args.out or results_path(
+        f"topology_update_{device.type}{'_quick' if args.quick else ''}.json", args.out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))

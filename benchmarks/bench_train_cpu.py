@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provenance import ROOT, cpu_model, git_state, package_versions
+from provenance import OUT_DIR_HELP, ROOT, cpu_model, git_state, package_versions, results_path
 
 sys.path.insert(0, str(ROOT))
 import itop  # noqa: E402
@@ -69,13 +69,15 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="timed windows per model per thread count")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_cpu.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default train_cpu[_quick].json in --out-dir)")
+    ap.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     ap.add_argument("--png", default=None, help="default: the JSON path with .png")
     a = ap.parse_args(argv)
     if a.quick:
         a.repeats, a.window, a.rounds, a.threads = 1, 25, 1, [1]
-        if a.out == str(ROOT / "benchmarks" / "results" / "train_cpu.json"):
-            a.out = str(ROOT / "benchmarks" / "results" / "train_cpu_quick.json")
+    if a.out is None:
+        a.out = str(results_path(f"train_cpu{'_quick' if a.quick else ''}.json", a.out_dir))
     return a
 
 

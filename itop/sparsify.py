@@ -14,6 +14,15 @@ stay dense), except
 * layers whose distribution density is 1.0 (ERK's over-full layers): they stay plain dense
   modules, counted in the budget as RigL does.
 
+A layer that shares a parameter with another module (weight tying: an output layer tied to an
+embedding) stays dense and is listed in that warning with the tie; a module registered under
+several names is replaced by one sparse layer at every name. A sparse layer takes over the
+``requires_grad`` flags and the forward/backward hooks of the layer it replaces. A model that
+``sparsify`` already processed is refused (a second call would sparsify the layers the
+distribution kept dense; :func:`densify` clears that); sparse layers built by hand are kept
+as they are. Layers left with fewer active blocks than block-rows, or a single
+block, get a :class:`itop.surgery_guards.StarvedLayerWarning`.
+
 Subclasses of ``nn.Linear`` (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight
 is read directly by its parent) are left alone. ``density`` is the overall density of the
 weights of the layers that can be sparsified (excluded and ineligible layers do not count).
@@ -30,6 +39,8 @@ from torch import nn
 
 from .density import DISTRIBUTIONS
 from .layers import SparseConv2d, SparseLayer, SparseLinear, check_density
+from .surgery_guards import (carry_over, clear_sparsified, mark_sparsified, module_names,
+                             refuse_second_sparsify, tied_layers, warn_starved_layers)
 
 __all__ = ["sparsify", "densify", "sparsity_summary", "SparsitySummary"]
 
@@ -37,7 +48,8 @@ __all__ = ["sparsify", "densify", "sparsity_summary", "SparsitySummary"]
 class SparsitySummary:
     """A printable per-layer table: ``rows`` is a list of dicts with keys ``name``, ``kind``,
     ``shape``, ``block_size`` (None for dense layers), ``density`` (fraction of weights
-    active), ``weights`` (dense weight count) and, from a topology manager, ``itop_rate``.
+    active), ``weights`` (dense weight count) and, from a topology manager, ``itop_rate`` and
+    ``frozen`` (the manager leaves the layer alone: its ``values`` do not require a gradient).
 
     ``overall_density`` is the active fraction of the weights of all listed layers;
     ``sparse_density`` of the sparse layers only. ``str(summary)`` is an aligned table.
@@ -77,13 +89,17 @@ class SparsitySummary:
         cols = ["name", "kind", "shape", "block_size", "density", "weights"]
         if any("itop_rate" in r for r in self.rows):
             cols.append("itop_rate")
+        if any(r.get("frozen") for r in self.rows):
+            cols.append("frozen")
 
         def fmt(r, c):
             v = r.get(c)
             if isinstance(v, float):
                 return f"{v:.4f}"
-            if v is None:
+            if v is None or v is False:
                 return "-"
+            if v is True:
+                return "yes"
             return str(tuple(v)) if c == "shape" else str(v)
 
         table = [cols] + [[fmt(r, c) for c in cols] for r in self.rows]
@@ -156,7 +172,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
 
     Raises:
         ValueError/TypeError: on a density outside ``(0, 1]``, an unknown distribution, a bad
-        block size, or an ``exclude`` name that matches no module.
+        block size, an ``exclude`` name that matches no module, or a model that
+        ``sparsify`` already processed.
     """
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:
@@ -182,6 +199,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     for n in names:
         if n not in all_names:
             raise ValueError(f"exclude names {n!r}, which is not a module of the model")
+    refuse_second_sparsify(model)
+    tied = tied_layers(model)
 
     candidates: List[Tuple[str, nn.Module]] = []
     skipped: List[str] = []
@@ -192,7 +211,7 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         is_first, first = first, False
         if (dense_first and is_first) or _match_exclude(name, m, names, tuple(types)):
             continue
-        reason = _ineligible_reason(m, block_size)
+        reason = tied.get(id(m)) or _ineligible_reason(m, block_size)
         if reason is not None:
             skipped.append(f"{name or '<model>'} ({reason})")
             continue
@@ -203,16 +222,22 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     densities = DISTRIBUTIONS[distribution]([tuple(m.weight.shape) for _, m in candidates],
                                             density)
     result = model
+    aliases = module_names(model)
     for (name, m), d in zip(candidates, densities):
         if d >= 1.0:
             continue
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
         new = cls.from_dense(m, density=d, block_size=block_size)
         new.train(m.training)
+        carry_over(m, new)
         if name == "":
             result = new
         else:
-            _set_submodule(model, name, new)
+            for alias in aliases[id(m)]:  # a module registered twice stays one module
+                _set_submodule(model, alias, new)
+    mark_sparsified(result, {"density": density, "distribution": distribution,
+                             "block_size": block_size})
+    warn_starved_layers(result)
     if verbose:
         print(sparsity_summary(result))
     return result
@@ -224,6 +249,7 @@ def densify(model: nn.Module) -> nn.Module:
     Returns the model (the dense layer if ``model`` was itself a sparse layer).
     """
     root = _unwrap(model)
+    clear_sparsified(root)
     if isinstance(root, SparseLayer):
         dense = root.to_dense()
         dense.train(root.training)

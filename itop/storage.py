@@ -12,7 +12,9 @@ layers (and through them the topology manager) and the weight storage.
   ``TRITON_INTERPRET=1``) the forward scatters the values into a dense weight and runs
   ``F.linear`` (masked dense, no speedup) and warns once.
 * :class:`MaskedDenseStorage` (``block_size == 1``, convolutions): the dense weight, kept at
-  zero outside an element mask, multiplied by the mask in the forward (no speedup).
+  zero outside an element mask, selected by the mask in the forward (no speedup). It selects
+  (``torch.where``, ``masked_fill``) and never multiplies by the mask: ``NaN × 0`` is NaN, so a
+  pruned NaN/Inf weight would otherwise stay in the weight and poison every output.
 
 A storage object is stateless; it reads and writes the layer's ``values``, ``block_mask``,
 ``layout`` and ``_nnz``. :func:`storage_for` picks one.
@@ -194,7 +196,7 @@ class MaskedDenseStorage:
     def init_values(mask: Tensor, nnz: int, dense_shape, bs: int, bound: float,
                     factory: dict) -> Tensor:
         """The dense ``U(-bound, bound)`` weight, zero outside ``mask``."""
-        return torch.empty(dense_shape, **factory).uniform_(-bound, bound) * mask
+        return torch.empty(dense_shape, **factory).uniform_(-bound, bound).masked_fill_(~mask, 0)
 
     @staticmethod
     def build_layout(mask: Tensor, bs: int, nnz: int) -> Optional[BlockLayout]:
@@ -206,11 +208,11 @@ class MaskedDenseStorage:
 
     @staticmethod
     def values_from_dense(layer, w: Tensor) -> Tensor:
-        return (w * layer.block_mask).clone()
+        return w.masked_fill(~layer.block_mask, 0)
 
     @staticmethod
     def dense_weight(layer) -> Tensor:
-        return layer.values * layer.block_mask
+        return _select(layer.values, layer.block_mask)
 
     @staticmethod
     def dense_unit_norms(layer, w: Tensor) -> Tensor:
@@ -232,19 +234,25 @@ class MaskedDenseStorage:
         flat = mask.view(-1)
         flat[flat.nonzero().squeeze(1)[drop]] = False
         flat[add] = True
-        survive = layer.block_mask & mask
+        gone = ~(layer.block_mask & mask)
         for t in _state_tensors(layer, optimizer):
-            t.mul_(survive)
+            t.masked_fill_(gone, 0)
         return mask
 
     @staticmethod
     def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return F.linear(x, values * layer.block_mask, bias)
+        return F.linear(x, _select(values, layer.block_mask), bias)
 
     @staticmethod
     def conv2d(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return F.conv2d(x, values * layer.block_mask, bias, layer.stride, layer.padding,
-                        layer.dilation, layer.groups)
+        return F.conv2d(x, _select(values, layer.block_mask), bias, layer.stride,
+                        layer.padding, layer.dilation, layer.groups)
+
+
+def _select(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` where ``mask``, exact zeros elsewhere (whatever is stored there, NaN and Inf
+    included); differentiable, its gradient is zero outside ``mask``."""
+    return torch.where(mask, values, values.new_zeros(()))
 
 
 def storage_for(block_size: int, conv: bool = False):

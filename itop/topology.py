@@ -25,6 +25,9 @@ Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each 
      the hooks on *every* step, so each step pays one block-norm reduction per layer.
    - ``"random_unfired"``: random among units never active so far, then random among the rest.
 
+   Frozen layers (``values.requires_grad`` False) are left alone: their topology never
+   changes while they are frozen, and :meth:`TopologyManager.summary` marks them ``frozen``.
+
    NaN/Inf scores are mapped to finite values, so the choice always has exactly ``k`` units.
    The choices go through :mod:`itop.unit_selection`, whose cost follows ``k`` and ``nnz``
    rather than the grid where it can (element-level grids have millions of units).
@@ -113,6 +116,12 @@ def _collectives(model: nn.Module, distributed: Optional[bool]) -> Optional[_Col
     if dist.get_world_size(group) <= 1:
         return None
     return _Collectives(group)
+
+
+def _frozen(layer: SparseLayer) -> bool:
+    """A layer whose ``values`` do not require a gradient: the manager leaves its topology
+    alone (no prune, no growth, no capture) until it is unfrozen."""
+    return not layer.values.requires_grad
 
 
 def _finite(scores: Tensor, *, inplace: bool = False) -> Tensor:
@@ -205,7 +214,8 @@ class TopologyManager:
             raise ValueError("model has no sparse layers (itop.SparseLinear/SparseConv2d); "
                              "call itop.sparsify(model, ...) first")
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        missing = [n for n, m in self.layers if id(m.values) not in in_opt]
+        missing = [n for n, m in self.layers
+                   if id(m.values) not in in_opt and not _frozen(m)]
         if missing:
             raise ValueError(f"the optimizer does not train the values of sparse layers {missing}")
         self._comm = _collectives(model, distributed)
@@ -268,7 +278,7 @@ class TopologyManager:
         want = self._needs_capture(self.step_count + 1)
         for _, m in self.layers:
             m._stop_capture(self._token)
-            if want:
+            if want and not _frozen(m):
                 m._start_capture(self._token)
         self._scale_prev = (float(self.grad_scaler.get_scale())
                             if want and self.grad_scaler is not None else None)
@@ -341,7 +351,8 @@ class TopologyManager:
         by :func:`~itop.unit_selection.random_inactive` without a score per unit)."""
         if self.growth == "gradient":
             scores = self._grad_scores()  # None (random growth) where nothing was captured
-            missing = [n for (n, _), sc in zip(self.layers, scores) if sc is None]
+            missing = [n for (n, m), sc in zip(self.layers, scores)
+                       if sc is None and not _frozen(m)]
             if missing and not self._warned_no_scores:
                 self._warned_no_scores = True
                 warnings.warn(f"gradient growth: no gradient was captured for sparse layers "
@@ -359,7 +370,8 @@ class TopologyManager:
     @torch.no_grad()
     def _update(self, t: int) -> bool:
         rate = self.prune_rate_at(t)
-        ks = [min(math.ceil(rate * m.nnz), m.num_units - m.nnz) for _, m in self.layers]
+        ks = [0 if _frozen(m) else min(math.ceil(rate * m.nnz), m.num_units - m.nnz)
+              for _, m in self.layers]
         if not any(ks):
             return False
         scores = self._growth_scores()
@@ -449,7 +461,8 @@ class TopologyManager:
             shape = m.dense_weight_shape
             rows.append({"name": name, "kind": type(m).__name__, "shape": shape,
                          "block_size": m.block_size, "density": m.density,
-                         "weights": math.prod(shape), "itop_rate": rates[name]})
+                         "weights": math.prod(shape), "itop_rate": rates[name],
+                         "frozen": _frozen(m)})
         return SparsitySummary(rows)
 
     # ------------------------------------------------------------------ checkpoint

@@ -76,7 +76,7 @@ def test_train_writes_metrics_checkpoint_and_plots(sparse_run):
     assert final["training_flop_fraction"] > final["inference_flop_fraction"]
     assert final["inference_flop_fraction"] < 0.5
     assert 0.0 <= final["test_acc"] <= 1.0
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ck["epoch"] == 2 and ck["step"] == 16
     for name in PLOT_FILES:
         path = os.path.join(out, name)
@@ -109,8 +109,8 @@ def test_resume_is_bit_identical(tmp_path, capsys):
     ra, rb = _strip_times(read_metrics(a)), _strip_times(read_metrics(b))
     assert [r["type"] for r in ra] == [r["type"] for r in rb]
     assert ra == rb  # every loss, accuracy, ITOP rate and the final record, exactly
-    ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=False)
-    cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=False)
+    ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k
     for k, v in ca["topology"]["fired"].items():
@@ -194,7 +194,8 @@ def test_runtime_errors_are_messages_not_tracebacks(tmp_path):
         assert "Traceback" not in res.stderr and "itop train: error:" in res.stderr
 
 
-def test_bench_runs_scripts_quick(tmp_path, capsys):
+def test_bench_runs_scripts_quick(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its results go to a new runs/bench-<time> directory here
     (tmp_path / "bench_ok.py").write_text(textwrap.dedent("""
         import sys
         print("| shape | ours |")
@@ -214,7 +215,7 @@ def test_bench_runs_scripts_quick(tmp_path, capsys):
 
 
 def _mask_hash_of_checkpoint(path: str) -> str:
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     h = hashlib.sha256()
     for k, v in ck["model"].items():
         if k.endswith("block_mask"):

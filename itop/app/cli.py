@@ -10,8 +10,14 @@ makes this small CNN's DST runs collapse in some seeds (see benchmarks/results/
 paper_mnist1d.md); ``--block-size 16`` runs the block kernels. It also runs
 under ``torchrun --nproc_per_node N -m itop train ...`` (DDP).
 
-Errors in the arguments or the data print one ``itop <command>: error: ...`` line and exit
-with status 2, without a traceback (``ITOP_DEBUG=1`` re-raises them instead).
+A run directory that already holds files is refused unless ``--resume`` (continue it, with
+its stored settings) or ``--overwrite``; see docs/reliability.md. ``itop bench`` runs the
+benchmark scripts (``--quick`` unless ``--full``), streaming their output, and writes their JSON
+and plots into a new directory (``runs/bench-<timestamp>`` or ``--out``), never over the
+committed ``benchmarks/results/`` unless ``--out`` names it.
+
+Errors in the arguments, the data or the run files print one ``itop <command>: error: ...``
+line and exit with status 2, without a traceback (``ITOP_DEBUG=1`` re-raises them instead).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 __all__ = ["main", "build_parser"]
 
@@ -123,9 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: 1 for small models, else torch's)")
     g = t.add_argument_group("output")
-    g.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    g.add_argument("--out", default=None,
+                   help="run directory (default runs/<timestamp>); a directory that already "
+                        "holds files is refused unless --resume or --overwrite")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from a checkpoint (a file or run directory; default --out)")
+                   help="continue from a checkpoint (a file or run directory; default --out), "
+                        "with its stored settings; only --epochs/--multiplier (longer or "
+                        "shorter, not below what is done), --data-dir, --device, --compile and "
+                        "--threads may change")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a --out directory that already holds a run "
+                        "(its itop files are deleted; other files are kept)")
     g.add_argument("--stop-after-epoch", type=positive_int, default=None,
                    help="stop after this epoch as if interrupted (resume later)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -137,11 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a directory written by itop train")
 
     b = sub.add_parser("bench", help="run the benchmark scripts (quick mode) and print them",
-                       description="Run benchmarks/bench_*.py (with --quick where supported) "
-                                   "and print their tables.")
+                       description="Run benchmarks/bench_*.py (with --quick where supported), "
+                                   "streaming their output, and write their JSON and plots "
+                                   "into a new directory (never over benchmarks/results/ "
+                                   "unless --out says so).")
+    b.add_argument("--out", default=None, metavar="DIR",
+                   help="where the scripts write their JSON and PNG files (default "
+                        "runs/bench-<timestamp>); a directory that already holds files is "
+                        "refused unless --overwrite")
+    b.add_argument("--overwrite", action="store_true",
+                   help="allow --out to be a directory that already holds files")
     b.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these scripts (e.g. bench_conv)")
-    b.add_argument("--full", action="store_true", help="full sweeps instead of --quick")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="quick settings (the default: about a minute on 2 CPU cores)")
+    size.add_argument("--full", action="store_true", help="full sweeps instead of --quick")
     b.add_argument("--list", action="store_true", help="list the scripts and exit")
     b.add_argument("--benchmarks-dir", default=None, help="where the bench_*.py scripts are")
     return p
@@ -152,31 +177,70 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _new_dir(prefix: str) -> str:
+    """``prefix<timestamp>``, with a ``-2``, ``-3``, ... suffix when that exists already."""
+    base = prefix + time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
+def _explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str],
+                      command: str) -> Set[str]:
+    """The ``dest`` names of the options of ``command`` given on the command line ``argv``
+    (parsed again with every default suppressed)."""
+    sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    saved = [(a, a.default) for a in sub._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(list(argv)))
+    finally:
+        for a, default in saved:
+            a.default = default
+    return set(given) - {"command"}
+
+
 def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, resume_paths, resumed_config, train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.resume == "auto" and args.out is None:
         parser.error("--resume without a PATH needs --out DIR (the run to continue)")
+    if args.resume is not None and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
     out = args.out
     if out is None:
         if args.resume not in (None, "auto"):
-            out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
+            out = args.resume if os.path.isdir(args.resume) else \
+                (os.path.dirname(args.resume) or ".")
         elif world > 1:
             parser.error("under torchrun, give --out DIR (every process must agree on it)")
         else:
-            out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+            out = _new_dir(os.path.join("runs", ""))
     cfg = TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, density=args.density,
         distribution=args.distribution, block_size=args.block_size, growth=args.growth,
-        score_precision=args.score_precision, prune_rate=args.prune_rate, update_every=args.update_every, dense=args.dense,
+        score_precision=args.score_precision, prune_rate=args.prune_rate,
+        update_every=args.update_every, dense=args.dense,
         static=args.static, epochs=args.epochs, multiplier=args.multiplier,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
         device=args.device, amp=args.amp, compile=args.compile, threads=args.threads, out=out,
         resume=args.resume, stop_after_epoch=args.stop_after_epoch,
-        progress=not args.no_progress, plots=not args.no_plots)
+        progress=not args.no_progress, plots=not args.no_plots, overwrite=args.overwrite)
+    if args.resume is not None:
+        # the run's own settings, from its checkpoint, wherever the command line is silent
+        from .run_files import load_checkpoint
+        path, _ = resume_paths(args.resume, out)
+        cfg = resumed_config(cfg, load_checkpoint(path)["config"], args.explicit)
     final = train(cfg)
     if _rank() == 0:
+        if final.get("already_finished"):
+            print(f"the run in {out} has already finished its {final['epochs_done']} epochs; "
+                  "nothing to do, its record is unchanged (to train longer, resume with a "
+                  "larger --epochs)")
         print(format_final(final, out))
     return 0
 
@@ -205,11 +269,22 @@ def _table(rows: List[List[str]]) -> str:
 
 
 def _cmd_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .run_files import RunFileError
+    try:
+        return _report(args, parser)
+    except (KeyError, TypeError, IndexError) as exc:  # a record without the fields it needs
+        raise RunFileError(f"{args.run_dir}: a record of metrics.jsonl or the checkpoint lacks "
+                           f"what itop report needs ({type(exc).__name__}: {exc})") from None
+
+
+def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .plots import layer_rows, render_plots
-    from .run_files import METRICS, read_metrics
+    from .run_files import CHECKPOINT, METRICS, load_checkpoint, read_metrics
     if not os.path.isfile(os.path.join(args.run_dir, METRICS)):
         parser.error(f"run_dir {args.run_dir!r} has no {METRICS}")
     records = read_metrics(args.run_dir)
+    if os.path.exists(os.path.join(args.run_dir, CHECKPOINT)):  # refuse a bad one up front
+        load_checkpoint(os.path.join(args.run_dir, CHECKPOINT))
     cfg = next((r for r in records if r["type"] == "config"), {})
     if cfg:
         mode = "dense" if cfg["dense"] else ("static" if cfg["static"] else cfg["growth"])
@@ -246,6 +321,33 @@ def default_benchmarks_dir() -> str:
     return os.path.join(checkout, "benchmarks")
 
 
+def _script_flags(path: str) -> Tuple[bool, bool]:
+    """Whether the script at ``path`` takes ``--quick`` and ``--out-dir``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    return "--quick" in text, "--out-dir" in text
+
+
+def _stream(cmd: List[str], env: dict) -> int:
+    """Run ``cmd``, copying its output (stdout and stderr, progress bars included) to our
+    stdout as it comes; returns its exit status."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    try:
+        while True:
+            chunk = proc.stdout.read1(4096)
+            if not chunk:
+                break
+            sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+            sys.stdout.flush()
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        proc.stdout.close()
+    return proc.wait()
+
+
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     bdir = args.benchmarks_dir or default_benchmarks_dir()
     if not os.path.isdir(bdir):
@@ -261,19 +363,31 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.list:
         print("\n".join(scripts))
         return 0
+    out = args.out or _new_dir(os.path.join("runs", "bench-"))
+    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+        parser.error(f"--out {out} already holds files; pick a new directory, or pass "
+                     "--overwrite to let the scripts replace theirs")
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    print(f"writing results to {out}", flush=True)
     failed = []
-    for name in scripts:
+    t_all = time.time()
+    for i, name in enumerate(scripts, 1):
         path = os.path.join(bdir, name + ".py")
-        with open(path, encoding="utf-8") as f:
-            quick_ok = "--quick" in f.read()
+        quick_ok, out_dir_ok = _script_flags(path)
         cmd = [sys.executable, path] + (["--quick"] if quick_ok and not args.full else [])
-        print(f"=== {name} ({' '.join(cmd[2:]) or 'default settings'}) ===", flush=True)
+        if out_dir_ok:
+            cmd += ["--out-dir", out]
+        print(f"=== [{i}/{len(scripts)}] {name} ({' '.join(cmd[2:]) or 'default settings'}) ===",
+              flush=True)
+        if not out_dir_ok:
+            print(f"note: {name} takes no --out-dir; it writes wherever it chooses", flush=True)
         t0 = time.time()
-        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        print(res.stdout.rstrip())
-        print(f"=== {name}: exit {res.returncode}, {time.time() - t0:.1f} s ===\n", flush=True)
-        if res.returncode:
+        rc = _stream(cmd, env)
+        print(f"=== {name}: exit {rc}, {time.time() - t0:.1f} s ===\n", flush=True)
+        if rc:
             failed.append(name)
+    print(f"{len(scripts)} script(s) in {time.time() - t_all:.1f} s; results in {out}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -293,7 +407,10 @@ def missing_app_packages() -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``itop`` console script; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        args.explicit = _explicit_options(parser, argv, "train")
     missing = missing_app_packages()
     if missing:
         parser.exit(2, f"itop {args.command}: the application needs packages that are not "

@@ -7,10 +7,12 @@
   permutation; samples ``(1, 8, 8)`` scaled to ``[0, 1]``.
 - ``cifar10`` / ``cifar100``: read from the standard python-pickle archives
   ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` in the data directory (read straight
-  from the tar, never extracted). A missing archive is downloaded from the Toronto site and its
-  MD5 checked; offline, :class:`DataError` says where to put the file. ``ITOP_NO_DOWNLOAD=1``
-  in the environment turns downloading off. Samples ``(3, 32, 32)``,
-  stored as uint8, normalized per batch with the usual channel means/stds, and augmented in
+  from the tar, never extracted, and unpickled by a restricted unpickler that builds only what
+  the batches hold: dicts, lists, strings, numbers and numeric numpy arrays; any other content
+  is a :class:`DataError`, and no code in a file ever runs). A missing archive is downloaded
+  from the Toronto site and its MD5 checked; offline, :class:`DataError` says where to put the
+  file. ``ITOP_NO_DOWNLOAD=1`` in the environment turns downloading off. Samples
+  ``(3, 32, 32)``, stored as uint8, normalized per batch with the usual channel means/stds, and augmented in
   training with a random 4-pixel-padded crop and a horizontal flip (as in ITOP).
 - ``synthetic``: a seeded, learnable toy problem (a random teacher labels Gaussian inputs),
   512 train / 256 test samples of shape ``(3, 8, 8)``, 10 classes. For tests and smoke runs.
@@ -27,6 +29,7 @@ import pickle
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -175,7 +178,74 @@ def _download(url: str, path: str, md5: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_batches(tar: tarfile.TarFile, members, label_key: bytes, archive: str):
+def _numpy_reconstruct() -> Callable:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def _array(subtype, shape, dtype):
+    """``numpy.ndarray`` reconstruction (arrays only, no subclasses)."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"array subtype {subtype!r} is not numpy.ndarray")
+    return _numpy_reconstruct()(np.ndarray, shape, dtype)
+
+
+def _latin1(text, encoding):
+    """``_codecs.encode(text, "latin1")``: how protocol-2 pickles written by Python 3 store
+    ``bytes`` (and numpy array data). Any other codec is refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed for latin-1 text only")
+    return text.encode("latin-1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for the CIFAR python batches: it builds dicts, lists, str/bytes, numbers
+    and numpy arrays (numeric dtypes) only; every other global is refused, so no code runs."""
+
+    _GLOBALS = {
+        ("numpy.core.multiarray", "_reconstruct"): _array,   # the archives (numpy 1.x)
+        ("numpy._core.multiarray", "_reconstruct"): _array,  # re-pickled with numpy >= 2
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR "
+                                         "batch") from None
+
+
+def _load_batch(raw: bytes, where: str) -> Dict[bytes, object]:
+    """Unpickle one CIFAR batch (a dict with bytes or str keys) through :class:`_CifarUnpickler`.
+
+    Raises:
+        DataError: anything else, or a pickle that is not a plain dict of such values.
+    """
+    try:
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - any failure of an untrusted file is a DataError
+        raise DataError(f"{where} is not a CIFAR python batch ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(d, dict) or not all(isinstance(k, (bytes, str)) for k in d):
+        raise DataError(f"{where} is not a CIFAR python batch (not a dict with string keys)")
+    return {(k.encode() if isinstance(k, str) else k): v for k, v in d.items()}
+
+
+def _int_array(value, where: str, what: str) -> np.ndarray:
+    a = np.asarray(value) if isinstance(value, (list, np.ndarray)) else None
+    if a is None or a.dtype.hasobject or a.dtype.kind not in "biu" or a.size == 0:
+        raise DataError(f"{where}: {what} is not an array of integers")
+    return a
+
+
+def _read_batches(tar: tarfile.TarFile, members, label_key: bytes, archive: str,
+                  classes: int):
     xs, ys = [], []
     for name in members:
         try:
@@ -185,13 +255,23 @@ def _read_batches(tar: tarfile.TarFile, members, label_key: bytes, archive: str)
                             "version of the archive?") from None
         if f is None:
             raise DataError(f"{archive}: {name!r} is not a file")
-        d = pickle.load(io.BytesIO(f.read()), encoding="bytes")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
+        where = f"{archive}: {name!r}"
+        d = _load_batch(f.read(), where)
+        for key in (b"data", label_key):
+            if key not in d:
+                raise DataError(f"{where} has no {key.decode()!r} entry")
+        data = _int_array(d[b"data"], where, "data")
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(f"{archive}: {name!r} has data of shape {data.shape}, "
-                            "expected [N, 3072]")
-        xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+            raise DataError(f"{where} has data of shape {data.shape}, expected [N, 3072]")
+        if data.min() < 0 or data.max() > 255:
+            raise DataError(f"{where} has pixel values outside [0, 255]")
+        labels = _int_array(d[label_key], where, label_key.decode())
+        if labels.shape != (len(data),):
+            raise DataError(f"{where} has {labels.size} labels for {len(data)} images")
+        if labels.min() < 0 or labels.max() >= classes:
+            raise DataError(f"{where} has labels outside [0, {classes})")
+        xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(labels.astype(np.int64))
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -214,9 +294,9 @@ def load_cifar(name: str, data_dir: str, download: bool = True) -> Dataset:
         _download(spec["url"], path, spec["md5"])
     try:
         with tarfile.open(path, "r:gz") as tar:
-            tx, ty = _read_batches(tar, spec["train"], spec["labels"], path)
-            vx, vy = _read_batches(tar, spec["test"], spec["labels"], path)
-    except (tarfile.TarError, EOFError, pickle.UnpicklingError) as exc:
+            tx, ty = _read_batches(tar, spec["train"], spec["labels"], path, spec["classes"])
+            vx, vy = _read_batches(tar, spec["test"], spec["labels"], path, spec["classes"])
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     return Dataset(name, tx, ty, vx, vy, spec["classes"], spec["mean"], spec["std"],
                    augment=True)

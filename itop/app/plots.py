@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["render_plots", "PLOT_FILES"]
 
-PLOT_FILES = ("curves.png", "itop_rate.png", "layer_density.png", "blocks_heatmap.png")
+from .run_files import CHECKPOINT, PLOT_FILES, load_checkpoint
 
 
 def _pyplot():
@@ -174,10 +174,10 @@ def plot_block_heatmap(active: torch.Tensor, fired: Optional[torch.Tensor], path
 
 
 def _load_checkpoint(run_dir: str) -> Optional[Dict[str, Any]]:
-    path = os.path.join(run_dir, "checkpoint.pt")
+    path = os.path.join(run_dir, CHECKPOINT)
     if not os.path.exists(path):
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint(path)
 
 
 def render_plots(run_dir: str) -> List[str]:

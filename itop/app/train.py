@@ -23,18 +23,29 @@ Output directory (rank 0):
   and ITOP rate after every topology update), one ``epoch`` record per epoch, and a ``final``
   record (test accuracy, ITOP rate, FLOP fractions, wall time, per-layer table, a hash of every
   rank's masks).
-- ``checkpoint.pt``: written after every epoch: model, optimizer, topology manager, grad scaler,
-  RNG states and the config. ``resume`` continues from it bit for bit on the CPU (the data order
-  is a function of the seed and the epoch; dropout/augmentation RNG states are saved).
+- ``checkpoint.pt``: written after every epoch (atomically: a temporary file, then a rename):
+  model, optimizer, topology manager, grad scaler, RNG states and the config, all in types
+  ``torch.load(weights_only=True)`` accepts. ``resume`` continues from it bit for bit on the CPU
+  (the data order is a function of the seed and the epoch; dropout/augmentation RNG states are
+  saved).
 - PNG plots (see :mod:`itop.app.plots`).
+
+A new run refuses an ``out`` directory that already holds files unless ``overwrite`` (which
+removes only the files above). A resumed run takes its settings from the checkpoint: the ones
+in :data:`RUN_SETTINGS` cannot change (a contradicting ``TrainConfig`` raises ``ValueError``),
+the length (:data:`LENGTH_SETTINGS`) and where it runs (:data:`PLACE_SETTINGS`) can, and every
+change is written to ``metrics.jsonl`` as a ``resume`` record. A run that has finished stays
+finished: resuming it without asking for more epochs changes nothing and returns its ``final``
+record (with ``"already_finished": True``). More epochs stretch the learning-rate and
+prune-rate schedules to the new length from the resume point on.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import hashlib
-import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,16 +56,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from itop_kernels.block_norms import native_bf16_matmul
+
 from .data import Dataset, load_dataset, prepare_batch
 from ..layers import SparseLayer
 from ..sparsify import sparsify, sparsity_summary
+from ..surgery_guards import StarvedLayerWarning
 from ..topology import TopologyManager
 from .flops import flop_report, layer_flops
 from .models import build_model
-from .run_files import CHECKPOINT, METRICS, append_metric, read_metrics, write_metrics
+from .run_files import (CHECKPOINT, METRICS, RunFileError, append_metric, check_new_run_dir,
+                        load_checkpoint, read_metrics, remove_run_files, save_checkpoint,
+                        write_metrics)
 
-__all__ = ["TrainConfig", "train", "lr_at", "read_metrics", "CHECKPOINT", "METRICS"]
+__all__ = ["TrainConfig", "train", "lr_at", "read_metrics", "CHECKPOINT", "METRICS",
+           "RUN_SETTINGS", "LENGTH_SETTINGS", "PLACE_SETTINGS", "resume_paths",
+           "resumed_config"]
 
+#: Settings that define what a run computes: resuming a run keeps them.
+RUN_SETTINGS = ("model", "data", "density", "distribution", "block_size", "growth",
+                "score_precision", "prune_rate", "update_every", "dense", "static",
+                "batch_size", "test_batch_size", "lr", "momentum", "weight_decay",
+                "label_smoothing", "seed", "amp")
+#: Settings a resume may change: the length of training.
+LENGTH_SETTINGS = ("epochs", "multiplier")
+#: Settings a resume may change freely: where and how fast it runs.
+PLACE_SETTINGS = ("data_dir", "device", "compile", "threads")
 
 
 @dataclass
@@ -91,6 +118,7 @@ class TrainConfig:
     stop_after_epoch: Optional[int] = None
     progress: bool = True
     plots: bool = True
+    overwrite: bool = False
 
     @property
     def total_epochs(self) -> int:
@@ -189,8 +217,16 @@ def _check_config(cfg: TrainConfig, d: _Dist) -> None:
                          f"processes ({d.world})")
     if cfg.dense and cfg.static:
         raise ValueError("--dense and --static exclude each other")
+    if not cfg.dense and cfg.density >= 1.0:
+        raise ValueError("--density 1 keeps every weight, so there is nothing to sparsify; "
+                         "use --dense for a dense baseline, or a density below 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine")
+
+
+def _warn(text: str) -> None:
+    """A warning line of ``itop train`` (rank 0), on stderr."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def _build(cfg: TrainConfig, ds: Dataset, device: torch.device, d: _Dist) -> nn.Module:
@@ -203,7 +239,10 @@ def _build(cfg: TrainConfig, ds: Dataset, device: torch.device, d: _Dist) -> nn.
                              block_size=cfg.block_size)
         if d.main:
             for w in caught:
-                print(f"note: {w.message}")
+                if issubclass(w.category, StarvedLayerWarning):
+                    _warn(str(w.message))
+                else:
+                    print(f"note: {w.message}")
         if not any(isinstance(m, SparseLayer) for m in model.modules()):
             raise ValueError(f"--block-size {cfg.block_size} leaves no layer of {cfg.model} "
                              "sparse; pick a block size that divides its channel counts")
@@ -250,15 +289,105 @@ def _set_rng_state(state: Dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _resume_path(cfg: TrainConfig) -> str:
-    p = cfg.resume
-    if p in ("", "auto", None):
-        p = cfg.out
+def resume_paths(resume: Optional[str], out: Optional[str]) -> Tuple[str, str]:
+    """``(checkpoint path, run directory)`` of ``--resume RESUME`` (a checkpoint file or a run
+    directory; ``"auto"``/empty: ``out``). A run continues in its own directory, so ``out``, when
+    given, must be that directory.
+
+    Raises:
+        RunFileError: no checkpoint there, or ``out`` names another directory.
+    """
+    p = resume if resume not in ("", "auto", None) else out
+    if not p:
+        raise RunFileError("--resume needs a checkpoint or run directory (or --out DIR)")
     if os.path.isdir(p):
         p = os.path.join(p, CHECKPOINT)
     if not os.path.isfile(p):
-        raise FileNotFoundError(f"--resume: no checkpoint at {p}")
-    return p
+        raise RunFileError(f"--resume: no checkpoint at {p}")
+    run_dir = os.path.dirname(p) or "."
+    if out and os.path.realpath(out) != os.path.realpath(run_dir):
+        raise RunFileError(f"--resume {resume} continues the run in {run_dir}, but --out names "
+                           f"{out}: a run continues in its own directory; drop --out, or copy "
+                           "the run directory first")
+    return p, run_dir
+
+
+def _option(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
+def resumed_config(given: TrainConfig, stored: Dict[str, Any],
+                   explicit: Any = ()) -> TrainConfig:
+    """The configuration of a resumed run: the checkpoint's ``stored`` settings, except those
+    named in ``explicit`` (the ``TrainConfig`` fields the user set), which come from ``given``
+    like every per-invocation field (``out``, ``resume``, ``stop_after_epoch``, ...).
+    :func:`train` then refuses a given setting of :data:`RUN_SETTINGS` that contradicts the
+    checkpoint."""
+    explicit = set(explicit)
+    keep = {k: stored[k] for k in RUN_SETTINGS + LENGTH_SETTINGS + PLACE_SETTINGS
+            if k in stored and k not in explicit}
+    return dataclasses.replace(given, **keep)
+
+
+def _resume_changes(cfg: TrainConfig, stored: Dict[str, Any], done: int) -> Dict[str, list]:
+    """``{setting: [stored, new]}`` for the settings that change on this resume.
+
+    Raises:
+        ValueError: a setting of :data:`RUN_SETTINGS` differs from the checkpoint, or the new
+            length is shorter than what the run has done.
+    """
+    bad = [k for k in RUN_SETTINGS if k in stored and stored[k] != getattr(cfg, k)]
+    if bad:
+        was = " ".join(_option(k, stored[k]) for k in bad)
+        now = " ".join(_option(k, getattr(cfg, k)) for k in bad)
+        raise ValueError(f"--resume: the run was trained with {was}, this command asks for "
+                         f"{now}; these settings define a run and cannot change when it "
+                         "resumes (drop them, or start a new run with another --out)")
+    if cfg.total_epochs < done:
+        raise ValueError(f"--resume: the run has done {done} epochs, more than --epochs "
+                         f"{cfg.epochs} × --multiplier {cfg.multiplier} asks for")
+    return {k: [stored[k], getattr(cfg, k)] for k in LENGTH_SETTINGS + PLACE_SETTINGS
+            if k in stored and stored[k] != getattr(cfg, k)}
+
+
+@dataclass
+class _Resume:
+    """What a resumed run starts from (read and checked before anything is written)."""
+
+    path: str
+    checkpoint: Dict[str, Any]
+    records: List[Dict[str, Any]]
+    changes: Dict[str, list]
+
+
+def _prepare_resume(cfg: TrainConfig) -> _Resume:
+    path, run_dir = resume_paths(cfg.resume, cfg.out)
+    ck = load_checkpoint(path)
+    records = read_metrics(run_dir)
+    if not any(r["type"] == "config" for r in records):
+        raise RunFileError(f"{os.path.join(run_dir, METRICS)} has no config record")
+    return _Resume(path, ck, records, _resume_changes(cfg, ck["config"], int(ck["epoch"])))
+
+
+def _load_states(res: _Resume, model: nn.Module, opt, mgr, scaler) -> None:
+    """Load the checkpoint's states; a checkpoint that does not fit raises ``RunFileError``."""
+    ck = res.checkpoint
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if mgr is not None:
+            if ck["topology"] is None:
+                raise ValueError("it has no topology-manager state (a dense run?)")
+            mgr.load_state_dict(ck["topology"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunFileError(f"{res.path} does not fit the model this run builds: {first}") \
+            from None
 
 
 # ------------------------------------------------------------------------------ main loop
@@ -266,8 +395,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run training as configured; returns the ``final`` record (also written to
     ``metrics.jsonl`` by rank 0).
 
+    With ``resume``, ``cfg`` must agree with the checkpoint's :data:`RUN_SETTINGS`
+    (:func:`resumed_config` builds such a config from the checkpoint's).
+
     Raises:
-        ValueError: inconsistent settings. FileNotFoundError: ``resume`` without a checkpoint.
+        ValueError: inconsistent settings, or a resume that contradicts the checkpoint.
+        itop.app.run_files.RunFileError (a ValueError): ``out`` holds files of another run
+            (without ``resume``/``overwrite``), or a run file is missing, unreadable, unsafe
+            or does not fit the model. Either way nothing in ``out`` has been touched.
         itop.app.data.DataError: the data cannot be loaded.
     """
     t_start = time.time()
@@ -283,6 +418,16 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
     _check_config(cfg, d)
+    # every check of the run directory comes before anything is written to it
+    res: Optional[_Resume] = None
+    if cfg.resume is not None:
+        res = _prepare_resume(cfg)
+        done = int(res.checkpoint["epoch"])
+        final = next((r for r in reversed(res.records) if r["type"] == "final"), None)
+        if done >= cfg.total_epochs and final is not None and final.get("finished"):
+            return {**final, "already_finished": True}
+    else:
+        check_new_run_dir(cfg.out, cfg.overwrite)
     if cfg.device.startswith("cuda") and d.active:
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
@@ -298,6 +443,10 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
     if not d.main:
         ds = load_dataset(cfg.data, cfg.data_dir)
 
+    if cfg.amp and device.type == "cpu" and not native_bf16_matmul(device) and d.main:
+        _warn("--amp: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), so bf16 "
+              "autocast is emulated and runs many times slower than float32; train without --amp "
+              "on this machine")
     model = _build(cfg, ds, device, d)
     _pick_threads(cfg, d, sum(p.numel() for p in model.parameters()))
     net: nn.Module = model
@@ -328,29 +477,36 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                               score_precision=cfg.score_precision)
     fwd = torch.compile(net) if cfg.compile else net
 
-    if d.main:
-        os.makedirs(cfg.out, exist_ok=True)
     metrics_path = os.path.join(cfg.out, METRICS)
     ckpt_path = os.path.join(cfg.out, CHECKPOINT)
     start_epoch, step, dense_grad_steps, train_time = 0, 0, 0, 0.0
-    if cfg.resume is not None:
-        ck = torch.load(_resume_path(cfg), map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if mgr is not None:
-            mgr.load_state_dict(ck["topology"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch, step = ck["epoch"], ck["step"]
-        dense_grad_steps, train_time = ck["dense_grad_steps"], ck["train_time"]
+    test_loss = test_acc = float("nan")
+    if res is not None:
+        ck = res.checkpoint
+        _load_states(res, model, opt, mgr, scaler)
+        start_epoch, step = int(ck["epoch"]), int(ck["step"])
+        dense_grad_steps, train_time = int(ck["dense_grad_steps"]), float(ck["train_time"])
         _set_rng_state(ck["rng"], device)
+        kept = [r for r in res.records
+                if r["type"] == "config" or
+                (r["type"] in ("epoch", "resume") and r["epoch"] <= start_epoch) or
+                (r["type"] == "topology" and r["step"] <= step)]
+        last = [r for r in kept if r["type"] == "epoch"]
+        if last:  # the final record of a run resumed at its end reports its last evaluation
+            test_loss, test_acc = last[-1]["test_loss"], last[-1]["test_acc"]
         if d.main:
-            kept = [r for r in read_metrics(cfg.out)
-                    if r["type"] == "config" or
-                    (r["type"] == "epoch" and r["epoch"] <= start_epoch) or
-                    (r["type"] == "topology" and r["step"] <= step)]
+            if res.changes:
+                for r in kept:
+                    if r["type"] == "config":
+                        r.update({k: new for k, (_, new) in res.changes.items()},
+                                 total_steps=total_steps)
+                kept.append({"type": "resume", "epoch": start_epoch, "step": step,
+                             "changes": res.changes})
             write_metrics(metrics_path, kept)
     elif d.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        if cfg.overwrite:
+            remove_run_files(cfg.out)
         cfg_rec = {"type": "config", **dataclasses.asdict(cfg), "world_size": d.world,
                    "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                    "in_shape": list(ds.in_shape), "num_classes": ds.num_classes,
@@ -367,7 +523,6 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                leave=False)
     aug = torch.Generator()
     net.train()
-    test_loss = test_acc = float("nan")
     last_epoch = start_epoch
     for epoch in range(start_epoch, cfg.total_epochs):
         t0 = time.time()
@@ -422,8 +577,7 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                   "epoch": epoch + 1, "step": step, "dense_grad_steps": dense_grad_steps,
                   "train_time": train_time, "rng": _rng_state(device),
                   "config": dataclasses.asdict(cfg)}
-            torch.save(ck, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+            save_checkpoint(ckpt_path, ck)
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
             break
     bar.close()
