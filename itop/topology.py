@@ -222,6 +222,8 @@ class TopologyManager:
         self._ema: Dict[str, Tensor] = {}
         self._warned_no_scores = False
         self._beta = self._momentum_beta()
+        for _, m in self.layers:   # the manager owns the capture of its layers from now on
+            m._stop_capture()
         self._arm()
 
     @torch.no_grad()
@@ -308,6 +310,9 @@ class TopologyManager:
         """
         self.step_count += 1
         t = self.step_count
+        for _, m in self.layers:
+            # what the forward checks in eager mode only (see SparseLayer._sync_layout)
+            m._sync_layout()
         due = self._pending or self.is_update_step(t)
         skipped = (due or self.growth == "momentum") and self._scaler_skipped()
         changed = False
