@@ -46,7 +46,11 @@ from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
 from . import capture
 from .storage import storage_for
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "check_density", "nnz_for_density"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "check_density", "nnz_for_density",
+           "INITS"]
+
+# how from_dense / sparsify pick the active units of a dense weight
+INITS = ("random", "magnitude")
 
 
 def check_density(density, name: str = "density") -> float:
@@ -429,10 +433,34 @@ class SparseLinear(SparseLayer):
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
-        w = module.weight
-        layer = cls(module.in_features, module.out_features, module.bias is not None,
-                    density=density, block_size=block_size, device=w.device, dtype=w.dtype)
-        layer._copy_dense(w.detach(), module.bias, mask, init)
+        return cls.from_weight(module.weight, module.bias, density=density,
+                               block_size=block_size, mask=mask, init=init)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None, *, density: float = 0.1,
+                    block_size: int = 32, mask: Optional[Tensor] = None,
+                    init: str = "random") -> "SparseLinear":
+        """A :class:`SparseLinear` computing ``x·weightᵀ + bias`` from a dense weight tensor.
+
+        For linear layers that are not ``nn.Linear`` modules: the packed q/k/v projection of
+        ``nn.MultiheadAttention`` (``in_proj_weight``), or Hugging Face's ``Conv1D``
+        (pass its weight transposed: ``Conv1D`` computes ``x·W + b`` with ``W [in, out]``).
+
+        Args:
+            weight: ``[out_features, in_features]`` float tensor (values are copied).
+            bias: ``[out_features]`` or ``None``.
+            density, block_size, mask, init: as :meth:`from_dense`.
+        """
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor [out, in], got "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        out_f, in_f = weight.shape
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (out_f,)):
+            raise ValueError(f"bias must be None or a tensor of shape [{out_f}], got "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
+        layer = cls(in_f, out_f, bias is not None, density=density, block_size=block_size,
+                    device=weight.device, dtype=weight.dtype)
+        layer._copy_dense(weight.detach(), bias, mask, init)
         return layer
 
     def to_dense(self) -> nn.Linear:
