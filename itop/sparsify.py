@@ -394,9 +394,14 @@ def sparsity_summary(model: nn.Module) -> SparsitySummary:
                          "weights": math.prod(shape)})
             continue
         kind = _layer_kind(m)
-        if kind == "mha":  # dense: its packed q/k/v projection and its out_proj
-            rows.append(_dense_row(f"{name}.in_proj" if name else "in_proj",
-                                   "MultiheadAttention.in_proj", m.in_proj_weight))
+        if kind == "mha":  # dense: its (packed) q/k/v projection(s) and its out_proj
+            prefix = f"{name}." if name else ""
+            if m._qkv_same_embed_dim:
+                rows.append(_dense_row(prefix + "in_proj", "MultiheadAttention.in_proj",
+                                       m.in_proj_weight))
+            else:
+                rows += [_dense_row(prefix + p, f"MultiheadAttention.{p}", getattr(m, p))
+                         for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
             rows.append(_dense_row(f"{name}.out_proj" if name else "out_proj",
                                    type(m.out_proj).__name__, m.out_proj.weight))
         elif kind is not None or name in left_alone:
