@@ -119,8 +119,8 @@ def _match_exclude(name: str, module: nn.Module, names: Sequence[str], types: tu
 
 
 def _ineligible_reason(m: nn.Module, bs: int, kind: str = "") -> Optional[str]:
-    if kind in ("conv1d", "mha"):
-        if kind == "mha":
+    if kind in ("conv1d", "mha", "mha-in"):
+        if kind != "conv1d":
             reason = unsupported_attention_reason(m)
             if reason is not None:
                 return reason
@@ -173,6 +173,8 @@ def _weight_shapes(m: nn.Module, kind: str) -> List[Tuple[int, ...]]:
         return [tuple(m.weight.t().shape)]
     if kind == "mha":
         return [tuple(m.in_proj_weight.shape), tuple(m.out_proj.weight.shape)]
+    if kind == "mha-in":   # an excluded out_proj stays dense and out of the distribution
+        return [tuple(m.in_proj_weight.shape)]
     return [tuple(m.weight.shape)]
 
 
@@ -180,9 +182,10 @@ def _sparse_module(m: nn.Module, kind: str, densities: Sequence[float], block_si
                    init: str) -> nn.Module:
     """The sparse replacement of ``m`` (a kind from :func:`_layer_kind`)."""
     opts = dict(block_size=block_size, init=init)
-    if kind == "mha":
-        new = SparseMultiheadAttention.from_dense(m, density=(min(densities[0], 1.0),
-                                                              min(densities[1], 1.0)), **opts)
+    if kind in ("mha", "mha-in"):
+        d_out = min(densities[1], 1.0) if kind == "mha" else 1.0
+        new = SparseMultiheadAttention.from_dense(m, density=(min(densities[0], 1.0), d_out),
+                                                  **opts)
     elif kind == "conv1d":
         # Conv1D computes x·W + b with W [in, out]: a linear layer with weight Wᵀ
         new = SparseLinear.from_weight(m.weight.t(), m.bias, density=densities[0], **opts)
@@ -312,6 +315,9 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         if reason is not None:
             skipped.append(f"{name or '<model>'} ({reason})")
             continue
+        if kind == "mha" and _match_exclude(f"{name}.out_proj" if name else "out_proj",
+                                            m.out_proj, names, tuple(types)):
+            kind = "mha-in"
         candidates.append((name, m, kind))
     skipped += [f"{n} ({type(m).__name__}: not a layer type sparsify replaces)"
                 for n, m in _weight_layers_left_alone(model)
