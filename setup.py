@@ -20,7 +20,12 @@ setup(
         # The application (itop.app: the `itop` command line, models, data, plots).
         "cli": CLI,
         # Triton runs the GPU kernels, and in tests its interpreter runs them on the CPU.
-        "test": CLI + ["pytest", "hypothesis", "pytest-benchmark", "triton==3.8.0"],
+        # transformers: tests/test_real_models.py builds tiny BERT/GPT-2/Llama models from
+        # configs (no download; it pulls no torch). timm and torchvision are not here: they
+        # need a torchvision build matching torch, and PyPI's does not import next to the CPU
+        # build of torch 2.13.0; their tests skip.
+        "test": CLI + ["pytest", "hypothesis", "pytest-benchmark", "triton==3.8.0",
+                       "transformers>=4.40"],
         "bench": CLI + ["pytest-benchmark", "triton==3.8.0"],
     },
     entry_points={"console_scripts": ["itop=itop.app.cli:main"]},

@@ -6,6 +6,8 @@ Public names:
   (``values``, ``layout``). At ``block_size=1`` a SparseLinear stores its active weights in CSR
   (real sparse products on CPU tensors; masked dense with a one-time warning on CUDA) and a
   SparseConv2d keeps element masks on a dense weight.
+- :class:`SparseMultiheadAttention`: ``nn.MultiheadAttention`` with sparse q/k/v and output
+  projections (what :func:`sparsify` makes of one).
 - :func:`sparsify`, :func:`densify`, :func:`sparsity_summary`: model surgery and the per-layer
   density table.
 - :class:`TopologyManager`: prune/regrow every ``update_every`` steps (SET, RigL, SNFS-like
@@ -25,11 +27,13 @@ Typical use::
     print(mgr.itop_rate, mgr.summary())
 """
 from .density import er_densities, erk_densities, uniform_densities
+from .attention import SparseMultiheadAttention
 from .layers import SparseConv2d, SparseLayer, SparseLinear
 from .sparsify import SparsitySummary, densify, sparsify, sparsity_summary
 from .topology import TopologyManager
 
 __all__ = [
-    "SparseLinear", "SparseConv2d", "SparseLayer", "sparsify", "densify", "sparsity_summary",
+    "SparseLinear", "SparseConv2d", "SparseLayer", "SparseMultiheadAttention", "sparsify",
+    "densify", "sparsity_summary",
     "SparsitySummary", "TopologyManager", "erk_densities", "er_densities", "uniform_densities",
 ]

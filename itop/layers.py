@@ -43,9 +43,14 @@ from torch import Tensor, nn
 from itop_kernels import BlockLayout
 from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
 
+from . import capture
 from .storage import storage_for
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "check_density", "nnz_for_density"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "check_density", "nnz_for_density",
+           "INITS"]
+
+# how from_dense / sparsify pick the active units of a dense weight
+INITS = ("random", "magnitude")
 
 
 def check_density(density, name: str = "density") -> float:
@@ -90,34 +95,27 @@ def _magnitude_mask(scores: Tensor, nnz: int) -> Tensor:
     return flat.view(scores.shape)
 
 
-class _CaptureGrad(torch.autograd.Function):
-    """Identity (a copy) whose backward keeps the gradient it passes through.
+def _memory_format_blind(fn):
+    """``fn`` (what ``nn.Module._apply`` maps over parameters and buffers), made to accept the
+    5-D block ``values`` of a :class:`SparseConv2d` under ``model.to(memory_format=...)``.
 
-    The copy makes the capture independent of what follows the layer: an in-place op on the
-    output (``nn.ReLU(inplace=True)``) would otherwise hide the gradient of the pre-activation
-    value from a tensor hook. It only runs on the steps the topology manager arms.
+    ``Module.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D tensor, and a
+    5-D tensor has no channels-last format (torch raises "required rank 4 tensor to use
+    channels_last format"). Block values are not an activation: the kernels read them in their
+    own block order, whatever the model's memory format. For such a tensor ``fn`` is applied to
+    a 4-D view ``[nnz·kh, kw, bs, bs]``, which carries out the device and dtype conversion, and
+    the result is laid out contiguously again (same values, same shape).
     """
-
-    @staticmethod
-    def forward(ctx, y, module, slot):
-        ctx.module, ctx.slot = module, slot
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        entry = ctx.module._captured[ctx.slot] if ctx.slot < len(ctx.module._captured) else None
-        if entry is not None:
-            entry[1] = grad.detach() if entry[1] is None else entry[1] + grad.detach()
-        return grad, None, None
-
-
-def _capture_forward_hook(module: "SparseLayer", args, output):
-    """Forward hook armed by the topology manager: keep the input, and the output's gradient."""
-    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-        return None
-    slot = len(module._captured)
-    module._captured.append([args[0].detach(), None])
-    return _CaptureGrad.apply(output, module, slot)
+    def apply(t: Tensor) -> Tensor:
+        if t.dim() != 5:
+            return fn(t)
+        try:
+            return fn(t)
+        except RuntimeError as exc:
+            if "channels_last" not in str(exc):
+                raise
+        return fn(t.reshape(-1, *t.shape[2:])).contiguous().view(t.shape)
+    return apply
 
 
 class SparseLayer(nn.Module):
@@ -148,15 +146,18 @@ class SparseLayer(nn.Module):
                                                   bound, factory))
         self.register_buffer("block_mask", mask)
         self._nnz = nnz
-        self._captured: list = []
-        self._capture_handle = None
-        self._capture_owner: object = None
+        self._reset_capture()
         self._rebuild_layout()
 
     def _sync_layout(self) -> None:
         """Rebuild the layout if ``block_mask`` was overwritten in place from outside (DDP
         broadcasting rank 0's buffers into a model built with other masks, say). Costs an int
-        comparison when nothing changed."""
+        comparison when nothing changed.
+
+        The forward calls it in eager mode only: under ``torch.compile``/``torch.export`` the
+        version counter is data the graph cannot branch on, so there the
+        :class:`~itop.TopologyManager` calls it on every step (and every topology change,
+        ``load_state_dict`` and device move rebuilds the layout itself)."""
         if self.block_mask._version == self._mask_version:
             return
         nnz = int(self.block_mask.sum())
@@ -204,28 +205,54 @@ class SparseLayer(nn.Module):
         self._sync_layout()
         return self._storage.active_units(self, p)
 
+    def _reset_capture(self) -> None:
+        """Unarmed, nothing kept, and a capture key of this instance's own."""
+        self._captured: list = []
+        self._capture_armed = False
+        self._capture_owner: object = None
+        self._capture_key = capture.new_capture_key()
+
     def _start_capture(self, owner: object = None) -> None:
-        """Arm the hooks that keep this step's input and output gradient (for growth scores);
+        """Keep this step's input and output gradient (for growth scores) from now on;
         ``owner`` (a topology manager's token) is remembered for :meth:`_stop_capture`."""
-        if self._capture_handle is None:
+        if not self._capture_armed:
             self._captured = []
-            self._capture_handle = self.register_forward_hook(_capture_forward_hook)
+            self._capture_armed = True
+            capture.register(self._capture_key, self)
         self._capture_owner = owner
 
     def _stop_capture(self, owner: object = None) -> None:
-        """Remove the capture hooks and drop whatever they kept. With an ``owner``, only if
-        that owner armed them: a manager being dropped must not disarm its successor's."""
-        if owner is not None and getattr(self, "_capture_owner", None) is not owner:
+        """Stop capturing and drop whatever was kept. With an ``owner``, only if that owner
+        armed the capture: a manager being dropped must not disarm its successor's."""
+        if owner is not None and self._capture_owner is not owner:
             return
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
-            self._capture_handle = None
+        capture.unregister(self._capture_key)
+        self._capture_armed = False
         self._captured = []
         self._capture_owner = None
 
     @property
     def _capturing(self) -> bool:
-        return self._capture_handle is not None
+        return self._capture_armed
+
+    def _captured_output(self, x: Tensor, y: Tensor) -> Tensor:
+        """``y``, through the capture ops when armed and autograd records this forward."""
+        if self._capture_armed and torch.is_grad_enabled() and y.requires_grad:
+            return capture.capture(y, x, self._capture_key)
+        return y
+
+    def __getstate__(self):
+        """Capture state is per instance and per manager: a deep copy or a pickle (``torch.save``
+        of the whole model) carries none of it: the copy starts unarmed, with nothing kept."""
+        state = self.__dict__.copy()
+        state["_captured"] = []
+        state["_capture_armed"] = False
+        state["_capture_owner"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._reset_capture()
 
     def _captured_pairs(self) -> List[Tuple[Tensor, Tensor]]:
         return [(x, g) for x, g in self._captured if g is not None]
@@ -307,7 +334,7 @@ class SparseLayer(nn.Module):
         self._mask_version = self.block_mask._version
 
     def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
+        out = super()._apply(_memory_format_blind(fn), *args, **kwargs)
         if self.layout is not None and self.layout.device != self.block_mask.device:
             self.layout = self.layout.to(self.block_mask.device)
         self._mask_version = self.block_mask._version
@@ -375,9 +402,11 @@ class SparseLinear(SparseLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., in_features] -> [..., out_features]``."""
-        self._sync_layout()
+        if not torch.compiler.is_compiling():
+            self._sync_layout()
+        x0 = x
         x, values, bias = self._operands(x)
-        return self._storage.linear(self, x, values, bias)
+        return self._captured_output(x0, self._storage.linear(self, x, values, bias))
 
     def _grad_scores(self, precision: str = "exact") -> Optional[Tensor]:
         pairs = self._captured_pairs()
@@ -404,10 +433,34 @@ class SparseLinear(SparseLayer):
         """
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
-        w = module.weight
-        layer = cls(module.in_features, module.out_features, module.bias is not None,
-                    density=density, block_size=block_size, device=w.device, dtype=w.dtype)
-        layer._copy_dense(w.detach(), module.bias, mask, init)
+        return cls.from_weight(module.weight, module.bias, density=density,
+                               block_size=block_size, mask=mask, init=init)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None, *, density: float = 0.1,
+                    block_size: int = 32, mask: Optional[Tensor] = None,
+                    init: str = "random") -> "SparseLinear":
+        """A :class:`SparseLinear` computing ``x·weightᵀ + bias`` from a dense weight tensor.
+
+        For linear layers that are not ``nn.Linear`` modules: the packed q/k/v projection of
+        ``nn.MultiheadAttention`` (``in_proj_weight``), or Hugging Face's ``Conv1D``
+        (pass its weight transposed: ``Conv1D`` computes ``x·W + b`` with ``W [in, out]``).
+
+        Args:
+            weight: ``[out_features, in_features]`` float tensor (values are copied).
+            bias: ``[out_features]`` or ``None``.
+            density, block_size, mask, init: as :meth:`from_dense`.
+        """
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor [out, in], got "
+                             f"{tuple(getattr(weight, 'shape', ()))}")
+        out_f, in_f = weight.shape
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (out_f,)):
+            raise ValueError(f"bias must be None or a tensor of shape [{out_f}], got "
+                             f"{tuple(getattr(bias, 'shape', ()))}")
+        layer = cls(in_f, out_f, bias is not None, density=density, block_size=block_size,
+                    device=weight.device, dtype=weight.dtype)
+        layer._copy_dense(weight.detach(), bias, mask, init)
         return layer
 
     def to_dense(self) -> nn.Linear:
@@ -510,9 +563,11 @@ class SparseConv2d(SparseLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, Cin, H, W] -> [B, Cout, Ho, Wo]``."""
-        self._sync_layout()
+        if not torch.compiler.is_compiling():
+            self._sync_layout()
+        x0 = x
         x, values, bias = self._operands(x)
-        return self._storage.conv2d(self, x, values, bias)
+        return self._captured_output(x0, self._storage.conv2d(self, x, values, bias))
 
     def _grad_scores(self, precision: str = "exact") -> Optional[Tensor]:
         pairs = self._captured_pairs()

@@ -14,6 +14,10 @@ stay dense), except
 * layers whose distribution density is 1.0 (ERK's over-full layers): they stay plain dense
   modules, counted in the budget as RigL does.
 
+Hugging Face's ``Conv1D`` and ``nn.MultiheadAttention`` are sparsified too (see
+:func:`sparsify`). Other layers holding a weight matrix, subclasses of ``nn.Linear`` among
+them, are left alone and named in a warning.
+
 A layer that shares a parameter with another module (weight tying: an output layer tied to an
 embedding) stays dense and is listed in that warning with the tie; a module registered under
 several names is replaced by one sparse layer at every name. A sparse layer takes over the
@@ -23,11 +27,10 @@ distribution kept dense; :func:`densify` clears that); sparse layers built by ha
 as they are. Layers left with fewer active blocks than block-rows, or a single
 block, get a :class:`itop.surgery_guards.StarvedLayerWarning`.
 
-Subclasses of ``nn.Linear`` (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight
-is read directly by its parent) are left alone. ``density`` is the overall density of the
-weights of the layers that can be sparsified (excluded and ineligible layers do not count).
-Per-layer block counts are ``round(dᵢ · blocks)``, so the realized overall density is exact up
-to that rounding; :func:`sparsity_summary` reports it.
+``density`` is the overall density of the weights of the layers that can be sparsified
+(excluded and ineligible layers do not count). Per-layer block counts are
+``round(dᵢ · blocks)``, so the realized overall density is exact up to that rounding;
+:func:`sparsity_summary` reports it.
 """
 from __future__ import annotations
 
@@ -35,10 +38,12 @@ import math
 import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .density import DISTRIBUTIONS
-from .layers import SparseConv2d, SparseLayer, SparseLinear, check_density
+from .attention import SparseMultiheadAttention, unsupported_attention_reason
+from .layers import INITS, SparseConv2d, SparseLayer, SparseLinear, check_density
 from .surgery_guards import (carry_over, clear_sparsified, mark_sparsified, module_names,
                              refuse_second_sparsify, tied_layers, warn_starved_layers)
 
@@ -131,7 +136,16 @@ def _match_exclude(name: str, module: nn.Module, names: Sequence[str], types: tu
     return any(name == n or name.startswith(n + ".") for n in names)
 
 
-def _ineligible_reason(m: nn.Module, bs: int) -> Optional[str]:
+def _ineligible_reason(m: nn.Module, bs: int, kind: str = "") -> Optional[str]:
+    if kind in ("conv1d", "mha", "mha-in"):
+        if kind != "conv1d":
+            reason = unsupported_attention_reason(m)
+            if reason is not None:
+                return reason
+        out, inp = _weight_shapes(m, kind)[0]
+        if out % bs or inp % bs:
+            return f"block_size {bs} does not divide [{out}, {inp}]"
+        return None
     if isinstance(m, nn.Linear):
         if m.in_features % bs or m.out_features % bs:
             return f"block_size {bs} does not divide [{m.out_features}, {m.in_features}]"
@@ -148,9 +162,95 @@ def _ineligible_reason(m: nn.Module, bs: int) -> Optional[str]:
     return None
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2, GPT): a linear layer with a transposed weight
+    ``[in, out]``, ``y = x·W + b``. Recognized without importing transformers."""
+    t = type(m)
+    return (t.__name__ == "Conv1D" and t.__module__.startswith("transformers")
+            and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2)
+
+
+def _layer_kind(m: nn.Module) -> Optional[str]:
+    """``"linear"``, ``"conv2d"``, ``"conv1d"`` (HF Conv1D), ``"mha"`` or ``None`` (not one that
+    sparsify replaces)."""
+    t = type(m)
+    if t is nn.Linear:
+        return "linear"
+    if t is nn.Conv2d:
+        return "conv2d"
+    if t is nn.MultiheadAttention:
+        return "mha"
+    if _is_hf_conv1d(m):
+        return "conv1d"
+    return None
+
+
+def _weight_shapes(m: nn.Module, kind: str) -> List[Tuple[int, ...]]:
+    """The ``[out, in, ...]`` shapes of the weights sparsify makes sparse in ``m``."""
+    if kind == "conv1d":
+        return [tuple(m.weight.t().shape)]
+    if kind == "mha":
+        return [tuple(m.in_proj_weight.shape), tuple(m.out_proj.weight.shape)]
+    if kind == "mha-in":   # an excluded out_proj stays dense and out of the distribution
+        return [tuple(m.in_proj_weight.shape)]
+    return [tuple(m.weight.shape)]
+
+
+def _sparse_module(m: nn.Module, kind: str, densities: Sequence[float], block_size: int,
+                   init: str) -> nn.Module:
+    """The sparse replacement of ``m`` (a kind from :func:`_layer_kind`)."""
+    opts = dict(block_size=block_size, init=init)
+    if kind in ("mha", "mha-in"):
+        d_out = min(densities[1], 1.0) if kind == "mha" else 1.0
+        new = SparseMultiheadAttention.from_dense(m, density=(min(densities[0], 1.0), d_out),
+                                                  **opts)
+    elif kind == "conv1d":
+        # Conv1D computes x·W + b with W [in, out]: a linear layer with weight Wᵀ
+        new = SparseLinear.from_weight(m.weight.t(), m.bias, density=densities[0], **opts)
+        new._densify_as = type(m)
+    elif kind == "linear":
+        new = SparseLinear.from_dense(m, density=densities[0], **opts)
+    else:
+        new = SparseConv2d.from_dense(m, density=densities[0], **opts)
+    new.train(m.training)
+    return new
+
+
+def _weight_layers_left_alone(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Layers holding a weight matrix (a ``weight`` of 2 or more dims, or a recurrent layer)
+    that sparsify does not replace: other ``nn.Linear``/``nn.Conv2d`` subclasses, other
+    convolutions, ... Embeddings are not listed (ITOP keeps them dense), nor the ``out_proj``
+    of an ``nn.MultiheadAttention`` (handled with its parent)."""
+    out = []
+    for name, m in model.named_modules():
+        if _layer_kind(m) is not None or isinstance(m, (SparseLayer, SparseMultiheadAttention,
+                                                        nn.Embedding, nn.EmbeddingBag)):
+            continue
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if name and isinstance(parent, (nn.MultiheadAttention, SparseMultiheadAttention)):
+            continue
+        w = getattr(m, "weight", None)
+        if (isinstance(w, Tensor) and w.dim() >= 2) or isinstance(m, nn.RNNBase):
+            out.append((name, m))
+    return out
+
+
+def _switch_off_fused_transformer_paths(model: nn.Module) -> None:
+    """PyTorch's fused inference fast paths of ``nn.TransformerEncoder``/``EncoderLayer`` read
+    the dense ``.weight`` of every projection. Switch them off (with the flags they read) where
+    a sparse layer now sits, so that the modules' ordinary forward runs."""
+    for m in model.modules():
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)) and any(
+                isinstance(c, (SparseLayer, SparseMultiheadAttention)) for c in m.modules()):
+            if isinstance(m, nn.TransformerEncoder):
+                m.use_nested_tensor = False
+            else:
+                m.activation_relu_or_gelu = 0   # read by the fast path only
+
+
 def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
              block_size: int = 32, exclude: Optional[Iterable[Union[str, type]]] = None,
-             dense_first: bool = False, verbose: bool = False) -> nn.Module:
+             dense_first: bool = False, verbose: bool = False, init: str = "random") -> nn.Module:
     """Replace the ``nn.Linear``/``nn.Conv2d`` layers of ``model`` by sparse layers, in place.
 
     Args:
@@ -164,11 +264,29 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         dense_first: also keep the first ``nn.Linear``/``nn.Conv2d`` (registration order)
             dense, as RigL does.
         verbose: print :func:`sparsity_summary` of the result.
+        init: which blocks each sparse layer keeps of the dense weights: ``"random"`` (default:
+            uniformly random, for training from scratch) or ``"magnitude"`` (the blocks of
+            largest L2 norm: for a pretrained checkpoint).
 
     Returns:
         The model (the new sparse layer if ``model`` was itself a layer). Each sparse layer
-        starts from the dense layer's weights at uniformly random active blocks, with exactly
-        ``round(dᵢ·blocks)`` blocks (at least 1).
+        starts from the dense layer's weights at the active blocks (chosen by ``init``), with
+        exactly ``round(dᵢ·blocks)`` blocks (at least 1).
+
+    Besides ``nn.Linear`` and ``nn.Conv2d``, two kinds of layers are sparsified:
+
+    * Hugging Face's ``Conv1D`` (GPT-2's attention and MLP; transformers is not imported):
+      it becomes a :class:`~itop.SparseLinear` with the transposed weight, and
+      :func:`densify` gives a ``Conv1D`` back.
+    * ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoder`` and torchvision's ViT):
+      it becomes a :class:`~itop.SparseMultiheadAttention` whose packed q/k/v projection
+      (``in_proj``, one ``[3E, E]`` layer in the distribution, as the dense module stores it)
+      and ``out_proj`` are sparse layers. ``kdim``/``vdim`` other than ``embed_dim``,
+      ``add_bias_kv`` and ``add_zero_attn`` leave it dense (with the warning below).
+
+    Other layers holding a weight matrix (subclasses of ``nn.Linear``/``nn.Conv2d``, other
+    convolutions, recurrent layers; embeddings aside) stay dense, named in one
+    ``UserWarning``, and :func:`sparsity_summary` lists them as dense.
 
     Raises:
         ValueError/TypeError: on a density outside ``(0, 1]``, an unknown distribution, a bad
@@ -181,6 +299,8 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
                          f"got {distribution!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if _unwrap(model) is not model:
@@ -202,39 +322,46 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     refuse_second_sparsify(model)
     tied = tied_layers(model)
 
-    candidates: List[Tuple[str, nn.Module]] = []
+    candidates: List[Tuple[str, nn.Module, str]] = []
     skipped: List[str] = []
     first = True
     for name, m in model.named_modules():
-        if type(m) not in (nn.Linear, nn.Conv2d):
+        kind = _layer_kind(m)
+        if kind is None:
             continue
         is_first, first = first, False
         if (dense_first and is_first) or _match_exclude(name, m, names, tuple(types)):
             continue
-        reason = tied.get(id(m)) or _ineligible_reason(m, block_size)
+        reason = tied.get(id(m)) or _ineligible_reason(m, block_size, kind)
         if reason is not None:
             skipped.append(f"{name or '<model>'} ({reason})")
             continue
-        candidates.append((name, m))
+        if kind == "mha" and _match_exclude(f"{name}.out_proj" if name else "out_proj",
+                                            m.out_proj, names, tuple(types)):
+            kind = "mha-in"
+        candidates.append((name, m, kind))
+    skipped += [f"{n} ({type(m).__name__}: not a layer type sparsify replaces)"
+                for n, m in _weight_layers_left_alone(model)
+                if not _match_exclude(n, m, names, tuple(types))]
     if skipped:
         warnings.warn("itop.sparsify leaves these layers dense: " + "; ".join(skipped),
                       UserWarning, stacklevel=2)
-    densities = DISTRIBUTIONS[distribution]([tuple(m.weight.shape) for _, m in candidates],
-                                            density)
+    shapes = [_weight_shapes(m, kind) for _, m, kind in candidates]
+    flat = iter(DISTRIBUTIONS[distribution]([sh for group in shapes for sh in group], density))
     result = model
     aliases = module_names(model)
-    for (name, m), d in zip(candidates, densities):
-        if d >= 1.0:
+    for (name, m, kind), group in zip(candidates, shapes):
+        ds = [next(flat) for _ in group]
+        if all(d >= 1.0 for d in ds):
             continue
-        cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        new = cls.from_dense(m, density=d, block_size=block_size)
-        new.train(m.training)
+        new = _sparse_module(m, kind, ds, block_size, init)
         carry_over(m, new)
         if name == "":
             result = new
         else:
             for alias in aliases[id(m)]:  # a module registered twice stays one module
                 _set_submodule(model, alias, new)
+    _switch_off_fused_transformer_paths(result)
     mark_sparsified(result, {"density": density, "distribution": distribution,
                              "block_size": block_size})
     warn_starved_layers(result)
@@ -250,35 +377,80 @@ def densify(model: nn.Module) -> nn.Module:
     """
     root = _unwrap(model)
     clear_sparsified(root)
-    if isinstance(root, SparseLayer):
-        dense = root.to_dense()
-        dense.train(root.training)
+    if isinstance(root, (SparseLayer, SparseMultiheadAttention)):
+        dense = _dense_module(root)
         if root is model:
             return dense
         model.module = dense
         return model
-    for name, m in list(root.named_modules()):
-        if isinstance(m, SparseLayer):
-            dense = m.to_dense()
-            dense.train(m.training)
-            _set_submodule(root, name, dense)
+    # attention modules first, whole (their projections are sparse layers too)
+    for kinds in ((SparseMultiheadAttention,), (SparseLayer,)):
+        for name, m in list(root.named_modules()):
+            if isinstance(m, kinds):
+                _set_submodule(root, name, _dense_module(m))
     return model
 
 
+def _dense_module(m: nn.Module) -> nn.Module:
+    """The dense module a sparse one came from: ``nn.Linear``/``nn.Conv2d``,
+    ``nn.MultiheadAttention``, or a Hugging Face ``Conv1D`` for a layer sparsify made from
+    one."""
+    conv1d = getattr(m, "_densify_as", None)
+    if conv1d is not None:
+        w = m.dense_weight().detach()
+        dense = conv1d(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w.t())
+            dense.bias.copy_(m.bias)
+    else:
+        dense = m.to_dense()
+    dense.train(m.training)
+    return dense
+
+
 def sparsity_summary(model: nn.Module) -> SparsitySummary:
-    """Per-layer densities of the sparse layers and the dense ``nn.Linear``/``nn.Conv2d`` layers
-    of ``model`` (or of ``model.module`` under DDP), as a printable :class:`SparsitySummary`.
+    """Per-layer densities of the sparse layers and the dense layers with a weight matrix of
+    ``model`` (or of ``model.module`` under DDP), as a printable :class:`SparsitySummary`:
+    ``nn.Linear``/``nn.Conv2d``, Hugging Face ``Conv1D`` (shape ``[out, in]``),
+    ``nn.MultiheadAttention`` (rows ``<name>.in_proj`` and ``<name>.out_proj``), and the layers
+    :func:`sparsify` leaves alone (embeddings are not listed).
 
     A sparse layer's density is ``nnz / units`` (exact; read from host-side counts).
     """
     rows = []
-    for name, m in _unwrap(model).named_modules():
+    root = _unwrap(model)
+    left_alone = {n for n, _ in _weight_layers_left_alone(root)}
+    for name, m in root.named_modules():
         if isinstance(m, SparseLayer):
             shape = m.dense_weight_shape
             rows.append({"name": name, "kind": type(m).__name__, "shape": shape,
                          "block_size": m.block_size, "density": m.density,
                          "weights": math.prod(shape)})
-        elif type(m) in (nn.Linear, nn.Conv2d):
-            rows.append({"name": name, "kind": type(m).__name__, "shape": tuple(m.weight.shape),
-                         "block_size": None, "density": 1.0, "weights": m.weight.numel()})
+            continue
+        kind = _layer_kind(m)
+        if kind == "mha":  # dense: its (packed) q/k/v projection(s) and its out_proj
+            prefix = f"{name}." if name else ""
+            if m._qkv_same_embed_dim:
+                rows.append(_dense_row(prefix + "in_proj", "MultiheadAttention.in_proj",
+                                       m.in_proj_weight))
+            else:
+                rows += [_dense_row(prefix + p, f"MultiheadAttention.{p}", getattr(m, p))
+                         for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
+            rows.append(_dense_row(f"{name}.out_proj" if name else "out_proj",
+                                   type(m.out_proj).__name__, m.out_proj.weight))
+        elif kind is not None or name in left_alone:
+            w = getattr(m, "weight", None)
+            if isinstance(w, Tensor):
+                rows.append(_dense_row(name, type(m).__name__,
+                                       w.t() if kind == "conv1d" else w))
+            else:  # a recurrent layer: all of its weight matrices
+                ws = [p for n, p in m.named_parameters(recurse=False) if p.dim() >= 2]
+                rows.append({"name": name, "kind": type(m).__name__, "shape": None,
+                             "block_size": None, "density": 1.0,
+                             "weights": sum(p.numel() for p in ws)})
     return SparsitySummary(rows)
+
+
+def _dense_row(name: str, kind: str, w: Tensor) -> dict:
+    return {"name": name, "kind": kind, "shape": tuple(w.shape), "block_size": None,
+            "density": 1.0, "weights": w.numel()}

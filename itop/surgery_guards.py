@@ -20,10 +20,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
+from .attention import SparseMultiheadAttention
 from .layers import SparseLayer
 
 __all__ = ["StarvedLayerWarning", "tied_layers", "module_names", "carry_over",
@@ -73,12 +74,29 @@ def tied_layers(model: nn.Module) -> Dict[int, str]:
     return tied
 
 
+def _param_pairs(old: nn.Module, new: nn.Module) -> List[Tuple[Tensor, Tensor]]:
+    """``(old parameter, the new parameter holding its weights)`` for a replaced layer: the
+    weight and bias of a linear/conv layer (weight -> ``values``), or the in- and
+    out-projection weights and biases of a multi-head attention module."""
+    def weight(layer: nn.Module) -> Tensor:
+        return layer.values if isinstance(layer, SparseLayer) else layer.weight
+
+    if isinstance(new, SparseMultiheadAttention):
+        pairs = [(old.in_proj_weight, weight(new.in_proj)),
+                 (old.out_proj.weight, weight(new.out_proj)),
+                 (old.in_proj_bias, new.in_proj.bias), (old.out_proj.bias, new.out_proj.bias)]
+    else:
+        pairs = [(old.weight, weight(new)),
+                 (getattr(old, "bias", None), getattr(new, "bias", None))]
+    return [(a, b) for a, b in pairs if a is not None and b is not None]
+
+
 def carry_over(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` (the sparse layer replacing ``old``) ``old``'s ``requires_grad`` flags
-    (weight -> ``values``, bias -> bias) and its forward/backward hooks."""
-    new.values.requires_grad_(old.weight.requires_grad)
-    if getattr(old, "bias", None) is not None and getattr(new, "bias", None) is not None:
-        new.bias.requires_grad_(old.bias.requires_grad)
+    """Give ``new`` (the sparse module replacing ``old``) ``old``'s ``requires_grad`` flags
+    (weight -> ``values``, bias -> bias; both projections of an attention module) and its
+    forward/backward hooks."""
+    for a, b in _param_pairs(old, new):
+        b.requires_grad_(a.requires_grad)
     for attr in _HOOK_DICTS:
         hooks = getattr(old, attr, None)
         if hooks:

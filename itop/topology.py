@@ -11,18 +11,20 @@ Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each 
 
    - ``"random"`` (SET): uniform scores from the manager's own seeded generator.
    - ``"gradient"`` (RigL): the L2 norm of each unit's block of the *dense* weight gradient of
-     the current batch. The manager arms forward hooks on the sparse layers during the step
-     before an update step only: the forward hook keeps the layer input ``X`` and registers a
-     tensor hook on the output that keeps ``dY``. At the update, an op from
+     the current batch. The manager arms the capture of the sparse layers for the step
+     before an update step only: the layer's forward then keeps a copy of its input ``X``
+     and of its output's gradient ``dY`` (through two custom ops, :mod:`itop.capture`, which
+     ``torch.compile`` traces). At the update, an op from
      :mod:`itop_kernels.block_norms` reduces ``dYᵀ·X`` to block norms block-row chunk by
-     chunk, never holding the dense ``dW``. All other steps run with no hook at all. By
+     chunk, never holding the dense ``dW``. All other steps capture nothing. By
      default (``score_precision="auto"``) that GEMM multiplies bfloat16 copies where the
      device does so natively: updates about 1.7× cheaper on the development CPU
-     (``benchmarks/bench_topology_update.py``), for the same growth choices up to near-ties. A layer with nothing captured (no backward through it on the
-     update step) grows at random, with a warning.
+     (``benchmarks/bench_topology_update.py``), for the same growth choices up to near-ties.
+     A layer with nothing captured (no backward through it on the update step) grows at
+     random, with a warning.
    - ``"momentum"`` (SNFS-like): an exponential moving average of those block-gradient norms,
      with the optimizer's momentum (SGD ``momentum`` or Adam ``betas[0]``, else 0.9). It needs
-     the hooks on *every* step, so each step pays one block-norm reduction per layer.
+     the capture on *every* step, so each step pays one block-norm reduction per layer.
    - ``"random_unfired"``: random among units never active so far, then random among the rest.
 
    Frozen layers (``values.requires_grad`` False) are left alone: their topology never
@@ -162,6 +164,10 @@ class TopologyManager:
             always uses the layers' dtype (float16/bfloat16 in float32); ``"bf16"`` always
             bfloat16. See :mod:`itop_kernels.block_norms` for what it costs and changes.
 
+    A manager owns the gradient capture of its layers: constructing one switches off whatever
+    capture was armed on them before (by an earlier manager, say), and :meth:`close` switches
+    its own off. A copy of the model (``deepcopy``, pickle) starts with no capture.
+
     Attributes:
         layers: list of ``(name, layer)`` for the sparse layers, names relative to the
             unwrapped model.
@@ -174,7 +180,7 @@ class TopologyManager:
                  stop_step: Optional[int] = None, prune: str = "magnitude",
                  growth: str = "gradient", seed: int = 0, grad_scaler=None,
                  distributed: Optional[bool] = None, score_precision: str = "auto"):
-        self._token = object()  # marks the capture hooks this manager armed
+        self._token = object()  # marks the captures this manager armed
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -232,6 +238,8 @@ class TopologyManager:
         self._ema: Dict[str, Tensor] = {}
         self._warned_no_scores = False
         self._beta = self._momentum_beta()
+        for _, m in self.layers:   # the manager owns the capture of its layers from now on
+            m._stop_capture()
         self._arm()
 
     @torch.no_grad()
@@ -265,7 +273,7 @@ class TopologyManager:
         """True if a topology update is scheduled after optimizer step ``step`` (1-based)."""
         return step > 0 and step % self.update_every == 0 and step < self.horizon
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ capture
     def _needs_capture(self, step: int) -> bool:
         if self.growth == "momentum":
             return step < self.horizon
@@ -274,7 +282,7 @@ class TopologyManager:
         return self._pending or self.is_update_step(step)
 
     def _arm(self) -> None:
-        """Arm or disarm the capture hooks for the next step (``step_count + 1``)."""
+        """Arm or disarm the capture for the next step (``step_count + 1``)."""
         want = self._needs_capture(self.step_count + 1)
         for _, m in self.layers:
             m._stop_capture(self._token)
@@ -318,6 +326,9 @@ class TopologyManager:
         """
         self.step_count += 1
         t = self.step_count
+        for _, m in self.layers:
+            # what the forward checks in eager mode only (see SparseLayer._sync_layout)
+            m._sync_layout()
         due = self._pending or self.is_update_step(t)
         skipped = (due or self.growth == "momentum") and self._scaler_skipped()
         changed = False
@@ -427,9 +438,9 @@ class TopologyManager:
         return True
 
     def close(self) -> None:
-        """Remove the capture hooks from the layers (the manager stops; call this before
-        dropping a manager whose model keeps training without it). Hooks armed by another
-        manager since (a successor on the same model) stay."""
+        """Switch the layers' capture off and drop what it kept (the manager stops; call this
+        before dropping a manager whose model keeps training without it). A capture armed by
+        another manager since (a successor on the same model) stays."""
         for _, m in self.layers:
             m._stop_capture(self._token)
 

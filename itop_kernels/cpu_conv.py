@@ -125,11 +125,18 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _POOL["executor"]
 
 
-def _no_grad(fn):
+def _in_callers_grad_mode(fn):
+    """``fn`` wrapped to run in a worker under the calling thread's autograd mode.
+
+    Autograd state is thread-local and a new thread starts with grad on and inference mode off.
+    The custom op's body runs below autograd on the calling thread, so a worker must not record
+    a graph either (``no_grad``); and under ``torch.inference_mode()`` the output buffers are
+    inference tensors, which only a thread in inference mode may write into.
+    """
+    inference = torch.is_inference_mode_enabled()
+
     def run(item):
-        # Autograd state is thread-local: the custom op's body runs below autograd on the
-        # calling thread, and a worker must not record a graph either.
-        with torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad():
             return fn(item)
     return run
 
@@ -149,7 +156,7 @@ def _run(fn, indices: list, batch: int) -> list:
     chunks = max(1, min(batch, -(-2 * n // len(indices))))
     bounds = [(k * batch // chunks, (k + 1) * batch // chunks) for k in range(chunks)]
     items = [(i, slice(b0, b1)) for i in indices for b0, b1 in bounds if b1 > b0]
-    call = _no_grad(lambda item: fn(*item))
+    call = _in_callers_grad_mode(lambda item: fn(*item))
     return [(i, sl, res) for (i, sl), res in zip(items, _pool(n).map(call, items))]
 
 

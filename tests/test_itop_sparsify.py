@@ -171,7 +171,9 @@ def test_sparsify_erk_dense_layer_stays_plain():
     assert summary.overall_density == pytest.approx(0.5, abs=2e-3)
 
 
-def test_sparsify_leaves_multihead_attention_alone():
+def test_sparsify_replaces_multihead_attention_whole():
+    # out_proj's weight is read by its parent's functional forward: the parent is replaced
+    # whole, never the child inside a dense nn.MultiheadAttention
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -179,7 +181,9 @@ def test_sparsify_leaves_multihead_attention_alone():
             self.fc = nn.Linear(32, 32)
 
     m = itop.sparsify(M(), 0.5, block_size=16)
-    assert type(m.attn.out_proj) is not itop.SparseLinear
+    assert type(m.attn) is itop.SparseMultiheadAttention
+    assert isinstance(m.attn.out_proj, itop.SparseLinear)
+    assert isinstance(m.attn.in_proj, itop.SparseLinear)
     assert isinstance(m.fc, itop.SparseLinear)
 
 

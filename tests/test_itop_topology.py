@@ -225,7 +225,7 @@ def test_hooks_only_armed_for_update_steps():
     mgr = itop.TopologyManager(model, opt, update_every=4, total_steps=40, growth="gradient")
     layer = model[0]
     for t in range(1, 13):
-        armed = len(layer._forward_hooks) > 0
+        armed = layer._capturing
         assert armed == (t % 4 == 0), t  # armed during the backward of the update step only
         loss = model(torch.randn(4, 16)).square().mean()
         opt.zero_grad()
@@ -234,15 +234,15 @@ def test_hooks_only_armed_for_update_steps():
         mgr.step()
     for _ in range(3):
         mgr.step()
-    assert mgr.step_count == 15 and len(layer._forward_hooks) == 1  # armed for step 16
+    assert mgr.step_count == 15 and layer._capturing  # armed for step 16
     mgr.close()
-    assert len(layer._forward_hooks) == 0
+    assert not layer._capturing
     other = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="gradient")
-    assert len(layer._forward_hooks) == 1  # step 1 is an update step: armed at construction
-    del other  # a dropped manager leaves no hook behind
-    assert len(layer._forward_hooks) == 0
+    assert layer._capturing  # step 1 is an update step: armed at construction
+    del other  # a dropped manager leaves no capture behind
+    assert not layer._capturing
     random_mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="random")
-    assert len(layer._forward_hooks) == 0 and random_mgr.step()  # random growth needs no hook
+    assert not layer._capturing and random_mgr.step()  # random growth captures nothing
 
 
 def test_a_dropped_manager_leaves_its_successors_hooks_armed():
@@ -254,11 +254,11 @@ def test_a_dropped_manager_leaves_its_successors_hooks_armed():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="gradient")
     mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=40, growth="gradient")
-    assert all(len(m._forward_hooks) == 1 for m in (model[0], model[2]))
+    assert all(m._capturing for m in (model[0], model[2]))
     model(torch.randn(4, 16)).square().mean().backward()
     assert all(m._grad_scores() is not None for m in (model[0], model[2]))
     mgr.close()
-    assert all(len(m._forward_hooks) == 0 for m in (model[0], model[2]))
+    assert not any(m._capturing for m in (model[0], model[2]))
 
 
 # --------------------------------------------------------------------------- reference

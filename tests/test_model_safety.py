@@ -165,6 +165,29 @@ def test_sparsify_keeps_requires_grad_and_hooks():
     assert calls == ["pre"]
 
 
+def test_sparsify_keeps_requires_grad_and_hooks_of_attention():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Block()
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.out_proj.bias.requires_grad_(False)
+    calls = []
+    model.attn.register_forward_hook(lambda m, i, o: calls.append("fwd"))
+    itop.sparsify(model, 0.5, block_size=4, distribution="uniform")
+    attn = model.attn
+    assert isinstance(attn, itop.SparseMultiheadAttention)
+    assert not attn.in_proj.values.requires_grad and attn.in_proj.bias.requires_grad
+    assert attn.out_proj.values.requires_grad and not attn.out_proj.bias.requires_grad
+    model(torch.randn(2, 3, 16))
+    assert calls == ["fwd"]
+
+
 def test_a_second_sparsify_is_refused():
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
     itop.sparsify(model, 0.05, block_size=4)
