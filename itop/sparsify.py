@@ -155,8 +155,10 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         ``round(dᵢ·blocks)`` blocks (at least 1).
 
     Raises:
-        ValueError/TypeError: on a density outside ``(0, 1]``, an unknown distribution, a bad
-        block size, or an ``exclude`` name that matches no module.
+        ValueError: on a density outside ``(0, 1]``, an unknown distribution, a bad block
+            size, or an ``exclude`` name that matches no module.
+        TypeError: on a density that is not a number, a model that is not an ``nn.Module`` (or
+            is already wrapped in DDP), or an ``exclude`` entry that is neither a name nor a type.
     """
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:
