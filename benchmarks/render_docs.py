@@ -48,7 +48,7 @@ def clean_device(name: str) -> str:
     """A CPU or GPU name without trademark marks and the trailing core count in brackets."""
     for mark in ("(R)", "(TM)", "(tm)"):
         name = name.replace(mark, "")
-    return " ".join(name.split(" (")[0].split())
+    return " ".join(name.split(" (")[0].split()).removesuffix(" Processor")
 
 
 def fmt_x(s: Optional[float], bold_from: Optional[float] = None) -> str:
@@ -372,9 +372,11 @@ def frag_score_precision() -> str:
 def frag_quickstart_output() -> str:
     d = load("itop_train_default_cpu.json")
     return "\n".join([
-        f"On a {d['cores']}-core {clean_device(d['device'])} it took {d['wall_s']:.0f} s from "
-        f"the shell, imports and data generation included, and printed (`benchmarks/time_default_train.py` → "
-        f"`benchmarks/results/itop_train_default_cpu.json`):",
+        f"On a {d['cores']}-core {clean_device(d['device'])} (1-minute load average "
+        f"{d['loadavg_before'][0]:.1f} at the start) it took {d['wall_s']:.0f} s from the shell, "
+        "imports and data generation included; the `wall time` line counts training and "
+        "evaluation only. It printed (`benchmarks/time_default_train.py` → "
+        "`benchmarks/results/itop_train_default_cpu.json`):",
         "",
         "```text",
         *d["printed"],
@@ -401,12 +403,18 @@ def frag_when_faster() -> str:
         rows.append([device, layer, block] +
                     [fmt_x(by_density.get(x), 1.0) for x in SUMMARY_DENSITIES] + [src])
 
+    def cpu(name: str, cores: int) -> str:
+        return f"{clean_device(name)} ({cores} cores)"
+
+    def threads(n: int) -> str:
+        return f"{n} thread" + ("s" if n > 1 else "")
+
     g = load("linear_gpu_h100.json")
     cells = gpu_linear_cells(g)
     r0 = g["rows"][0]
-    gpu_name = g["device"].replace("NVIDIA ", "")
+    gpu = clean_device(g["device"]).replace("NVIDIA ", "").split()[0] + " GPU"
     for b in sorted({k[0] for k in cells}):
-        add(f"GPU {gpu_name}", f"linear {r0['N']}², batch {r0['M']}, bf16", str(b),
+        add(gpu, f"linear {r0['N']}², batch {r0['M']}, bf16", str(b),
             {dn: c["x"] for (bb, dn), c in cells.items() if bb == b and "x" in c},
             "`linear_gpu_h100.json`")
     conv = load("conv_gpu_h100_quick.json")
@@ -415,36 +423,34 @@ def frag_when_faster() -> str:
         for r in conv["rows"]:
             if r["block_size"] == b:
                 by.setdefault(r["density_nominal"], []).append(r["speedup_vs_dense"]["fwd+bwd"])
-        rows.append([f"GPU {gpu_name}", "conv, ResNet/VGG layers, bf16", str(b)] +
+        rows.append([gpu, "conv, ResNet/VGG layers, bf16", str(b)] +
                     [(f"{fmt_x(min(by[x]))}–{fmt_x(max(by[x]))}" if x in by else "–")
                      for x in SUMMARY_DENSITIES] + ["`conv_gpu_h100_quick.json`"])
-    cpu = load("cpu_linear.json")
-    cm = cpu["meta"]
-    cores = cm["cores"]
-    amd = f"CPU {clean_device(cm['device'])} ({cores} cores)"
+    c = load("cpu_linear.json")
+    cm = c["meta"]
     for b in (1, 32, 64):
-        add(f"{amd}, {cores} threads",
-            f"linear {cm['shape']['N']}², batch {cm['shape']['M']}, fp32", str(b),
-            _linear_cells_by_density(cpu, cores, [f"ours_b{b}"])[f"ours_b{b}"],
+        add(cpu(cm["device"], cm["cores"]), f"linear {cm['shape']['N']}², batch "
+            f"{cm['shape']['M']}, fp32, {threads(cm['cores'])}", str(b),
+            _linear_cells_by_density(c, cm["cores"], [f"ours_b{b}"])[f"ours_b{b}"],
             "`cpu_linear.json`")
     for name in SIZES:
         d = load(name)
         m = d["meta"]
         for b in (1, 32):
-            add(f"CPU {clean_device(m['device'])} ({m['cores']} cores), 1 thread",
-                f"linear {m['shape']['N']}², batch {m['shape']['M']}, fp32", str(b),
+            add(cpu(m["device"], m["cores"]), f"linear {m['shape']['N']}², batch "
+                f"{m['shape']['M']}, fp32, 1 thread", str(b),
                 _linear_cells_by_density(d, 1, [f"ours_b{b}"])[f"ours_b{b}"], f"`{name}`")
     x = load("cpu_linear_threads_xeon16.json")
     xm = x["meta"]
     for b in (1, 32):
-        add(f"CPU {clean_device(xm['device'])} ({xm['cores']} cores), {xm['cores']} threads",
-            f"linear {xm['shape']['N']}², batch {xm['shape']['M']}, fp32", str(b),
+        add(cpu(xm["device"], xm["cores"]), f"linear {xm['shape']['N']}², batch "
+            f"{xm['shape']['M']}, fp32, {threads(xm['cores'])}", str(b),
             _linear_cells_by_density(x, xm["cores"], [f"ours_b{b}"])[f"ours_b{b}"],
             "`cpu_linear_threads_xeon16.json`")
     cc = load("conv_cpu.json")
     for b in (16, 32):
-        add(f"CPU {clean_device(cc['device_name'])} ({cores} cores), {cc['threads']} threads",
-            "conv 256→256, 3×3, 32×32, batch 16, fp32", str(b),
+        add(cpu(cc["device_name"], cm["cores"]),
+            f"conv 256→256, 3×3, 32×32, batch 16, fp32, {threads(cc['threads'])}", str(b),
             {r["density_nominal"]: r["speedup_vs_dense"]["fwd+bwd"] for r in cc["rows"]
              if r["net"] == "issue3" and r["block_size"] == b}, "`conv_cpu.json`")
     t = load("train_cpu.json")
@@ -454,19 +460,20 @@ def frag_when_faster() -> str:
             continue
         for r in sorted((r for r in p["rows"] if r["model"] != "dense"),
                         key=lambda r: int(r["model"].split()[-1])):
-            add(f"CPU {clean_device(tm['device'])} ({tm['cpu_count']} cores), "
-                f"{p['threads']} threads",
-                f"training step, MLP {tm['width']}↔{tm['hidden']}, batch {tm['batch']}",
+            add(cpu(tm["device"], tm["cpu_count"]),
+                f"training step, MLP {tm['width']}↔{tm['hidden']}, batch {tm['batch']}, "
+                f"{threads(p['threads'])}",
                 r["model"].replace("block ", ""), {tm["density"]: r["speedup_median"]},
                 "`train_cpu.json`")
     header = ["device", "what", "block"] + [f"density {x:g}" for x in SUMMARY_DENSITIES] + \
-             ["source (`benchmarks/results/`)"]
+             ["source"]
     return "\n".join([
         table(header, rows),
         "",
         "Speedup of forward + backward over the same dense layer (cuBLAS/cuDNN on the GPU, "
         "oneDNN/MKL on the CPU), medians; bold where itop is faster; – not measured; a range is "
-        "min–max over the layer shapes measured. Training steps include the topology updates.",
+        "min–max over the layer shapes measured. Training steps include the topology updates. "
+        "Sources are in `benchmarks/results/`.",
     ])
 
 
@@ -595,9 +602,40 @@ def fragments() -> Dict[str, str]:
     return {name: fn().rstrip() + "\n" for name, fn in FRAGMENTS.items()}
 
 
+def claims() -> List[str]:
+    """The statements README.md and docs/ make in words about the results, checked against the
+    JSON: one message per statement the data no longer supports."""
+    bad = []
+    small = cpu_linear_speedups(load(SIZES[0]))
+    if any(v >= 1 for (_, _, m), v in small.items() if m.startswith("ours_")):
+        bad.append("'a 256 × 256 layer is slower than dense at every density measured' "
+                   f"({SIZES[0]})")
+    conv = load("conv_gpu_h100_quick.json")
+    if any(r["speedup_vs_dense"]["fwd+bwd"] >= 1 for r in conv["rows"]):
+        bad.append("'GPU convolutions are slower than cuDNN from Python' (conv_gpu_h100_quick)")
+    gpu = gpu_linear_cells(load("linear_gpu_h100.json"))
+    cpu = load("cpu_linear.json")
+    cpu_sp = cpu_linear_speedups(cpu)
+    x4096 = cpu_linear_speedups(load(SIZES[-1]))
+    big = [gpu[(b, 0.1)]["x"] for b in (32, 64, 128)] + \
+          [v for (nt, dn, m), v in cpu_sp.items() if dn == 0.1 and m in ("ours_b32", "ours_b64")] + \
+          [v for (nt, dn, m), v in x4096.items() if dn == 0.1 and m == "ours_b32"]
+    if min(big) <= 1:
+        bad.append("'a 4096 × 4096 layer at density 0.1 with block 32 or larger beats dense on "
+                   "the H100 and the 2-core CPUs'")
+    nt = cpu["meta"]["cores"]
+    if not (gpu[(64, 0.05)]["x"] > gpu[(32, 0.05)]["x"] > gpu[(16, 0.05)]["x"]) or not (
+            cpu_sp[(nt, 0.05, "ours_b64")] > cpu_sp[(nt, 0.05, "ours_b32")]
+            > cpu_sp[(nt, 0.05, "ours_b16")]):
+        bad.append("'at density 0.05, block 64 is faster than 32, which is faster than 16' "
+                   "(block-size.md)")
+    return bad
+
+
 def check() -> List[str]:
-    """What is out of date: one message per stale or missing file (empty when all match)."""
-    problems = []
+    """What is out of date: one message per stale or missing file (empty when all match), and
+    per statement in words that the results no longer support (:func:`claims`)."""
+    problems = [f"no longer true: {c}" for c in claims()]
     readme = README.read_text(encoding="utf-8")
     for name, text in fragments().items():
         path = GENERATED / name

@@ -131,6 +131,25 @@ def test_the_figure_check_notices_other_numbers(tmp_path, monkeypatch) -> None:
     assert render.series_hash(series) != render.png_text(render.HEADLINE_PNG)[render.PNG_KEY]
 
 
+def test_the_statements_in_words_are_checked_against_the_results(monkeypatch) -> None:
+    """README.md and docs/ say, in words, that small layers are slower than dense; results
+    that contradict it fail the check."""
+    render = _load(ROOT / "benchmarks" / "render_docs.py", "render_docs")
+    assert render.claims() == []
+    real = render.load
+
+    def faster_small_layer(name: str) -> dict:
+        d = real(name)
+        if name == render.SIZES[0]:
+            for r in d["rows"]:
+                if r["method"] == "ours_b32":
+                    r["median_s"] /= 100
+        return d
+
+    monkeypatch.setattr(render, "load", faster_small_layer)
+    assert any("256 × 256" in c for c in render.claims())
+
+
 # ----------------------------------------------------------------------------- README
 SETUP = 'pip install torch==2.13.0 && pip install -e ".[cli]" && itop train'
 TEST = 'pip install -e ".[test]" && python -m pytest -q'
