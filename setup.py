@@ -27,6 +27,9 @@ setup(
         "test": CLI + ["pytest", "hypothesis", "pytest-benchmark", "triton==3.8.0",
                        "transformers>=4.40"],
         "bench": CLI + ["pytest-benchmark", "triton==3.8.0"],
+        # The documentation site: `mkdocs build --strict` (the CLI reference page imports
+        # itop.app.cli, the API reference reads the docstrings).
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26"],
     },
     entry_points={"console_scripts": ["itop=itop.app.cli:main"]},
 )

@@ -3,9 +3,10 @@
 Sweeps density × block size × dtype on random data and writes the raw timings to JSON
 (device, versions, git commit) plus a PNG of fwd+bwd speedup over dense against density.
 
-On a GPU it times with ``triton.testing.do_bench`` (median, after warm-up) at the DESIGN.md
-shape (M = 16384, K = N = 4096) in bf16 and fp16, and reports each time as a fraction of the
-roofline floor max(FLOPs / peak, bytes / bandwidth), with the peaks measured in the same run.
+On a GPU it times with ``triton.testing.do_bench`` (median, after warm-up) at the design's
+target shape (docs/design.md: M = 16384, K = N = 4096) in bf16 and fp16, and reports each time
+as a fraction of the roofline floor max(FLOPs / peak, bytes / bandwidth), with the peaks
+measured in the same run.
 On the CPU it runs a smaller sweep (M = 512, K = N = 4096, fp32) with interleaved repetitions,
 timing the CPU implementation.
 

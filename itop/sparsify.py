@@ -289,9 +289,11 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     ``UserWarning``, and :func:`sparsity_summary` lists them as dense.
 
     Raises:
-        ValueError/TypeError: on a density outside ``(0, 1]``, an unknown distribution, a bad
-        block size, an ``exclude`` name that matches no module, or a model that
-        ``sparsify`` already processed.
+        ValueError: on a density outside ``(0, 1]``, an unknown distribution, a bad block
+            size, an unknown ``init``, an ``exclude`` name that matches no module, or a model
+            that ``sparsify`` already processed.
+        TypeError: on a density that is not a number, a model that is not an ``nn.Module`` (or
+            is already wrapped in DDP), or an ``exclude`` entry that is neither a name nor a type.
     """
     density = check_density(density)
     if distribution not in DISTRIBUTIONS:

@@ -2,7 +2,8 @@
 with In-Time Over-Parameterization).
 
 Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each sparse layer
-(see DESIGN.md, "How a topology update works"):
+(docs/topology.md, "What one update does", has every rule and the departures from the
+ITOP and RigL reference code):
 
 1. **Prune** ``k = ceil(prune_rate_t · nnz)`` active units (blocks, or weights for block 1)
    with the smallest magnitude (L1 norm of the unit's values; ``prune="magnitude_l2"`` for L2).

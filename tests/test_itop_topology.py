@@ -263,7 +263,8 @@ def test_a_dropped_manager_leaves_its_successors_hooks_armed():
 
 # --------------------------------------------------------------------------- reference
 def _reference_run(layer, xs, targets, update_every, rate_fn, steps):
-    """Dense weights, block masks and SGD momentum following DESIGN.md, with autograd's dense dW."""
+    """Dense weights, block masks and SGD momentum following the update rules of
+    docs/topology.md, with autograd's dense dW."""
     bs = layer.block_size
     mask = layer.block_mask.clone()
     W = layer.dense_weight().detach().clone()
