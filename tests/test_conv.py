@@ -506,6 +506,16 @@ def test_fp32_dots_follow_torch_conv_switch(triton_device, monkeypatch, tf32_swi
             assert call["PRECISION"] == prec and call["BM"] == tile, (name, dtype, call)
 
 
+@pytest.mark.parametrize("bs", [32, 64, 128])
+def test_triton_ieee_fp32_tiles(triton_device, tf32_switch, no_cpu_path, bs):
+    """The IEEE fp32 tiles (cuDNN's TF32 switch off; block 16 runs in the test above): 42 output
+    and 42 phase-0 input pixels, so two tiles of 32, the last ragged; three taps in a column; two
+    stride phases."""
+    tf32_switch("conv", "new", False)
+    check_case(Case(2 * bs, 2 * bs, (13, 6), (3, 1), stride=(2, 1), padding=(1, 0), bs=bs, batch=1,
+                    id=f"ieee_bs{bs}"), torch.float32, triton_device)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tf32 dots exist only on a GPU")
 @pytest.mark.parametrize("tf32", [True, False])
 def test_triton_tf32_follows_torch_conv_switch(tf32_switch, guard_bands, poison, no_cpu_path, tf32):
