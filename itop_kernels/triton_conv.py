@@ -31,8 +31,11 @@ One kernel per concern, each an implicit GEMM (no im2col buffer):
   reduces over one split of the ``N·Ho·Wo`` pixels; splits write fp32 partial sums to a
   workspace that is summed afterwards (deterministic, no atomics).
 
-All products accumulate in fp32 (fp32 inputs use tf32 dots on the GPU). Tile sizes are
-``tl.constexpr`` and come from ``CONFIGS``, a table per GPU architecture and block size.
+All products accumulate in fp32. fp32 inputs use TF32 dots where torch's cuDNN convolution
+switch allows TF32 (its default, as for ``F.conv2d``) and IEEE fp32 dots otherwise
+(``PRECISION``, decided by :mod:`itop_kernels.dot_precision`). Tile sizes are ``tl.constexpr``
+and come from ``CONFIGS`` (16-bit and TF32) and ``IEEE_CONFIGS`` (fp32 with IEEE dots), tables
+per GPU architecture and block size.
 ``aot_cases(arch)`` lists every shipped config for the ahead-of-time compile check
 (``python -m itop_kernels.compile_check --filter conv``).
 """
@@ -48,9 +51,10 @@ import triton
 import triton.language as tl
 
 from .dispatch import empty_output
+from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
-           "SUPPORTED_BLOCK_SIZES"]
+           "IEEE_CONFIGS", "SUPPORTED_BLOCK_SIZES"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -62,6 +66,7 @@ def _conv_fwd_kernel(
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # x: NHWC [N, H, W, CB_IN*BS], y: NHWC [N, Ho, Wo, CB_OUT*BS], both contiguous.
     # 1-D grid, block-row fastest: the programs that run together share one tile of pixels,
@@ -107,7 +112,7 @@ def _conv_fwd_kernel(
         # Wᵀ slice [BK, BS]: values[i, a, b, o, s*BK + k] at (i*KHW + tap)*BS*BS + o*BS + s*BK + k
         w_blk = tl.multiple_of(v_ptr + ((i * KHW + tap) * (BS * BS) + s * BK), 16)
         wt = tl.load(w_blk + offs_o[None, :] * BS + offs_k[:, None])
-        acc = tl.dot(xt, wt, acc)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         c = tl.load(col_idx + start + (t + 1) // (NK * KHW), mask=t + 1 < T, other=0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + r * BS + offs_o).to(tl.float32)[None, :]
@@ -122,7 +127,7 @@ def _conv_dgrad_kernel(
     dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
-    BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dy: NHWC [N, Ho, Wo, CB_OUT*BS], dx: NHWC [N, H, W, CB_IN*BS], both contiguous.
     #
@@ -198,7 +203,7 @@ def _conv_dgrad_kernel(
         #   at (blk*KHW + tap)*BS*BS + (s*BK + k)*BS + i
         w_blk = tl.multiple_of(v_ptr + ((blk * KHW + tap) * (BS * BS) + s * BK * BS), 16)
         wt = tl.load(w_blk + offs_k[:, None] * BS + offs_i[None, :])
-        acc = tl.dot(dyt, wt, acc)
+        acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
         j_next = start + (t + 1) // PER_BLOCK
         r = tl.load(t_row_idx + j_next, mask=t + 1 < T, other=0)
         blk = tl.load(t_block_idx + j_next, mask=t + 1 < T, other=0)
@@ -214,7 +219,7 @@ def _conv_wgrad_kernel(
     dy_ptr, x_ptr, ws_ptr, row_idx, col_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT, nnz, m_per_split,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    BS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr,
+    BS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dy: NHWC [N, Ho, Wo, CB_OUT*BS], x: NHWC [N, H, W, CB_IN*BS], both contiguous;
     # ws: fp32 [splits, nnz, KH*KW, BS, BS].
@@ -252,7 +257,7 @@ def _conv_wgrad_kernel(
         # X [BM, BS]: x[n, hi, wi, c*BS + k] at ((n*H + hi)*W + wi)*CIN + c*BS + k
         x_row = tl.multiple_of(x_ptr + (((n * H + hi) * W + wi) * CIN + c * BS), 16)
         xt = tl.load(x_row[:, None] + offs_i[None, :], mask=x_ok[:, None], other=0.0)
-        acc = tl.dot(dyt, xt, acc)
+        acc = tl.dot(dyt, xt, acc, input_precision=PRECISION)
     # ws[split, i, tap, q*BO + o, k] at ((split*nnz + i)*KHW + tap)*BS*BS + (q*BO + o)*BS + k
     ws_blk = ((split * nnz + i) * KHW + tap) * (BS * BS) + q * BO * BS
     tl.store(ws_ptr + ws_blk + offs_o[:, None] * BS + offs_i[None, :], acc)
@@ -274,7 +279,7 @@ class ConvConfig:
     wstages: int
 
 
-# CONFIGS[arch][block_size]; fp32 shares the table (its tiles fit in shared memory too).
+# CONFIGS[arch][block_size]: 16-bit and TF32 dots (fp32 with TF32 fits these tiles too).
 CONFIGS = {
     80: {
         16: ConvConfig(BM=128, BK=16, warps=4, stages=3, WBM=64, WBO=16, wwarps=4, wstages=3),
@@ -289,6 +294,18 @@ CONFIGS = {
         128: ConvConfig(BM=128, BK=32, warps=8, stages=3, WBM=32, WBO=64, wwarps=4, wstages=3),
     },
 }
+
+# IEEE_CONFIGS[arch][block_size]: fp32 with IEEE dots (torch's cuDNN TF32 switch off). The FMA
+# path holds its operands in registers, so most of the tiles above spill; these smaller ones
+# compile without spills on both archs (``compile_check``). Correctness first: the GPU conv
+# tuning owns their speed.
+_IEEE = {
+    16: ConvConfig(BM=64, BK=16, warps=4, stages=2, WBM=64, WBO=16, wwarps=4, wstages=2),
+    32: ConvConfig(BM=32, BK=32, warps=4, stages=2, WBM=32, WBO=32, wwarps=4, wstages=2),
+    64: ConvConfig(BM=32, BK=32, warps=8, stages=2, WBM=32, WBO=32, wwarps=8, wstages=2),
+    128: ConvConfig(BM=32, BK=32, warps=8, stages=2, WBM=32, WBO=32, wwarps=8, wstages=2),
+}
+IEEE_CONFIGS = {80: _IEEE, 90: _IEEE}
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,11 +324,15 @@ def _arch(device: torch.device) -> int:
     return 80
 
 
-def _config(block_size: int, device: torch.device) -> ConvConfig:
+def _config(block_size: int, device: torch.device, dtype: torch.dtype,
+            precision: str) -> ConvConfig:
+    """The tiles for ``block_size`` on ``device``, inputs of ``dtype`` with dots of ``precision``
+    (:func:`~itop_kernels.dot_precision.dot_precision`): fp32 with IEEE dots has its own."""
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported by the Triton conv kernels; "
                          f"use one of {SUPPORTED_BLOCK_SIZES}")
-    return CONFIGS[_arch(device)][block_size]
+    ieee_fp32 = dtype == torch.float32 and precision == "ieee"
+    return (IEEE_CONFIGS if ieee_fp32 else CONFIGS)[_arch(device)][block_size]
 
 
 def _sm_count(device: torch.device) -> int:
@@ -369,7 +390,8 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     """``y = conv2d(x, W) (+ bias)``: ``x [N, Cin, H, W]`` (any format; NCHW is copied to
     channels-last), ``values [nnz, KH, KW, BS, BS]`` -> ``y [N, Cout, Ho, Wo]`` in
     ``memory_format``, x's dtype."""
-    cfg = _config(block_size, x.device)
+    prec = dot_precision(x.dtype, "conv")
+    cfg = _config(block_size, x.device, x.dtype, prec)
     N, Cin, H, W = x.shape
     KH, KW = values.shape[1:3]
     Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
@@ -386,7 +408,7 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         HAS_BIAS=bias is not None, BS=block_size, BM=cfg.BM, BK=cfg.BK,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        PRECISION=prec, num_warps=cfg.warps, num_stages=cfg.stages)
     return _in_format(y, memory_format)
 
 
@@ -396,7 +418,8 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
                     dilation: Sequence[int], memory_format: torch.memory_format) -> torch.Tensor:
     """``dX``: ``dy [N, Cout, Ho, Wo]`` (any format) -> ``[N, Cin, H, W]`` (``input_size``) in
     ``memory_format``, dy's dtype. Walks each block-column through the transpose metadata."""
-    cfg = _config(block_size, dy.device)
+    prec = dot_precision(dy.dtype, "conv")
+    cfg = _config(block_size, dy.device, dy.dtype, prec)
     N, Cin, H, W = input_size
     _, Cout, Ho, Wo = dy.shape
     KH, KW = values.shape[1:3]
@@ -415,7 +438,8 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
         N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
         sh, sw, padding[0], padding[1], dilation[0], dilation[1],
         sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw),
-        BS=block_size, BM=cfg.BM, BK=cfg.BK, num_warps=cfg.warps, num_stages=cfg.stages)
+        BS=block_size, BM=cfg.BM, BK=cfg.BK, PRECISION=prec,
+        num_warps=cfg.warps, num_stages=cfg.stages)
     return _in_format(dx, memory_format)
 
 
@@ -425,7 +449,8 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
                      dilation: Sequence[int]) -> torch.Tensor:
     """``dW`` at the active blocks: ``dy [N, Cout, Ho, Wo]``, ``x [N, Cin, H, W]`` (any format)
     -> ``[nnz, KH, KW, BS, BS]`` in dy's dtype (fp32 partial sums, rounded once)."""
-    cfg = _config(block_size, dy.device)
+    prec = dot_precision(dy.dtype, "conv")
+    cfg = _config(block_size, dy.device, dy.dtype, prec)
     bs = block_size
     N, Cin, H, W = x.shape
     _, Cout, Ho, Wo = dy.shape
@@ -447,13 +472,16 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
         dy, x, ws, row_idx, col_idx,
         N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        BS=bs, BM=cfg.WBM, BO=cfg.WBO, num_warps=cfg.wwarps, num_stages=cfg.wstages)
+        BS=bs, BM=cfg.WBM, BO=cfg.WBO, PRECISION=prec,
+        num_warps=cfg.wwarps, num_stages=cfg.wstages)
     dv = ws[0] if splits == 1 else ws.sum(0)
     return dv.to(dy.dtype)
 
 
 # --------------------------------------------------------------------------- AOT cases
-_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+# (name, pointer type, dot precision): fp32 ships both, TF32 and IEEE (torch's cuDNN switch)
+_KINDS = [("fp16", "*fp16", "ieee"), ("bf16", "*bf16", "ieee"), ("fp32", "*fp32", "tf32"),
+          ("fp32_ieee", "*fp32", "ieee")]
 _GEOM = ["N", "H", "W", "Ho", "Wo", "KH", "KW", "CB_IN", "CB_OUT"]
 _CONV = ["stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
 
@@ -464,31 +492,36 @@ def _ints(names) -> dict:
 
 def aot_cases(arch: int) -> list:
     """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
-    (the forward with and without bias)."""
+    (fp32 with TF32 and with IEEE dots; the forward with and without bias)."""
     from .compile_check import AotCase
 
     cases = []
-    for bs, cfg in CONFIGS[arch].items():
-        for dname, ptr in _DTYPES.items():
+    for bs in SUPPORTED_BLOCK_SIZES:
+        for dname, ptr, prec in _KINDS:
+            cfg = (IEEE_CONFIGS if dname == "fp32_ieee" else CONFIGS)[arch][bs]
             for has_bias in (True, False):
                 sig = {"x_ptr": ptr, "v_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
                        "row_ptr": "*i32", "col_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
                        "HAS_BIAS": "constexpr", "BS": "constexpr", "BM": "constexpr",
-                       "BK": "constexpr"}
+                       "BK": "constexpr", "PRECISION": "constexpr"}
                 cases.append(AotCase(
                     f"conv_fwd_bs{bs}_{dname}{'_bias' if has_bias else ''}", _conv_fwd_kernel,
-                    sig, {"HAS_BIAS": has_bias, "BS": bs, "BM": cfg.BM, "BK": cfg.BK},
+                    sig, {"HAS_BIAS": has_bias, "BS": bs, "BM": cfg.BM, "BK": cfg.BK,
+                          "PRECISION": prec},
                     cfg.warps, cfg.stages))
             sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
                    "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
                    **_ints(["step_h", "step_w"]),
-                   "BS": "constexpr", "BM": "constexpr", "BK": "constexpr"}
+                   "BS": "constexpr", "BM": "constexpr", "BK": "constexpr",
+                   "PRECISION": "constexpr"}
             cases.append(AotCase(f"conv_dgrad_bs{bs}_{dname}", _conv_dgrad_kernel, sig,
-                                 {"BS": bs, "BM": cfg.BM, "BK": cfg.BK}, cfg.warps, cfg.stages))
+                                 {"BS": bs, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
+                                 cfg.warps, cfg.stages))
             sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
                    "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
-                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr"}
+                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr",
+                   "PRECISION": "constexpr"}
             cases.append(AotCase(f"conv_wgrad_bs{bs}_{dname}", _conv_wgrad_kernel, sig,
-                                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO}, cfg.wwarps,
-                                 cfg.wstages))
+                                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
+                                 cfg.wwarps, cfg.wstages))
     return cases

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import empty_output
+from .dot_precision import dot_precision
 
 __all__ = ["linear_forward", "linear_grad_input", "linear_grad_weight", "aot_cases",
            "SUPPORTED_BLOCK_SIZES"]
@@ -196,10 +197,8 @@ def _config(kernel: str, device: torch.device, block_size: int, dtype: torch.dty
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's own switch: tf32 only where ``allow_tf32`` is on."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """fp32 dots follow torch's matmul switch (:mod:`itop_kernels.dot_precision`)."""
+    return dot_precision(dtype, "matmul")
 
 
 # --------------------------------------------------------------------------- wrappers

@@ -8,12 +8,21 @@ duration (``itop_kernels.dispatch.use_triton`` reads the variable at call time).
 with a GPU nothing is interpreted and ``triton_device`` is ``"cuda"``.
 
 The ahead-of-time compile test runs in a subprocess with the interpreter off.
+
+Randomness is seeded per test: torch's (and numpy's) global RNGs are reseeded before every test
+from the test's id, so no result depends on which tests ran before it, and the ``gen`` fixture
+hands a test its own seeded ``torch.Generator``.
 """
 import importlib
 import os
+import zlib
 
+import numpy as np
 import pytest
 import torch
+
+from guard_bands import guarded_outputs
+from kernel_launches import TF32Switches
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -35,12 +44,48 @@ def poison(monkeypatch):
 
 
 @pytest.fixture
-def triton_device(monkeypatch, poison):
-    """The device on which the Triton kernels run: ``cuda``, or ``cpu`` through the interpreter."""
+def guard_bands():
+    """Kernel outputs allocated inside NaN guard bands, checked after the test
+    (:mod:`guard_bands`); yields the :class:`guard_bands.GuardBands` record."""
+    with guarded_outputs() as guards:
+        yield guards
+
+
+@pytest.fixture
+def triton_device(monkeypatch, poison, guard_bands):
+    """The device on which the Triton kernels run: ``cuda``, or ``cpu`` through the interpreter.
+    Their outputs start as NaN inside NaN guard bands (checked after the test)."""
     if HAS_CUDA:
         return "cuda"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     return "cpu"
+
+
+@pytest.fixture
+def tf32_switch():
+    """``tf32_switch(op, api, on)`` sets torch's TF32 switch for ``"matmul"`` or ``"conv"``
+    through its ``"legacy"`` or ``"new"`` API; every switch is put back after the test."""
+    switches = TF32Switches()
+    yield switches.set
+    switches.restore()
+
+
+def _test_seed(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs(request):
+    """Every test starts from global RNG states that depend only on its own id."""
+    seed = _test_seed(request)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from the test's id: the test draws from it explicitly."""
+    return torch.Generator().manual_seed(_test_seed(request) + 1)
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,25 @@ def test_resume_is_bit_identical(tmp_path, capsys):
         assert torch.equal(v, cb["topology"]["fired"][k]), k
 
 
+def test_resume_restores_the_dropout_rng(tmp_path, capsys):
+    """A model with dropout (wrn-28-2, dropout 0.3) draws on torch's global RNG after a resume:
+    only a restored RNG state continues bit for bit."""
+    args = ["train", *TINY, "--model", "wrn-28-2", "--block-size", "16", "--batch-size", "512",
+            "--epochs", "2", "--seed", "5", "--no-plots"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main([*args, "--out", a]) == 0
+    assert main([*args, "--out", b, "--stop-after-epoch", "1"]) == 0
+    assert main([*args, "--out", b, "--resume"]) == 0
+    capsys.readouterr()
+    ra, rb = _strip_times(read_metrics(a)), _strip_times(read_metrics(b))
+    assert [r["type"] for r in ra].count("epoch") == 2
+    assert ra == rb  # losses and accuracies of both epochs, exactly
+    ca = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=False)
+    cb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=False)
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+
+
 def test_static_and_dense(tmp_path, capsys):
     s, d = str(tmp_path / "s"), str(tmp_path / "d")
     assert main(["train", *TINY, "--static", "--epochs", "1", "--out", s, "--no-plots"]) == 0

@@ -3,7 +3,9 @@
 The reference is float64 ``F.conv2d`` on the masked dense weight (``layout.scatter(values)``),
 fed the same (rounded) inputs; forward and the gradients of x, values and bias are compared by
 relative error ‖out − ref‖ / ‖ref‖ against ``numerics.tol_for``. On the Triton path every kernel
-output starts as NaN (the ``poison`` fixture), so an element a kernel forgot to write fails.
+output starts as NaN inside NaN guard bands (the ``triton_device`` fixture), so an element a
+kernel forgot to write, or one it wrote out of bounds, fails. Random masks of two or more
+block-rows and block-columns have a transpose that is a real permutation (:mod:`block_masks`).
 """
 from dataclasses import dataclass, field
 
@@ -12,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from block_masks import add_transposing_blocks, assert_real_transpose
 from itop_kernels import BlockLayout, block_sparse_conv2d
 from itop_kernels.cpu_conv import output_memory_format
-from numerics import rel_err, tol_for
+from kernel_launches import spy_launches
+from numerics import TOL, TOL_TF32, rel_err, tol_for
 
 CL = torch.channels_last
 
@@ -40,7 +44,8 @@ class Case:
 
 def make_mask(kind: str, R: int, C: int, gen: torch.Generator) -> torch.Tensor:
     """Block masks for the edge cases: random (never empty), empty block rows, dense, empty,
-    a single active block."""
+    a single active block. Random ones with two or more block-rows and block-columns get the
+    blocks of :func:`block_masks.add_transposing_blocks` (a real transpose permutation)."""
     if kind == "dense":
         return torch.ones(R, C, dtype=torch.bool)
     if kind == "empty":
@@ -51,11 +56,16 @@ def make_mask(kind: str, R: int, C: int, gen: torch.Generator) -> torch.Tensor:
         return mask
     mask = torch.rand(R, C, generator=gen) < 0.5
     mask[torch.randint(R, (1,), generator=gen), torch.randint(C, (1,), generator=gen)] = True
+    live_rows = list(range(R))
     if kind == "empty_rows":
         mask[0] = False           # block-row 0 empty: its outputs are bias only
         if R > 2:
             mask[2] = False
         mask[R - 1, 0] = True
+        live_rows = [r for r in range(R) if r not in (0, 2)]
+    if len(live_rows) >= 2 and C >= 2:
+        add_transposing_blocks(mask, live_rows[0], live_rows[-1])
+        assert_real_transpose(mask)
     return mask
 
 
@@ -103,7 +113,7 @@ def run_case(c: Case, dtype: torch.dtype, device: str, seed: int = 0):
 def check_case(c: Case, dtype: torch.dtype, device: str, seed: int = 0):
     x, y, ours, ref = run_case(c, dtype, device, seed)
     assert y.dtype == dtype and y.shape == ref["y"].shape
-    tol = tol_for(dtype, device)
+    tol = tol_for(dtype, device, "conv")
     errs = {k: rel_err(ours[k], ref[k]) for k in ours}
     bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"{c}: relative errors {errs} above {tol}"
@@ -115,6 +125,7 @@ def check_case(c: Case, dtype: torch.dtype, device: str, seed: int = 0):
     fmt = CL if c.layout_in == "cl" else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
     assert ours["dx"].is_contiguous(memory_format=fmt)
+    return errs
 
 
 # --------------------------------------------------------------------------- CPU path
@@ -450,10 +461,79 @@ def test_triton_larger_blocks(triton_device, no_cpu_path):
                     mask="dense", id="bs128"), torch.float32, triton_device)
 
 
+def test_triton_wgrad_splits_the_pixels(triton_device, guard_bands, no_cpu_path, monkeypatch):
+    """The weight gradient's split-M path: with more SMs than (block, tap) programs, the reduction
+    over the N·Ho·Wo pixels is cut into ranges whose fp32 partial sums are added afterwards. The
+    interpreter counts one SM; sixteen make this small case take three splits of 192 pixels, the
+    last one ragged (160)."""
+    from itop_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
+    check_case(Case(32, 32, (16, 17), (1, 1), batch=2, id="split_m"), torch.float32, triton_device)
+    (ws,) = [shape for shape in guard_bands.shapes if len(shape) == 6]  # [splits, nnz, KH, KW, bs, bs]
+    assert ws[0] == 3, ws
+
+
+# (api, switch on?) for the precision tests: both of torch's APIs, both ways
+SWITCHES = [("legacy", False), ("legacy", True), ("new", False), ("new", True)]
+
+
+@pytest.mark.parametrize("api,on", SWITCHES, ids=[f"{a}-{'tf32' if o else 'ieee'}"
+                                                  for a, o in SWITCHES])
+def test_fp32_dots_follow_torch_conv_switch(triton_device, monkeypatch, tf32_switch, no_cpu_path,
+                                            api, on):
+    """fp32 dots are TF32 exactly when torch's cuDNN convolution switch allows it (the matmul
+    switch, set the other way, does not matter): every kernel launch gets that ``PRECISION`` and
+    the tiles of its table (``IEEE_CONFIGS`` for IEEE fp32). Checked on the CPU through the
+    interpreter; 16-bit dots are always ``ieee``."""
+    from itop_kernels import dot_precision, triton_conv
+
+    tf32_switch("conv", api, on)
+    tf32_switch("matmul", api, not on)
+    assert dot_precision.dot_precision(torch.float32, "conv") == ("tf32" if on else "ieee")
+    names = ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel")
+    spies = spy_launches(monkeypatch, triton_conv, names)
+    arch = triton_conv._arch(torch.device(triton_device))
+    for dtype in (torch.float32, torch.float16):
+        for spy in spies.values():
+            spy.calls.clear()
+        check_case(Case(32, 32, (3, 4), (1, 1), batch=1, id="precision"), dtype, triton_device)
+        prec = "tf32" if on and dtype == torch.float32 else "ieee"
+        ieee_fp32 = dtype == torch.float32 and not on
+        cfg = (triton_conv.IEEE_CONFIGS if ieee_fp32 else triton_conv.CONFIGS)[arch][16]
+        for name, tile in zip(names, (cfg.BM, cfg.BM, cfg.WBM)):
+            (call,) = spies[name].calls
+            assert call["PRECISION"] == prec and call["BM"] == tile, (name, dtype, call)
+
+
+@pytest.mark.parametrize("bs", [32, 64, 128])
+def test_triton_ieee_fp32_tiles(triton_device, tf32_switch, no_cpu_path, bs):
+    """The IEEE fp32 tiles (cuDNN's TF32 switch off; block 16 runs in the test above): 42 output
+    and 42 phase-0 input pixels, so two tiles of 32, the last ragged; three taps in a column; two
+    stride phases."""
+    tf32_switch("conv", "new", False)
+    check_case(Case(2 * bs, 2 * bs, (13, 6), (3, 1), stride=(2, 1), padding=(1, 0), bs=bs, batch=1,
+                    id=f"ieee_bs{bs}"), torch.float32, triton_device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tf32 dots exist only on a GPU")
+@pytest.mark.parametrize("tf32", [True, False])
+def test_triton_tf32_follows_torch_conv_switch(tf32_switch, guard_bands, poison, no_cpu_path, tf32):
+    """On a GPU: with cuDNN's TF32 switch on the dots really are TF32 (errors well above IEEE
+    fp32's) and within TF32's bound; with it off, within IEEE fp32's bound."""
+    tf32_switch("conv", "new", tf32)
+    errs = check_case(Case(128, 128, (9, 9), (3, 3), padding=1, bs=32, batch=2, id="tf32"),
+                      torch.float32, "cuda")
+    if tf32:
+        assert 1e-5 < max(errs.values()) <= TOL_TF32, errs
+    else:
+        assert max(errs.values()) <= TOL[torch.float32], errs
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (larger shapes)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bs", [16, 32, 64, 128])
-def test_triton_gpu_larger(bs, dtype):
+def test_triton_gpu_larger(bs, dtype, guard_bands, poison):
     """On a GPU: larger maps and batch, every block size and dtype, wgrad split-K included."""
     for c in (Case(2 * bs, 4 * bs, (17, 15), (3, 3), stride=2, padding=1, bs=bs, batch=4,
                    layout_in="cl", id="gpu_s2"),

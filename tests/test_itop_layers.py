@@ -12,6 +12,7 @@ from torch import nn
 import itop
 from itop_kernels import block_norms
 from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
+from numerics import rel_err
 
 
 # Tiny matrices: one intra-op thread avoids thread-pool contention (fixture in conftest.py).
@@ -353,17 +354,38 @@ def test_conv_grad_scores_over_micro_batches_of_different_sizes(bs):
         conv2d_block_grad_norms([torch.randn(1, 16, 4, 4)], [], (16, 16, 3, 3), 8)
 
 
-def test_autocast_runs_in_the_autocast_dtype_with_fp32_gradients():
-    torch.manual_seed(0)
-    layer = itop.SparseLinear(32, 32, density=0.5, block_size=8)
-    x = torch.randn(4, 32)
-    ref = layer(x)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_runs_in_the_autocast_dtype_with_fp32_gradients(kind, gen):
+    """Under bf16 autocast the layer computes in bf16 (as nn.Linear/nn.Conv2d would); its output
+    and the gradients of x, values and bias stay within bf16's bound (1e-2) of a dense float64
+    reference (``F.linear``/``F.conv2d`` on the layer's dense weight), and the gradients come
+    back in the fp32 of the parameters and the input."""
+    if kind == "linear":
+        layer = itop.SparseLinear(64, 48, density=0.5, block_size=16)
+        x = torch.randn(24, 64, generator=gen)
+        dense_op = F.linear
+    else:
+        layer = itop.SparseConv2d(32, 48, 3, padding=1, density=0.5, block_size=16)
+        x = torch.randn(2, 32, 6, 5, generator=gen)
+
+        def dense_op(x_, w_, b_):
+            return F.conv2d(x_, w_, b_, padding=1)
+    xi = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
+        y = layer(xi)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
-    y.float().sum().backward()
-    assert layer.values.grad.dtype == torch.float32 and layer.values.grad.abs().sum() > 0
+    dy = torch.randn(y.shape, generator=gen)
+    gx, gv, gb = torch.autograd.grad(y, [xi, layer.values, layer.bias], dy.to(y.dtype))
+
+    x64 = x.double().requires_grad_()
+    w64 = layer.dense_weight().detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_()
+    ref = dense_op(x64, w64, b64)
+    rx, rw, rb = torch.autograd.grad(ref, [x64, w64, b64], dy.double())
+    assert rel_err(y, ref) <= 1e-2
+    for name, g, r in (("x", gx, rx), ("values", gv, layer.layout.gather(rw)), ("bias", gb, rb)):
+        assert g.dtype == torch.float32, name
+        assert rel_err(g, r) <= 1e-2, (name, rel_err(g, r))
 
 
 def test_layout_follows_in_place_mask_overwrite():

@@ -53,6 +53,38 @@ def test_er_ignores_kernel_dims_erk_uses_them():
     assert uniform_densities(shapes, 0.2) == [0.2, 0.2]
 
 
+@pytest.mark.parametrize("dist", ["erk", "er"])
+@pytest.mark.parametrize("power", [0.5, 2.0])
+def test_power_scale_raises_the_raw_probabilities(dist, power):
+    """RigL's ``power_scale``: ``d_i = eps * p_i ** power``, ``eps`` solved for the density."""
+    shapes = [(64, 32), (128, 64, 3, 3), (10, 128)]
+    density = 0.02
+    n = [math.prod(s) for s in shapes]
+    dims = shapes if dist == "erk" else [s[:2] for s in shapes]
+    p = [(sum(d) / math.prod(d)) ** power for d in dims]
+    eps = density * sum(n) / sum(pi * ni for pi, ni in zip(p, n))
+    expected = [eps * pi for pi in p]
+    assert max(expected) < 1.0  # the example must not trigger the dense rule
+    fn = erk_densities if dist == "erk" else er_densities
+    got = fn(shapes, density, power_scale=power)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got != pytest.approx(fn(shapes, density), rel=1e-3)  # the exponent matters
+    # a power above 1 widens the spread between the sparsest and densest layer, below 1 narrows it
+    spread = max(got) / min(got)
+    plain = fn(shapes, density)
+    assert (spread > max(plain) / min(plain)) == (power > 1)
+
+
+@pytest.mark.parametrize("fn", [erk_densities, er_densities])
+def test_power_scale_keeps_the_density_exact_with_dense_layers(fn):
+    shapes = [(1000, 1000), (10, 1000), (50, 1000)]
+    for power in (0.5, 1.0, 1.5):
+        got = fn(shapes, 0.5, power_scale=power)
+        n = [math.prod(s) for s in shapes]
+        assert got[1] == 1.0 and all(0.0 < d <= 1.0 for d in got)
+        assert sum(d * m for d, m in zip(got, n)) == pytest.approx(0.5 * sum(n), rel=1e-12)
+
+
 @settings(max_examples=60, deadline=None)
 @given(shapes=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 300),
                                  st.sampled_from([1, 3, 5])), min_size=1, max_size=6),

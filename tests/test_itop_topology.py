@@ -262,9 +262,16 @@ def test_a_dropped_manager_leaves_its_successors_hooks_armed():
 
 
 # --------------------------------------------------------------------------- reference
-def _reference_run(layer, xs, targets, update_every, rate_fn, steps):
+def _reference_run(layer, xs, targets, update_every, rate_fn, steps, growth="gradient", p=1,
+                   beta=0.9):
     """Dense weights, block masks and SGD momentum following the update rules of
-    docs/topology.md, with autograd's dense dW."""
+    docs/topology.md, with autograd's dense dW.
+
+    Prune: the ``k`` active blocks of smallest L``p`` norm. Grow: the ``k`` inactive blocks of
+    largest dense-gradient block norm (``"gradient"``), or of largest exponential moving average
+    of it over every step (``"momentum"``: ``(1 - beta)·g`` first, then ``beta·ema + (1 - beta)·g``).
+    Returns the final mask, weight, bias and EMA, and whether the alternative rule (L1 for L2,
+    the step's gradient for momentum) would have chosen differently at some update."""
     bs = layer.block_size
     mask = layer.block_mask.clone()
     W = layer.dense_weight().detach().clone()
@@ -272,16 +279,22 @@ def _reference_run(layer, xs, targets, update_every, rate_fn, steps):
     buf_w, buf_b = torch.zeros_like(W), torch.zeros_like(b)
     nnz = int(mask.sum())
     R, C = mask.shape
+    ema = None
+    alternative_differs = False
 
     def expand(m):
         return m.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+
+    def block_sums(t):
+        return t.reshape(R, bs, C, bs).sum((1, 3)).reshape(-1)
 
     for t in range(1, steps + 1):
         Wd = (W * expand(mask)).requires_grad_()
         bb = b.clone().requires_grad_()
         loss = (F.linear(xs[t], Wd, bb) - targets[t]).square().mean()
         gW, gb = torch.autograd.grad(loss, (Wd, bb))
-        dense_grad = gW.clone()
+        grad_norm = block_sums(gW.square()).sqrt()
+        ema = (1 - beta) * grad_norm if ema is None else beta * ema + (1 - beta) * grad_norm
         gW = gW * expand(mask)
         buf_w = 0.9 * buf_w + gW
         buf_b = 0.9 * buf_b + gb
@@ -289,22 +302,38 @@ def _reference_run(layer, xs, targets, update_every, rate_fn, steps):
         b = b - 0.1 * buf_b
         if t % update_every == 0:
             k = min(math.ceil(rate_fn(t) * nnz), R * C - nnz)
-            mag = (W.abs()).reshape(R, bs, C, bs).sum((1, 3)).reshape(-1)
-            grow = dense_grad.reshape(R, bs, C, bs).square().sum((1, 3)).sqrt().reshape(-1)
+            l1, l2 = block_sums(W.abs()), block_sums(W.square()).sqrt()
             flat = mask.reshape(-1)
-            drop = torch.topk(torch.where(flat, mag, torch.inf), k, largest=False).indices
-            add = torch.topk(torch.where(flat, -torch.inf, grow), k).indices
+
+            def lowest(score):
+                return torch.topk(torch.where(flat, score, torch.inf), k, largest=False).indices
+
+            def highest(score):
+                return torch.topk(torch.where(flat, -torch.inf, score), k).indices
+
+            drop = lowest(l1 if p == 1 else l2)
+            add = highest(grad_norm if growth == "gradient" else ema)
+            other_drop = lowest(l2 if p == 1 else l1)
+            other_add = highest(ema if growth == "gradient" else grad_norm)
+            alternative_differs |= (set(drop.tolist()) != set(other_drop.tolist())
+                                    if p == 2 else set(add.tolist()) != set(other_add.tolist()))
             new = flat.clone()
             new[drop] = False
             new[add] = True
             survive = expand((flat & new).view(R, C))
             W, buf_w = W * survive, buf_w * survive
             mask = new.view(R, C)
-    return mask, W * expand(mask), b
+    return mask, W * expand(mask), b, ema.view(R, C), alternative_differs
 
 
-@pytest.mark.parametrize("bs", [1, 4])
-def test_gradient_growth_matches_masked_dense_reference(bs):
+@pytest.mark.parametrize("bs,growth,prune", [(1, "gradient", "magnitude"),
+                                             (4, "gradient", "magnitude"),
+                                             (4, "gradient", "magnitude_l2"),
+                                             (4, "momentum", "magnitude")])
+def test_growth_and_prune_match_masked_dense_reference(bs, growth, prune):
+    """Gradient (RigL) and momentum (SNFS) growth, L1 and L2 magnitude pruning, against a
+    masked-dense float64 reference; for L2 and momentum the reference also shows that L1, or
+    the step's own gradient, would have chosen other blocks (so the test tells them apart)."""
     torch.manual_seed(0)
     layer = itop.SparseLinear(16, 24, density=0.3, block_size=bs, dtype=torch.float64)
     ref_layer = copy.deepcopy(layer)
@@ -313,7 +342,7 @@ def test_gradient_growth_matches_masked_dense_reference(bs):
     targets = [torch.randn(10, 24, dtype=torch.float64) for _ in range(steps + 1)]
     opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
     mgr = itop.TopologyManager(layer, opt, update_every=3, total_steps=40, prune_rate=0.4,
-                               growth="gradient")
+                               growth=growth, prune=prune)
     masks = []
     for t in range(1, steps + 1):
         loss = (layer(xs[t]) - targets[t]).square().mean()
@@ -322,11 +351,17 @@ def test_gradient_growth_matches_masked_dense_reference(bs):
         opt.step()
         mgr.step()
         masks.append(layer.block_mask.clone())
-    mask, W, b = _reference_run(ref_layer, xs, targets, 3, mgr.prune_rate_at, steps)
+    mask, W, b, ema, differs = _reference_run(ref_layer, xs, targets, 3, mgr.prune_rate_at, steps,
+                                              growth=growth, p=2 if prune == "magnitude_l2" else 1)
     assert len({tuple(m.reshape(-1).tolist()) for m in masks}) > 3  # the topology did move
     assert torch.equal(layer.block_mask, mask)
     torch.testing.assert_close(layer.dense_weight().detach(), W, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(layer.bias.detach(), b, rtol=1e-9, atol=1e-12)
+    if growth == "momentum":  # the scores themselves: the manager keeps them in its state
+        torch.testing.assert_close(mgr.state_dict()["ema"][""].double(), ema, rtol=1e-5,
+                                   atol=1e-7)
+    if prune == "magnitude_l2" or growth == "momentum":
+        assert differs
 
 
 # --------------------------------------------------------------------------- ITOP rate

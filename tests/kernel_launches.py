@@ -1,0 +1,67 @@
+"""Test helpers around the Triton kernel launches: record their arguments, and flip torch's TF32
+switches through either of torch's APIs."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+
+class LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel in its module: ``spy[grid](*args, **kwargs)``
+    records the keyword arguments (constexprs and launch options) and launches the real kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.calls: List[Dict] = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append(dict(kwargs))
+            return launch(*args, **kwargs)
+        return run
+
+
+def spy_launches(monkeypatch, module, names) -> Dict[str, LaunchSpy]:
+    """Replace the kernels ``names`` of ``module`` by :class:`LaunchSpy` for this test."""
+    spies = {}
+    for name in names:
+        spies[name] = LaunchSpy(getattr(module, name))
+        monkeypatch.setattr(module, name, spies[name])
+    return spies
+
+
+class TF32Switches:
+    """Sets torch's TF32 switches for a test and puts them back afterwards (the ``tf32_switch``
+    fixture). torch reads its switches through module ``__getattr__``, which ``monkeypatch``
+    cannot restore, and refuses legacy reads after some mixes of its two APIs, so each switch
+    is put back, in reverse order, through the API that set it."""
+
+    def __init__(self) -> None:
+        self._undo: List[tuple] = []   # (object, attribute, previous value)
+
+    @staticmethod
+    def _target(op: str, api: str) -> tuple:
+        if op not in ("matmul", "conv"):
+            raise ValueError(f"op must be 'matmul' or 'conv', got {op!r}")
+        if api == "legacy":
+            return (torch.backends.cuda.matmul if op == "matmul" else torch.backends.cudnn,
+                    "allow_tf32")
+        if api == "new":
+            return (torch.backends.cuda.matmul if op == "matmul" else torch.backends.cudnn.conv,
+                    "fp32_precision")
+        raise ValueError(f"api must be 'legacy' or 'new', got {api!r}")
+
+    def set(self, op: str, api: str, on: bool) -> None:
+        """Set torch's TF32 switch for ``op`` (``"matmul"``/``"conv"``) through its
+        ``"legacy"`` (``allow_tf32``) or ``"new"`` (``fp32_precision``, torch >= 2.9) API."""
+        obj, attr = self._target(op, api)
+        self._undo.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, on if api == "legacy" else ("tf32" if on else "ieee"))
+
+    def restore(self) -> None:
+        while self._undo:
+            obj, attr, old = self._undo.pop()
+            setattr(obj, attr, old)
