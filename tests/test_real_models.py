@@ -65,6 +65,17 @@ def _train(model, batches, loss_fn, update_every=1, growth="gradient"):
     return changed
 
 
+def _matches_densified(model, x):
+    """Check ``model(x)`` against its densified copy under ``no_grad`` and ``inference_mode``;
+    returns the reference output."""
+    with torch.no_grad():
+        ref = itop.densify(copy.deepcopy(model))(x)
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+    return ref
+
+
 # --------------------------------------------------------------------------- Hugging Face
 VOCAB = 128
 
@@ -204,11 +215,7 @@ def test_timm_vit_and_resnet():
         model = _sparsify(model.eval(), block_size=16)
         assert len(_sparse_layers(model)) > 4
         x = torch.randn(2, 3, 32, 32)
-        with torch.no_grad():
-            ref = itop.densify(copy.deepcopy(model))(x)
-            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
-        with torch.inference_mode():
-            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+        ref = _matches_densified(model, x)
         cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         with torch.no_grad():
             torch.testing.assert_close(cl(x.to(memory_format=torch.channels_last)), ref,
@@ -240,11 +247,7 @@ def test_torchvision_resnet18_and_vit():
             assert isinstance(model.encoder.layers[0].self_attention,
                               itop.SparseMultiheadAttention)
         x = torch.randn(2, 3, 32, 32)
-        with torch.no_grad():
-            ref = itop.densify(copy.deepcopy(model))(x)
-            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
-        with torch.inference_mode():
-            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+        ref = _matches_densified(model, x)
         _train(model, [x, x], lambda m, b: m(b).square().mean())
         explain = torch._dynamo.explain(model.eval())(x)
         assert explain.graph_break_count == 0, explain.break_reasons
