@@ -18,7 +18,9 @@ Subclasses of ``nn.Linear`` (e.g. the ``out_proj`` of ``nn.MultiheadAttention``,
 is read directly by its parent) are left alone. ``density`` is the overall density of the
 weights of the layers that can be sparsified (excluded and ineligible layers do not count).
 Per-layer block counts are ``round(dᵢ · blocks)``, so the realized overall density is exact up
-to that rounding; :func:`sparsity_summary` reports it.
+to that rounding; :func:`sparsity_summary` reports it. With ``fan_in="constant"`` they are
+``live rows × fan-in`` instead (:mod:`itop.fan_in`: every row gets at least one unit, the
+budget moves between layers to pay for it, and the fan-ins are rounded to whole units).
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import math
 import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from .density import DISTRIBUTIONS
+from .fan_in import FAN_IN_MODES, allocate, constant_fan_in_mask, unit_grid
 from .layers import SparseConv2d, SparseLayer, SparseLinear, check_density
 
 __all__ = ["sparsify", "densify", "sparsity_summary", "SparsitySummary"]
@@ -134,7 +137,8 @@ def _ineligible_reason(m: nn.Module, bs: int) -> Optional[str]:
 
 def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
              block_size: int = 32, exclude: Optional[Iterable[Union[str, type]]] = None,
-             dense_first: bool = False, verbose: bool = False) -> nn.Module:
+             dense_first: bool = False, verbose: bool = False, fan_in: str = "any",
+             ablation: bool = False) -> nn.Module:
     """Replace the ``nn.Linear``/``nn.Conv2d`` layers of ``model`` by sparse layers, in place.
 
     Args:
@@ -148,6 +152,13 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         dense_first: also keep the first ``nn.Linear``/``nn.Conv2d`` (registration order)
             dense, as RigL does.
         verbose: print :func:`sparsity_summary` of the result.
+        fan_in: ``"any"`` (default: each layer's active units anywhere) or ``"constant"``:
+            every row of a layer (block-row, or output unit at block size 1) gets the same
+            number of active units, with the budget moved between layers so that each row
+            gets at least one (see :mod:`itop.fan_in`; train it with
+            ``TopologyManager(..., fan_in="constant")``).
+        ablation: with ``fan_in="constant"``, when the budget cannot give every row one unit,
+            keep fewer live rows (the others empty) instead of raising ``ValueError``.
 
     Returns:
         The model (the new sparse layer if ``model`` was itself a layer). Each sparse layer
@@ -200,14 +211,21 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     if skipped:
         warnings.warn("itop.sparsify leaves these layers dense: " + "; ".join(skipped),
                       UserWarning, stacklevel=2)
+    if fan_in not in FAN_IN_MODES:
+        raise ValueError(f"fan_in must be one of {FAN_IN_MODES}, got {fan_in!r}")
+    if not isinstance(ablation, bool):
+        raise TypeError(f"ablation must be a bool, got {ablation!r}")
     densities = DISTRIBUTIONS[distribution]([tuple(m.weight.shape) for _, m in candidates],
                                             density)
+    masks = [None] * len(candidates)
+    if fan_in == "constant":
+        masks = _constant_fan_in_masks(candidates, densities, block_size, ablation)
     result = model
-    for (name, m), d in zip(candidates, densities):
-        if d >= 1.0:
+    for (name, m), d, mask in zip(candidates, densities, masks):
+        if d >= 1.0 if fan_in == "any" else mask is None:
             continue
         cls = SparseLinear if isinstance(m, nn.Linear) else SparseConv2d
-        new = cls.from_dense(m, density=d, block_size=block_size)
+        new = cls.from_dense(m, density=min(d, 1.0), block_size=block_size, mask=mask)
         new.train(m.training)
         if name == "":
             result = new
@@ -216,6 +234,22 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
     if verbose:
         print(sparsity_summary(result))
     return result
+
+
+def _constant_fan_in_masks(candidates: List[Tuple[str, nn.Module]], densities: List[float],
+                           block_size: int, ablation: bool) -> List[Optional[Tensor]]:
+    """Constant fan-in topology masks (layer-shaped) per candidate, ``None`` = stays dense."""
+    grids = [unit_grid(tuple(m.weight.shape), block_size) for _, m in candidates]
+    plan = allocate(grids, densities, ablation=ablation, names=[n for n, _ in candidates])
+    masks: List[Optional[Tensor]] = []
+    for (_, m), (R, C, _), p in zip(candidates, grids, plan):
+        if p is None:
+            masks.append(None)
+            continue
+        mask = constant_fan_in_mask(R, C, p[0], p[1], device=m.weight.device)
+        shape = tuple(m.weight.shape) if block_size == 1 else (R, C)
+        masks.append(mask.view(shape))
+    return masks
 
 
 def densify(model: nn.Module) -> nn.Module:

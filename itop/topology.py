@@ -60,6 +60,8 @@ from torch import Tensor, nn
 
 from itop_kernels.block_norms import PRECISIONS
 
+from .fan_in import FAN_IN_MODES, check_layers, plan_update
+from .fan_in import prune_count as constant_fan_in_prune_count
 from .layers import SparseLayer
 from .sparsify import SparsitySummary, _unwrap
 from .unit_selection import random_inactive, topk_indices
@@ -152,6 +154,15 @@ class TopologyManager:
             device with native bf16 matmul, and uses the layers' dtype otherwise; ``"exact"``
             always uses the layers' dtype (float16/bfloat16 in float32); ``"bf16"`` always
             bfloat16. See :mod:`itop_kernels.block_norms` for what it costs and changes.
+        fan_in: ``"any"`` (default) or ``"constant"``: every update keeps each layer's
+            constant fan-in (every live row the same number of active units, see
+            :mod:`itop.fan_in`), prunes ``min(ceil(rate·nnz), floor((nnz-1)/2))`` units by
+            magnitude (a strict majority of a layer always stays) plus units without gradient
+            signal, and regrows row by row. The layers must already have a constant fan-in
+            (``itop.sparsify(..., fan_in="constant")``), else ``ValueError``.
+        ablation: with ``fan_in="constant"``, allow layers with empty rows (their number stays
+            the same, which rows are live follows the growth scores). Without it an empty row
+            is a ``ValueError``.
 
     Attributes:
         layers: list of ``(name, layer)`` for the sparse layers, names relative to the
@@ -164,7 +175,8 @@ class TopologyManager:
                  prune_rate: float = 0.5, schedule: str = "cosine", total_steps: int,
                  stop_step: Optional[int] = None, prune: str = "magnitude",
                  growth: str = "gradient", seed: int = 0, grad_scaler=None,
-                 distributed: Optional[bool] = None, score_precision: str = "auto"):
+                 distributed: Optional[bool] = None, score_precision: str = "auto",
+                 fan_in: str = "any", ablation: bool = False):
         self._token = object()  # marks the capture hooks this manager armed
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -194,6 +206,11 @@ class TopologyManager:
             raise ValueError(f"score_precision must be one of {PRECISIONS}, got "
                              f"{score_precision!r}")
         self.score_precision = score_precision
+        if fan_in not in FAN_IN_MODES:
+            raise ValueError(f"fan_in must be one of {FAN_IN_MODES}, got {fan_in!r}")
+        if not isinstance(ablation, bool):
+            raise TypeError(f"ablation must be a bool, got {ablation!r}")
+        self.fan_in, self.ablation = fan_in, ablation
         self.schedule, self.prune, self.growth, self.seed = schedule, prune, growth, seed
         self.model = model
         self.optimizer = optimizer
@@ -211,6 +228,8 @@ class TopologyManager:
         self._comm = _collectives(model, distributed)
         if self._comm is not None:
             self._broadcast_layers()
+        # (live rows, fan-in) per layer in the constant fan-in mode (fixed for the whole run)
+        self._rows = check_layers(self.layers, ablation) if fan_in == "constant" else None
         # Random growth draws on the layers' device: drawing millions of element scores on the
         # host and copying them over (block size 1) would cost more than the training step.
         device = self.layers[0][1].block_mask.device if self.layers else torch.device("cpu")
@@ -359,9 +378,14 @@ class TopologyManager:
     @torch.no_grad()
     def _update(self, t: int) -> bool:
         rate = self.prune_rate_at(t)
-        ks = [min(math.ceil(rate * m.nnz), m.num_units - m.nnz) for _, m in self.layers]
-        if not any(ks):
-            return False
+        if self._rows is not None:
+            ks = [constant_fan_in_prune_count(rate, m.nnz) for _, m in self.layers]
+            if not any(ks) and (rate == 0.0 or self.growth not in ("gradient", "momentum")):
+                return False   # (gradient scores may still find units without signal)
+        else:
+            ks = [min(math.ceil(rate * m.nnz), m.num_units - m.nnz) for _, m in self.layers]
+            if not any(ks):
+                return False
         scores = self._growth_scores()
         comm = self._comm
         if comm is not None and self.growth in ("gradient", "momentum"):
@@ -375,6 +399,8 @@ class TopologyManager:
                 n = m.num_units
                 scores.append(flat[off:off + n].view(m.block_mask.shape))
                 off += n
+        if self._rows is not None:
+            return self._update_constant_fan_in(ks, scores)
         # ---- which units leave and which arrive: flat mask positions, k of each per layer
         p = 1 if self.prune == "magnitude" else 2
         owned = self.growth != "momentum" or comm is not None  # scores nobody else holds
@@ -413,6 +439,41 @@ class TopologyManager:
             m._apply_topology(mv[0], mv[1], self.optimizer)
             self.fired[name].view(-1)[mv[1]] = True
         return True
+
+    @torch.no_grad()
+    def _update_constant_fan_in(self, ks: List[int], scores: List[Optional[Tensor]]) -> bool:
+        """The constant fan-in update (:func:`itop.fan_in.plan_update`) of every layer; under
+        DDP rank 0's new masks are broadcast (the number of moves is not known in advance)."""
+        p = 1 if self.prune == "magnitude" else 2
+        news: List[Tensor] = []
+        actives: List[Tensor] = []
+        for (_, m), k, grow, (live, f) in zip(self.layers, ks, scores, self._rows):
+            active, mag = m._active_units(p)
+            g = None if grow is None else _finite(grow).to(active.device)
+            news.append(plan_update(m.block_mask, active, _finite(mag, inplace=True), g, k, f,
+                                    live, self._generator))
+            actives.append(active)
+        if self._comm is not None:
+            flat = torch.cat([n.reshape(-1).to(torch.uint8) for n in news])
+            self._comm.broadcast(flat)
+            off = 0
+            for i, (_, m) in enumerate(self.layers):
+                n = m.num_units
+                news[i] = flat[off:off + n].bool().view(m.block_mask.shape)
+                off += n
+        changed = False
+        for (name, m), new, active in zip(self.layers, news, actives):
+            old = m.block_mask.reshape(-1)
+            new = new.reshape(-1)
+            gone = (old & ~new).nonzero().squeeze(1)
+            if gone.numel() == 0:
+                continue
+            drop = torch.searchsorted(active, gone)
+            add = (new & ~old).nonzero().squeeze(1)
+            m._apply_topology(drop, add, self.optimizer)
+            self.fired[name].view(-1)[add] = True
+            changed = True
+        return changed
 
     def close(self) -> None:
         """Remove the capture hooks from the layers (the manager stops; call this before
@@ -464,7 +525,8 @@ class TopologyManager:
             "rng_device": self._generator.device.type,
             "ema": {n: e.clone() for n, e in self._ema.items()},
             "config": {"update_every": self.update_every, "growth": self.growth,
-                       "total_steps": self.total_steps},
+                       "total_steps": self.total_steps, "fan_in": self.fan_in,
+                       "ablation": self.ablation},
         }
 
     def load_state_dict(self, state: dict) -> None:
