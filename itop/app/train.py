@@ -498,8 +498,8 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
         "mask_hashes": hashes, "world_size": d.world,
     }
     if d.main and not cfg.dense and test_acc <= 1.5 / ds.num_classes:
-        print(f"warning: test accuracy {100 * test_acc:.1f} % is at chance level "
-              f"({ds.num_classes} classes): the sparse model did not learn")
+        print(f"warning: the sparse model ended at chance level ({100 * test_acc:.1f} % of the "
+              f"test set right, {ds.num_classes} classes): it did not learn")
     if d.main:
         append_metric(metrics_path, final)
         if cfg.plots:
