@@ -35,6 +35,13 @@ Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each 
 4. ``fired |= active``; :attr:`TopologyManager.itop_rate` is the explored fraction of the
    weights of all sparse layers.
 
+Constant fan-in (``fan_in="constant"``, for layers built by ``itop.sparsify(...,
+fan_in="constant")``): every live row of a layer keeps the same number of active units, the
+prune count is ``min(ceil(prune_rate_t · nnz), floor((nnz - 1) / 2))`` (an update keeps a strict
+majority of every layer), units without gradient signal are replaced as well, regrowth goes row
+by row, and with ``ablation=True`` empty rows are allowed and which rows are live follows the
+scores. See :mod:`itop.fan_in` and ``docs/block-size.md``.
+
 ``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
 ``H = stop_step or total_steps`` (``cosine``: ``prune_rate·(1+cos(πt/H))/2``; ``linear``:
 ``prune_rate·(1-t/H)``; ``constant``); updates happen at steps ``t = update_every, 2·update_every,
