@@ -29,7 +29,8 @@ are explicitly empty and are reported by :func:`row_counts`.
 
 **Update** (:func:`plan_update`), for one layer, with a prune count ``k`` (:func:`prune_count`):
 
-1. Prune: the ``k`` active units of smallest magnitude leave. With a growth gradient, an active
+1. Prune: the ``k`` active units of smallest magnitude leave, but never a row's strongest one
+   (magnitude pruning alone never resets a live row). With a growth gradient, an active
    unit whose score is exactly zero carries no signal on this batch (it reads only dead inputs,
    or nothing reads its outputs): it leaves too, with probability ½ (so that two disconnected
    neighbours do not swap places forever), as long as the update replaces at most half of the
@@ -167,15 +168,18 @@ def fan_in_of(mask: Tensor) -> Tuple[int, int]:
     return int(live.numel()), lo
 
 
-def prune_count(rate: float, nnz: int) -> int:
-    """Units one update prunes in a layer of ``nnz`` active units, in the constant fan-in mode:
-    ``min(ceil(rate · nnz), floor((nnz - 1) / 2))``. The schedule's count (ITOP/RigL) for large
-    layers, but an update always keeps a strict majority of the layer, so a layer with few
-    units never has most of them replaced at once (a 4-unit layer moves at most one, a layer
-    of 1 or 2 units moves none by magnitude; only units without gradient signal leave it)."""
+def prune_count(rate: float, nnz: int, live_rows: int = 0) -> int:
+    """Units one update prunes by magnitude in a layer of ``nnz`` active units on ``live_rows``
+    rows, in the constant fan-in mode:
+    ``min(ceil(rate · nnz), floor((nnz - 1) / 2), nnz - live_rows)``.
+
+    The schedule's count (ITOP/RigL) for large layers, but an update always keeps a strict
+    majority of the layer (a 4-unit layer moves at most one, a layer of 1 or 2 units none),
+    and every live row keeps its strongest unit (:func:`plan_update` never prunes it), so a
+    layer with one unit per row moves only units without gradient signal."""
     if nnz < 1:
         return 0
-    return max(0, min(math.ceil(rate * nnz), (nnz - 1) // 2))
+    return max(0, min(math.ceil(rate * nnz), (nnz - 1) // 2, nnz - live_rows))
 
 
 @torch.no_grad()
@@ -190,7 +194,8 @@ def plan_update(mask: Tensor, active: Tensor, magnitude: Tensor, grow: Optional[
         magnitude: their float32 prune scores (finite), ``[nnz]``.
         grow: float32 finite growth scores over the whole grid (``mask.numel()`` entries, any
             shape), or ``None`` for uniformly random growth.
-        k: units to prune by magnitude (:func:`prune_count`).
+        k: units to prune by magnitude (:func:`prune_count`; each row's strongest unit is
+            kept whatever ``k`` says).
         fan_in, live_rows: the layer's constant fan-in and live-row count.
         generator: random tie-breaks and the dead-unit coin (on ``mask``'s device).
 
@@ -204,7 +209,18 @@ def plan_update(mask: Tensor, active: Tensor, magnitude: Tensor, grow: Optional[
     old = mask.reshape(-1)
     keep = old.clone()
     if k > 0:
-        keep[active.index_select(0, topk_indices(magnitude, k, largest=False))] = False
+        # every live row keeps its strongest unit: magnitude pruning never resets a row
+        rows = torch.div(active, C, rounding_mode="floor")
+        order = torch.argsort(magnitude, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        first = torch.full((R,), order.numel(), dtype=rank.dtype, device=dev).scatter_reduce(
+            0, rows, rank, "amin")
+        guarded = rank == first.index_select(0, rows)
+        key_prune = magnitude.masked_fill(guarded, float("inf"))
+        k = min(k, active.numel() - int(guarded.sum()))
+        if k > 0:
+            keep[active.index_select(0, topk_indices(key_prune, k, largest=False))] = False
     if grow is not None:
         grow = grow.reshape(-1)
         coin = torch.rand(active.numel(), generator=generator, device=generator.device).to(dev)

@@ -37,9 +37,9 @@ Call ``mgr.step()`` after every ``optimizer.step()``. On update steps, for each 
 
 Constant fan-in (``fan_in="constant"``, for layers built by ``itop.sparsify(...,
 fan_in="constant")``): every live row of a layer keeps the same number of active units, the
-prune count is ``min(ceil(prune_rate_t · nnz), floor((nnz - 1) / 2))`` (an update keeps a strict
-majority of every layer), units without gradient signal are replaced as well, regrowth goes row
-by row, and with ``ablation=True`` empty rows are allowed and which rows are live follows the
+prune count is ``min(ceil(prune_rate_t · nnz), floor((nnz - 1) / 2), nnz - live rows)``
+(an update keeps a strict majority of every layer, and every row its strongest unit), units
+without gradient signal are replaced as well, regrowth goes row by row, and with ``ablation=True`` empty rows are allowed and which rows are live follows the
 scores. See :mod:`itop.fan_in` and ``docs/block-size.md``.
 
 ``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
@@ -163,9 +163,9 @@ class TopologyManager:
             bfloat16. See :mod:`itop_kernels.block_norms` for what it costs and changes.
         fan_in: ``"any"`` (default) or ``"constant"``: every update keeps each layer's
             constant fan-in (every live row the same number of active units, see
-            :mod:`itop.fan_in`), prunes ``min(ceil(rate·nnz), floor((nnz-1)/2))`` units by
-            magnitude (a strict majority of a layer always stays) plus units without gradient
-            signal, and regrows row by row. The layers must already have a constant fan-in
+            :mod:`itop.fan_in`), prunes ``min(ceil(rate·nnz), floor((nnz-1)/2), nnz - live
+            rows)`` units by magnitude (a strict majority of a layer and each row's strongest
+            unit always stay) plus units without gradient signal, and regrows row by row. The layers must already have a constant fan-in
             (``itop.sparsify(..., fan_in="constant")``), else ``ValueError``.
         ablation: with ``fan_in="constant"``, allow layers with empty rows (their number stays
             the same, which rows are live follows the growth scores). Without it an empty row
@@ -386,7 +386,8 @@ class TopologyManager:
     def _update(self, t: int) -> bool:
         rate = self.prune_rate_at(t)
         if self._rows is not None:
-            ks = [constant_fan_in_prune_count(rate, m.nnz) for _, m in self.layers]
+            ks = [constant_fan_in_prune_count(rate, m.nnz, live)
+                  for (_, m), (live, _) in zip(self.layers, self._rows)]
             if not any(ks) and (rate == 0.0 or self.growth not in ("gradient", "momentum")):
                 return False   # (gradient scores may still find units without signal)
         else:

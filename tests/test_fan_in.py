@@ -96,9 +96,27 @@ def test_manager_refuses_a_model_without_constant_fan_in_or_with_empty_rows():
 
 
 # --------------------------------------------------------------------------- updates
-def test_prune_count_keeps_a_strict_majority():
+def test_prune_count_keeps_a_strict_majority_and_a_unit_per_row():
     assert [fi.prune_count(0.5, n) for n in (1, 2, 3, 4, 8, 1000)] == [0, 0, 1, 1, 3, 499]
     assert fi.prune_count(0.1, 1000) == 100 and fi.prune_count(0.0, 50) == 0
+    assert fi.prune_count(0.5, 8, live_rows=8) == 0 and fi.prune_count(0.5, 48, 16) == 23
+
+
+def test_plan_update_never_prunes_a_rows_strongest_unit():
+    """k = 3 of 8 units on 4 rows of 2: the three weakest include both units of row 0, but
+    row 0 keeps its stronger one, so the fourth weakest goes instead."""
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, :2] = True
+    active = mask.reshape(-1).nonzero().squeeze(1)          # rows 0,0,1,1,2,2,3,3
+    magnitude = torch.tensor([0.1, 0.2, 5.0, 0.3, 5.0, 0.4, 5.0, 6.0])
+    grow = torch.arange(24, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    new = fi.plan_update(mask, active, magnitude, grow, 3, 2, 4, g)
+    assert int(new.sum()) == 8 and fi.fan_in_of(new) == (4, 2)
+    assert bool(new[0, 1]) and not bool(new[0, 0])          # row 0 kept its 0.2, lost its 0.1
+    assert not bool(new[1, 1]) and not bool(new[2, 1])       # 0.3 and 0.4 went
+    assert bool(new[3, 0]) and bool(new[3, 1])
+    assert new[:, 5].sum() == 3                             # regrown at the best scores
 
 
 @pytest.mark.parametrize("bs,density,ablation,growth", [
@@ -186,7 +204,7 @@ def test_fan_in_rule_changes_nothing_in_the_default_mode():
 
 # --------------------------------------------------------------------------- resume
 def _build(seed, growth):
-    model = _cfi_model(4, 0.1, ablation=True, seed=seed)
+    model = _cfi_model(4, 0.3, ablation=True, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     mgr = itop.TopologyManager(model, opt, update_every=3, total_steps=40, growth=growth,
                                seed=7, fan_in="constant", ablation=True)
