@@ -311,3 +311,45 @@ def test_itop_train_warns_when_it_ends_at_chance(tmp_path, capsys):
                  "--lr", "1e-9", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "at chance level" in out
+
+
+# --------------------------------------------------------------------------- DDP
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        model = _cfi_model(4, 0.05, ablation=True, seed=rank)   # other masks on each rank
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        mgr = itop.TopologyManager(ddp, opt, update_every=1, total_steps=100, prune_rate=0.5,
+                                   fan_in="constant", ablation=True)
+        for t in range(8):
+            g = torch.Generator().manual_seed(100 * rank + t)    # each rank its own batch
+            loss = F.cross_entropy(ddp(torch.randn(8, 32, generator=g)),
+                                   torch.randint(0, 16, (8,), generator=g))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mgr.step()
+        torch.save({"masks": [m.block_mask.clone() for m in _layers(model)],
+                    "fired": {k: v.clone() for k, v in mgr.fired.items()},
+                    "rows": mgr._rows}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_keep_identical_constant_fan_in_topologies(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for a, b, (live, f) in zip(r0["masks"], r1["masks"], r0["rows"]):
+        assert torch.equal(a, b) and fi.fan_in_of(a) == (live, f)
+    for k in r0["fired"]:
+        assert torch.equal(r0["fired"][k], r1["fired"][k])
+    assert any(int(v.sum()) > int(m.sum()) for v, m in zip(r0["fired"].values(), r0["masks"]))
