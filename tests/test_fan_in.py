@@ -353,3 +353,23 @@ def test_ddp_ranks_keep_identical_constant_fan_in_topologies(tmp_path):
     for k in r0["fired"]:
         assert torch.equal(r0["fired"][k], r1["fired"][k])
     assert any(int(v.sum()) > int(m.sum()) for v, m in zip(r0["fired"].values(), r0["masks"]))
+
+
+def test_itop_train_draws_again_a_topology_cut_off_from_its_input(capsys):
+    """cnn1d at 98 % and block 16 keeps one block per strided convolution: most random draws
+    cut the input off. _build must hand over a connected one, and say how many it dropped."""
+    from itop.app.connectivity import output_depends_on_input
+    from itop.app.data import load_dataset, prepare_batch
+    from itop.app.train import TrainConfig, _build, _Dist
+    ds = load_dataset("synthetic")
+    x = prepare_batch(ds, ds.train_x[:100], train=False, device=torch.device("cpu"))
+    redrawn = 0
+    for seed in range(6):
+        cfg = TrainConfig(data="synthetic", density=0.02, block_size=16, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _build(cfg, ds, torch.device("cpu"), _Dist())
+        assert output_depends_on_input(model, x)
+        redrawn += "cut every path from the input to the output; using draw" in \
+            capsys.readouterr().out
+    assert redrawn >= 2
