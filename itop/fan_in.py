@@ -35,9 +35,10 @@ are explicitly empty and are reported by :func:`row_counts`.
    or nothing reads its outputs): it leaves too, with probability ½ (so that two disconnected
    neighbours do not swap places forever), as long as the update replaces at most half of the
    layer (and at least one unit).
-2. Live rows (ablation only): rows are ranked by their *saliency*, the units they keep plus the
-   units they hold among the layer's best growth candidates (SRigL's count), ties going to rows
-   that are live now, then at random; the best ``L`` rows are live, the others lose everything.
+2. Live rows (ablation only): a row that keeps a unit stays live. Rows that lost all their
+   units and empty rows are ranked by their *saliency*, the units they hold among the layer's
+   best growth candidates (SRigL's count), ties going to rows that were live, then at random;
+   the best of them fill the ``L`` live rows.
 3. Grow: every live row regrows, from its own units that were inactive before the update, up to
    ``f`` units, best growth score first. Units without gradient signal (score exactly zero)
    rank after every unit with signal, in random order, so a layer whose gradient is all zero
@@ -237,7 +238,8 @@ def plan_update(mask: Tensor, active: Tensor, magnitude: Tensor, grow: Optional[
     keep2 = keep.view(R, C)
     if live_rows < R:
         dropped = int(old.sum()) - int(keep.sum())
-        sal = keep2.sum(1).to(torch.float32)
+        kept = keep2.sum(1)
+        sal = kept.to(torch.float32) + (kept > 0).to(torch.float32) * (C + 1)  # stay live
         if dropped:
             hits = torch.zeros(old.numel(), dtype=torch.float32, device=dev)
             hits[topk_indices(key, dropped)] = 1.0
