@@ -39,8 +39,9 @@ Constant fan-in (``fan_in="constant"``, for layers built by ``itop.sparsify(...,
 fan_in="constant")``): every live row of a layer keeps the same number of active units, the
 prune count is ``min(ceil(prune_rate_t · nnz), floor((nnz - 1) / 2), nnz - live rows)``
 (an update keeps a strict majority of every layer, and every row its strongest unit), units
-without gradient signal are replaced as well, regrowth goes row by row, and with ``ablation=True`` empty rows are allowed and which rows are live follows the
-scores. See :mod:`itop.fan_in` and ``docs/block-size.md``.
+without gradient signal are replaced as well, regrowth goes row by row, and with
+``ablation=True`` empty rows are allowed and which rows are live follows the scores. See
+:mod:`itop.fan_in` and ``docs/block-size.md``.
 
 ``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
 ``H = stop_step or total_steps`` (``cosine``: ``prune_rate·(1+cos(πt/H))/2``; ``linear``:
@@ -165,8 +166,9 @@ class TopologyManager:
             constant fan-in (every live row the same number of active units, see
             :mod:`itop.fan_in`), prunes ``min(ceil(rate·nnz), floor((nnz-1)/2), nnz - live
             rows)`` units by magnitude (a strict majority of a layer and each row's strongest
-            unit always stay) plus units without gradient signal, and regrows row by row. The layers must already have a constant fan-in
-            (``itop.sparsify(..., fan_in="constant")``), else ``ValueError``.
+            unit always stay) plus units without gradient signal, and regrows row by row. The
+            layers must already have a constant fan-in (``itop.sparsify(...,
+            fan_in="constant")``), else ``ValueError``.
         ablation: with ``fan_in="constant"``, allow layers with empty rows (their number stays
             the same, which rows are live follows the growth scores). Without it an empty row
             is a ``ValueError``.
