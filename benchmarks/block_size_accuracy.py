@@ -202,6 +202,20 @@ def table(results: List[Dict[str, Any]], cpu: Dict, gpu: Dict) -> str:
                 f"| {100 * sp:.0f} % | {bl} | {_cell(sel['any'])} | {_cell(sel['constant'])} | "
                 f"{live} | {dens} | {rates} | "
                 f"{f'{c:.1f}×' if c else '-'} | {f'{gp:.1f}×' if gp else '-'} |")
+    summary = []
+    for sp in sps:
+        per = {(bl, f): _mean([100 * r["test_acc"] for r in results if r["block"] == bl and
+                               r["sparsity"] == sp and r["fan_in"] == f])
+               for bl in blocks for f in ("any", "constant")}
+        anys = [per[(bl, "any")] for bl in blocks]
+        diff = _mean([per[(bl, "constant")] - per[(bl, "any")] for bl in blocks])
+        summary.append(f"at {100 * sp:.0f} % sparsity the any-fan-in means span "
+                       f"{min(anys):.1f}–{max(anys):.1f} % over block sizes "
+                       f"{blocks[0]}–{blocks[-1]} (block {blocks[-1]} minus block {blocks[0]}: "
+                       f"{per[(blocks[-1], 'any')] - per[(blocks[0], 'any')]:+.1f} points), and "
+                       f"constant fan-in is {diff:+.1f} points from any fan-in on average")
+    lines.append("")
+    lines.append("Summary: " + "; ".join(summary) + ".")
     return ("\n".join(lines) + f"\n\nDense: {_cell(dense)} % ({len(dense)} seeds). Speedups: "
             "forward + backward of one sparse linear layer against dense at the same density: "
             "CPU from `benchmarks/results/cpu_linear.json` (4096×4096, batch 512, fp32, 2 "
