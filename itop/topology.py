@@ -71,6 +71,7 @@ from itop_kernels.block_norms import PRECISIONS
 from .fan_in import FAN_IN_MODES, check_layers, plan_update
 from .fan_in import prune_count as constant_fan_in_prune_count
 from .layers import SparseLayer
+from .norm_scores import following_norms, row_scale
 from .sparsify import SparsitySummary, _unwrap
 from .unit_selection import random_inactive, topk_indices
 
@@ -78,7 +79,7 @@ __all__ = ["TopologyManager", "GROWTH_MODES", "SCHEDULES", "PRUNE_MODES"]
 
 GROWTH_MODES = ("random", "gradient", "momentum", "random_unfired")
 SCHEDULES = ("cosine", "linear", "constant")
-PRUNE_MODES = ("magnitude", "magnitude_l2")
+PRUNE_MODES = ("magnitude", "magnitude_l2", "magnitude_bn")
 
 
 def _check_int(v, name: str, minimum: int) -> int:
@@ -148,7 +149,9 @@ class TopologyManager:
         schedule: ``"cosine"`` (default), ``"linear"`` or ``"constant"`` decay of the rate.
         total_steps: training length in optimizer steps (int >= 1).
         stop_step: optional last step (exclusive) with updates, and the decay horizon (RigL).
-        prune: ``"magnitude"`` (L1 norm of a unit) or ``"magnitude_l2"``.
+        prune: ``"magnitude"`` (L1 norm of a unit), ``"magnitude_l2"``, or
+            ``"magnitude_bn"``: the L1 norm times the following batch norm's ``|γ|/σ`` of the
+            unit's output channels (:mod:`itop.norm_scores`).
         growth: ``"gradient"`` (default, RigL), ``"random"`` (SET), ``"momentum"`` or
             ``"random_unfired"``.
         seed: seed of the manager's generator (random growth, tie-free fallbacks).
@@ -239,6 +242,7 @@ class TopologyManager:
             self._broadcast_layers()
         # (live rows, fan-in) per layer in the constant fan-in mode (fixed for the whole run)
         self._rows = check_layers(self.layers, ablation) if fan_in == "constant" else None
+        self._norms = following_norms(root, self.layers) if prune == "magnitude_bn" else {}
         # Random growth draws on the layers' device: drawing millions of element scores on the
         # host and copying them over (block size 1) would cost more than the training step.
         device = self.layers[0][1].block_mask.device if self.layers else torch.device("cpu")
@@ -412,16 +416,16 @@ class TopologyManager:
         if self._rows is not None:
             return self._update_constant_fan_in(ks, scores)
         # ---- which units leave and which arrive: flat mask positions, k of each per layer
-        p = 1 if self.prune == "magnitude" else 2
+        p = 2 if self.prune == "magnitude_l2" else 1
         owned = self.growth != "momentum" or comm is not None  # scores nobody else holds
         moves: List[Optional[Tuple[Tensor, Tensor]]] = []  # (dropped slots, added positions)
-        for (_, m), k, grow in zip(self.layers, ks, scores):
+        for (name, m), k, grow in zip(self.layers, ks, scores):
             if k == 0:
                 moves.append(None)
                 continue
             # prune: the k active units of smallest magnitude (a top-k over the nnz active
             # units only: at block size 1 the grid has millions of entries)
-            active, mag = m._active_units(p)
+            active, mag = self._prune_scores(name, m, p)
             drop = topk_indices(_finite(mag, inplace=True), k, largest=False)  # slots in `active`
             # grow: the k best units that were inactive before this update (so nothing pruned
             # now comes straight back and nnz stays exact)
@@ -450,15 +454,26 @@ class TopologyManager:
             self.fired[name].view(-1)[mv[1]] = True
         return True
 
+    def _prune_scores(self, name: str, m: SparseLayer, p: int) -> Tuple[Tensor, Tensor]:
+        """``(active positions, prune scores)``: the Lp magnitudes, times the following batch
+        norm's ``|γ|/σ`` of each unit's row with ``prune="magnitude_bn"``."""
+        active, mag = m._active_units(p)
+        bn = self._norms.get(name)
+        if bn is not None:
+            R = m.block_mask.shape[0]
+            rows = torch.div(active, m.block_mask.numel() // R, rounding_mode="floor")
+            mag = mag * row_scale(bn, R).to(mag.device).index_select(0, rows)
+        return active, mag
+
     @torch.no_grad()
     def _update_constant_fan_in(self, ks: List[int], scores: List[Optional[Tensor]]) -> bool:
         """The constant fan-in update (:func:`itop.fan_in.plan_update`) of every layer; under
         DDP rank 0's new masks are broadcast (the number of moves is not known in advance)."""
-        p = 1 if self.prune == "magnitude" else 2
+        p = 2 if self.prune == "magnitude_l2" else 1
         news: List[Tensor] = []
         actives: List[Tensor] = []
-        for (_, m), k, grow, (live, f) in zip(self.layers, ks, scores, self._rows):
-            active, mag = m._active_units(p)
+        for (name, m), k, grow, (live, f) in zip(self.layers, ks, scores, self._rows):
+            active, mag = self._prune_scores(name, m, p)
             g = None if grow is None else _finite(grow).to(active.device)
             news.append(plan_update(m.block_mask, active, _finite(mag, inplace=True), g, k, f,
                                     live, self._generator))
