@@ -71,7 +71,6 @@ from itop_kernels.block_norms import PRECISIONS
 from .fan_in import FAN_IN_MODES, check_layers, plan_update
 from .fan_in import prune_count as constant_fan_in_prune_count
 from .layers import SparseLayer
-from .norm_scores import following_norms, row_scale
 from .sparsify import SparsitySummary, _unwrap
 from .unit_selection import random_inactive, topk_indices
 
@@ -79,7 +78,7 @@ __all__ = ["TopologyManager", "GROWTH_MODES", "SCHEDULES", "PRUNE_MODES"]
 
 GROWTH_MODES = ("random", "gradient", "momentum", "random_unfired")
 SCHEDULES = ("cosine", "linear", "constant")
-PRUNE_MODES = ("magnitude", "magnitude_l2", "magnitude_bn")
+PRUNE_MODES = ("magnitude", "magnitude_l2")
 
 
 def _check_int(v, name: str, minimum: int) -> int:
@@ -149,9 +148,7 @@ class TopologyManager:
         schedule: ``"cosine"`` (default), ``"linear"`` or ``"constant"`` decay of the rate.
         total_steps: training length in optimizer steps (int >= 1).
         stop_step: optional last step (exclusive) with updates, and the decay horizon (RigL).
-        prune: ``"magnitude"`` (L1 norm of a unit), ``"magnitude_l2"``, or
-            ``"magnitude_bn"``: the L1 norm times the following batch norm's ``|γ|/σ`` of the
-            unit's output channels (:mod:`itop.norm_scores`).
+        prune: ``"magnitude"`` (L1 norm of a unit) or ``"magnitude_l2"``.
         growth: ``"gradient"`` (default, RigL), ``"random"`` (SET), ``"momentum"`` or
             ``"random_unfired"``.
         seed: seed of the manager's generator (random growth, tie-free fallbacks).
@@ -242,7 +239,6 @@ class TopologyManager:
             self._broadcast_layers()
         # (live rows, fan-in) per layer in the constant fan-in mode (fixed for the whole run)
         self._rows = check_layers(self.layers, ablation) if fan_in == "constant" else None
-        self._norms = following_norms(root, self.layers) if prune == "magnitude_bn" else {}
         # Random growth draws on the layers' device: drawing millions of element scores on the
         # host and copying them over (block size 1) would cost more than the training step.
         device = self.layers[0][1].block_mask.device if self.layers else torch.device("cpu")
@@ -455,15 +451,10 @@ class TopologyManager:
         return True
 
     def _prune_scores(self, name: str, m: SparseLayer, p: int) -> Tuple[Tensor, Tensor]:
-        """``(active positions, prune scores)``: the Lp magnitudes, times the following batch
-        norm's ``|γ|/σ`` of each unit's row with ``prune="magnitude_bn"``."""
-        active, mag = m._active_units(p)
-        bn = self._norms.get(name)
-        if bn is not None:
-            R = m.block_mask.shape[0]
-            rows = torch.div(active, m.block_mask.numel() // R, rounding_mode="floor")
-            mag = mag * row_scale(bn, R).to(mag.device).index_select(0, rows)
-        return active, mag
+        """``(active positions, prune scores)`` of sparse layer ``name``: the Lp magnitudes of
+        its active units (:meth:`SparseLayer._active_units`). One place to change the prune
+        score (``benchmarks/bn_aware_prune.py`` tries a batch-norm-aware one there)."""
+        return m._active_units(p)
 
     @torch.no_grad()
     def _update_constant_fan_in(self, ks: List[int], scores: List[Optional[Tensor]]) -> bool:

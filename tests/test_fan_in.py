@@ -374,24 +374,3 @@ def test_itop_train_draws_again_a_topology_cut_off_from_its_input(capsys):
             capsys.readouterr().out
     assert redrawn >= 2
 
-
-# --------------------------------------------------------------------------- norm-aware score
-def test_magnitude_bn_scales_each_row_by_its_norm():
-    torch.manual_seed(0)
-    conv = itop.SparseConv2d(8, 8, 1, density=1.0, block_size=4, bias=False)
-    bn = nn.BatchNorm2d(8)
-    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4, 4))
-    with torch.no_grad():
-        bn.weight.copy_(torch.tensor([1.0] * 4 + [10.0] * 4))
-        bn.running_var.fill_(4.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=10,
-                               prune="magnitude_bn")
-    assert list(mgr._norms) == ["0"]
-    active, plain = conv._active_units(1)
-    _, scaled = mgr._prune_scores("0", conv, 1)
-    rows = torch.div(active, 2, rounding_mode="floor")
-    factor = torch.where(rows == 0, 1.0, 10.0) / math.sqrt(4.0 + bn.eps)
-    assert torch.allclose(scaled, plain * factor)
-    with pytest.raises(ValueError, match="prune"):
-        itop.TopologyManager(model, opt, update_every=1, total_steps=10, prune="bn")
