@@ -383,8 +383,9 @@ def collapses(results: List[Dict[str, Any]], margin: float = 0.10) -> str:
             "1.1. Each convolution is followed by batch norm, which makes a block's magnitude "
             "a poor measure of its importance, and a block-row without blocks is a dead set "
             "of output channels. The constant fan-in mode keeps every block-row live (8 of 8 "
-            "in both convolutions at 90 %), never replaces most of a layer in one update, and "
-            "at 98 % ablates rows explicitly (see docs/block-size.md).\n")
+            "in both convolutions at 90 %), never replaces most of a layer in one update nor "
+            "resets a row by magnitude, and at 98 % ablates rows explicitly (see "
+            "docs/block-size.md).\n")
 
 
 def _by(runs: List[Dict[str, Any]], key: str) -> Dict[Any, List[Dict[str, Any]]]:
