@@ -88,10 +88,24 @@ def allocate(grids: Sequence[Tuple[int, int, int]], densities: Sequence[float], 
         names: layer names for the error message.
 
     Returns:
-        ``(live_rows, fan_in)`` per layer, or ``None`` for a layer that should stay dense
-        (its fan-in reaches ``C``).
+        ``(live_rows, fan_in)`` per layer, or ``None`` for a layer that stays dense: the
+        distribution made it dense (``dᵢ >= 1``, as ERK does to its smallest layers; those keep
+        their weights out of the budget), or its fan-in reached ``C``.
     """
     names = list(names) if names is not None else [f"layer {i}" for i in range(len(grids))]
+    sparse = [i for i, d in enumerate(densities) if d < 1.0]
+    out: List[Optional[Tuple[int, int]]] = [None] * len(grids)
+    if sparse:
+        part = _allocate_sparse([grids[i] for i in sparse], [densities[i] for i in sparse],
+                                ablation, [names[i] for i in sparse])
+        for i, p in zip(sparse, part):
+            out[i] = p
+    return out
+
+
+def _allocate_sparse(grids: Sequence[Tuple[int, int, int]], densities: Sequence[float],
+                     ablation: bool, names: Sequence[str]) -> List[Optional[Tuple[int, int]]]:
+    """:func:`allocate` for layers whose densities are all below 1."""
     sizes = [R * C * u for R, C, u in grids]
     budget = sum(d * n for d, n in zip(densities, sizes))
     floors = [1.0 / C for _, C, _ in grids]
@@ -125,8 +139,7 @@ def allocate(grids: Sequence[Tuple[int, int, int]], densities: Sequence[float], 
             break
         fan[best[0]] += best[1]
         total += best[1] * row_w[best[0]]
-    return [None if f >= C and d >= 1.0 else (R, f)
-            for f, d, (R, C, _) in zip(fan, densities, grids)]
+    return [None if f >= C else (R, f) for f, (R, C, _) in zip(fan, grids)]
 
 
 def constant_fan_in_mask(rows: int, cols: int, live_rows: int, fan_in: int,

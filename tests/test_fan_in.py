@@ -374,3 +374,19 @@ def test_itop_train_draws_again_a_topology_cut_off_from_its_input(capsys):
             capsys.readouterr().out
     assert redrawn >= 2
 
+
+
+def test_layers_the_distribution_makes_dense_stay_dense():
+    """ERK makes cnn1d's first convolution and last linear layer dense at 90 % (block 1); the
+    constant fan-in budget must not sparsify them (nor count them)."""
+    from itop.app.models import build_model
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        any_fan = itop.sparsify(build_model("cnn1d", (1, 1, 40), 10), 0.1, block_size=1)
+        cfi = itop.sparsify(build_model("cnn1d", (1, 1, 40), 10), 0.1, block_size=1,
+                            fan_in="constant")
+    names = lambda m: [n for n, x in m.named_modules() if isinstance(x, itop.SparseLayer)]
+    assert names(cfi) == names(any_fan) == ["features.3", "features.6", "classifier.0"]
+    a, c = itop.sparsity_summary(any_fan), itop.sparsity_summary(cfi)
+    assert abs(c.overall_density - a.overall_density) < 0.005
