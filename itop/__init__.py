@@ -12,6 +12,8 @@ Public names:
   density table.
 - :class:`TopologyManager`: prune/regrow every ``update_every`` steps (SET, RigL, SNFS-like
   momentum, random-unfired growth), the ITOP rate, checkpoint state and DDP consistency.
+  ``fan_in="constant"`` (with ``sparsify(..., fan_in="constant")``) keeps every row of a layer
+  at the same number of active units (:mod:`itop.fan_in`).
 - :func:`erk_densities`, :func:`er_densities`, :func:`uniform_densities`: per-layer density
   distributions.
 

@@ -122,7 +122,9 @@ class SparseMultiheadAttention(nn.Module):
     @classmethod
     def from_dense(cls, mha: nn.MultiheadAttention, *,
                    density: Union[float, Tuple[float, float]] = 0.1, block_size: int = 32,
-                   init: str = "random") -> "SparseMultiheadAttention":
+                   init: str = "random",
+                   masks: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
+                   ) -> "SparseMultiheadAttention":
         """A :class:`SparseMultiheadAttention` holding ``mha``'s weights at the active blocks.
 
         Args:
@@ -132,6 +134,8 @@ class SparseMultiheadAttention(nn.Module):
                 density 1.0 stays a dense ``nn.Linear``.
             block_size, init: as :meth:`SparseLinear.from_dense` (``init="magnitude"`` keeps the
                 blocks of largest norm: for pretrained weights).
+            masks: optional ``(in_proj mask, out_proj mask)`` topology masks, each as the
+                ``mask`` of :meth:`SparseLinear.from_dense` or ``None`` (then drawn by ``init``).
         """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
@@ -149,10 +153,13 @@ class SparseMultiheadAttention(nn.Module):
         self.dropout = float(mha.dropout)
         self.batch_first = bool(mha.batch_first)
         opts = dict(block_size=block_size, init=init)
-        self.in_proj = (SparseLinear.from_weight(w, mha.in_proj_bias, density=d_in, **opts)
+        m_in, m_out = masks if masks is not None else (None, None)
+        self.in_proj = (SparseLinear.from_weight(w, mha.in_proj_bias, density=d_in, mask=m_in,
+                                                 **opts)
                         if d_in < 1.0 else _dense_linear(w, mha.in_proj_bias))
         op = mha.out_proj
-        self.out_proj = (SparseLinear.from_weight(op.weight, op.bias, density=d_out, **opts)
+        self.out_proj = (SparseLinear.from_weight(op.weight, op.bias, density=d_out, mask=m_out,
+                                                  **opts)
                          if d_out < 1.0 else _dense_linear(op.weight, op.bias))
         self.train(mha.training)
         return self

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from typing import List, Sequence
 
-__all__ = ["erk_densities", "er_densities", "uniform_densities", "DISTRIBUTIONS"]
+__all__ = ["erk_densities", "er_densities", "uniform_densities", "floor_densities",
+           "DISTRIBUTIONS"]
 
 
 def _check(shapes: Sequence[Sequence[int]], density: float) -> List[tuple]:
@@ -114,3 +115,38 @@ def er_densities(shapes: Sequence[Sequence[int]], density: float, *,
 
 
 DISTRIBUTIONS = {"erk": erk_densities, "er": er_densities, "uniform": uniform_densities}
+
+
+def floor_densities(densities: Sequence[float], sizes: Sequence[int],
+                    floors: Sequence[float]) -> List[float]:
+    """Raise every density to its floor and scale the others down by one common factor so that
+    the weight count ``Σ dᵢ·nᵢ`` stays the same (water-filling).
+
+    Args:
+        densities: per-layer densities in ``(0, 1]`` (from a distribution).
+        sizes: weights per layer ``nᵢ``.
+        floors: the least density of each layer, in ``(0, 1]``.
+
+    Returns:
+        The new densities: ``max(floorᵢ, s·dᵢ)`` with one ``s <= 1``.
+
+    Raises:
+        ValueError: when the floors alone hold more weights than the densities.
+    """
+    if not (len(densities) == len(sizes) == len(floors)):
+        raise ValueError("densities, sizes and floors must have the same length")
+    budget = sum(d * n for d, n in zip(densities, sizes))
+    need = sum(f * n for f, n in zip(floors, sizes))
+    if need > budget * (1 + 1e-12):
+        raise ValueError(f"the floors hold {need:.0f} weights, more than the budget of "
+                         f"{budget:.0f}")
+    at_floor = [d <= f for d, f in zip(densities, floors)]
+    while True:
+        fixed = sum(f * n for f, n, a in zip(floors, sizes, at_floor) if a)
+        free = sum(d * n for d, n, a in zip(densities, sizes, at_floor) if not a)
+        s = (budget - fixed) / free if free > 0 else 1.0
+        newly = [not a and s * d < f for d, f, a in zip(densities, floors, at_floor)]
+        if not any(newly):
+            break
+        at_floor = [a or b for a, b in zip(at_floor, newly)]
+    return [f if a else min(1.0, s * d) for d, f, a in zip(densities, floors, at_floor)]

@@ -30,7 +30,9 @@ block, get a :class:`itop.surgery_guards.StarvedLayerWarning`.
 ``density`` is the overall density of the weights of the layers that can be sparsified
 (excluded and ineligible layers do not count). Per-layer block counts are
 ``round(dᵢ · blocks)``, so the realized overall density is exact up to that rounding;
-:func:`sparsity_summary` reports it.
+:func:`sparsity_summary` reports it. With ``fan_in="constant"`` they are
+``live rows × fan-in`` instead (:mod:`itop.fan_in`: every row gets at least one unit, the
+budget moves between layers to pay for it, and the fan-ins are rounded to whole units).
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .density import DISTRIBUTIONS
 from .attention import SparseMultiheadAttention, unsupported_attention_reason
+from .density import DISTRIBUTIONS
+from .fan_in import FAN_IN_MODES, allocate, constant_fan_in_mask, unit_grid
 from .layers import INITS, SparseConv2d, SparseLayer, SparseLinear, check_density
 from .surgery_guards import (carry_over, clear_sparsified, mark_sparsified, module_names,
                              refuse_second_sparsify, tied_layers, warn_starved_layers)
@@ -196,22 +199,34 @@ def _weight_shapes(m: nn.Module, kind: str) -> List[Tuple[int, ...]]:
     return [tuple(m.weight.shape)]
 
 
-def _sparse_module(m: nn.Module, kind: str, densities: Sequence[float], block_size: int,
-                   init: str) -> nn.Module:
-    """The sparse replacement of ``m`` (a kind from :func:`_layer_kind`)."""
+def _weight_names(name: str, kind: str) -> List[str]:
+    """Names of the weights of :func:`_weight_shapes`, for messages."""
+    if kind == "mha":
+        return [f"{name}.in_proj", f"{name}.out_proj"]
+    if kind == "mha-in":
+        return [f"{name}.in_proj"]
+    return [name]
+
+
+def _sparse_module(m: nn.Module, kind: str, densities: Sequence[float],
+                   masks: Sequence[Optional[Tensor]], block_size: int, init: str) -> nn.Module:
+    """The sparse replacement of ``m`` (a kind from :func:`_layer_kind`): one density and one
+    optional topology mask per weight of :func:`_weight_shapes` (a density of 1.0 keeps that
+    projection of an attention module dense)."""
     opts = dict(block_size=block_size, init=init)
     if kind in ("mha", "mha-in"):
-        d_out = min(densities[1], 1.0) if kind == "mha" else 1.0
-        new = SparseMultiheadAttention.from_dense(m, density=(min(densities[0], 1.0), d_out),
-                                                  **opts)
+        d_out, m_out = (densities[1], masks[1]) if kind == "mha" else (1.0, None)
+        new = SparseMultiheadAttention.from_dense(m, density=(densities[0], d_out),
+                                                  masks=(masks[0], m_out), **opts)
     elif kind == "conv1d":
         # Conv1D computes x·W + b with W [in, out]: a linear layer with weight Wᵀ
-        new = SparseLinear.from_weight(m.weight.t(), m.bias, density=densities[0], **opts)
+        new = SparseLinear.from_weight(m.weight.t(), m.bias, density=densities[0],
+                                       mask=masks[0], **opts)
         new._densify_as = type(m)
     elif kind == "linear":
-        new = SparseLinear.from_dense(m, density=densities[0], **opts)
+        new = SparseLinear.from_dense(m, density=densities[0], mask=masks[0], **opts)
     else:
-        new = SparseConv2d.from_dense(m, density=densities[0], **opts)
+        new = SparseConv2d.from_dense(m, density=densities[0], mask=masks[0], **opts)
     new.train(m.training)
     return new
 
@@ -250,7 +265,8 @@ def _switch_off_fused_transformer_paths(model: nn.Module) -> None:
 
 def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
              block_size: int = 32, exclude: Optional[Iterable[Union[str, type]]] = None,
-             dense_first: bool = False, verbose: bool = False, init: str = "random") -> nn.Module:
+             dense_first: bool = False, verbose: bool = False, init: str = "random",
+             fan_in: str = "any", ablation: bool = False) -> nn.Module:
     """Replace the ``nn.Linear``/``nn.Conv2d`` layers of ``model`` by sparse layers, in place.
 
     Args:
@@ -267,6 +283,13 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         init: which blocks each sparse layer keeps of the dense weights: ``"random"`` (default:
             uniformly random, for training from scratch) or ``"magnitude"`` (the blocks of
             largest L2 norm: for a pretrained checkpoint).
+        fan_in: ``"any"`` (default: each layer's active units anywhere) or ``"constant"``:
+            every row of a layer (block-row, or output unit at block size 1) gets the same
+            number of active units, with the budget moved between layers so that each row
+            gets at least one (see :mod:`itop.fan_in`; train it with
+            ``TopologyManager(..., fan_in="constant")``).
+        ablation: with ``fan_in="constant"``, when the budget cannot give every row one unit,
+            keep fewer live rows (the others empty) instead of raising ``ValueError``.
 
     Returns:
         The model (the new sparse layer if ``model`` was itself a layer). Each sparse layer
@@ -303,6 +326,13 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if fan_in not in FAN_IN_MODES:
+        raise ValueError(f"fan_in must be one of {FAN_IN_MODES}, got {fan_in!r}")
+    if not isinstance(ablation, bool):
+        raise TypeError(f"ablation must be a bool, got {ablation!r}")
+    if fan_in == "constant" and init != "random":
+        raise ValueError(f"init={init!r} cannot be combined with fan_in='constant' (the "
+                         "constant fan-in topology is drawn, not chosen by magnitude)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if _unwrap(model) is not model:
@@ -349,14 +379,26 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
         warnings.warn("itop.sparsify leaves these layers dense: " + "; ".join(skipped),
                       UserWarning, stacklevel=2)
     shapes = [_weight_shapes(m, kind) for _, m, kind in candidates]
-    flat = iter(DISTRIBUTIONS[distribution]([sh for group in shapes for sh in group], density))
+    flat_shapes = [sh for group in shapes for sh in group]
+    flat_d = DISTRIBUTIONS[distribution](flat_shapes, density)
+    flat_masks: List[Optional[Tensor]] = [None] * len(flat_shapes)
+    if fan_in == "constant":
+        flat_names = [n for name, _, kind in candidates for n in _weight_names(name, kind)]
+        device = next(iter(m.parameters())).device if candidates else None
+        flat_masks = _constant_fan_in_masks(flat_shapes, flat_d, block_size, ablation,
+                                            flat_names, device)
     result = model
     aliases = module_names(model)
+    i = 0
     for (name, m, kind), group in zip(candidates, shapes):
-        ds = [next(flat) for _ in group]
-        if all(d >= 1.0 for d in ds):
+        ds, masks = flat_d[i:i + len(group)], flat_masks[i:i + len(group)]
+        i += len(group)
+        # a weight stays dense where its density is 1 (any fan-in) or it got no mask (constant)
+        dense = [d >= 1.0 if fan_in == "any" else mk is None for d, mk in zip(ds, masks)]
+        if all(dense):
             continue
-        new = _sparse_module(m, kind, ds, block_size, init)
+        ds = [1.0 if dn else min(d, 1.0) for d, dn in zip(ds, dense)]
+        new = _sparse_module(m, kind, ds, masks, block_size, init)
         carry_over(m, new)
         if name == "":
             result = new
@@ -365,11 +407,28 @@ def sparsify(model: nn.Module, density: float, *, distribution: str = "erk",
                 _set_submodule(model, alias, new)
     _switch_off_fused_transformer_paths(result)
     mark_sparsified(result, {"density": density, "distribution": distribution,
-                             "block_size": block_size})
+                             "block_size": block_size, "fan_in": fan_in})
     warn_starved_layers(result)
     if verbose:
         print(sparsity_summary(result))
     return result
+
+
+def _constant_fan_in_masks(shapes: List[Tuple[int, ...]], densities: List[float],
+                           block_size: int, ablation: bool, names: List[str],
+                           device: Optional[torch.device]) -> List[Optional[Tensor]]:
+    """Constant fan-in topology masks, one per weight shape (``[R, C]`` unit grids, the weight's
+    shape at block size 1); ``None`` = that weight stays dense."""
+    grids = [unit_grid(shape, block_size) for shape in shapes]
+    plan = allocate(grids, densities, ablation=ablation, names=names)
+    masks: List[Optional[Tensor]] = []
+    for shape, (R, C, _), p in zip(shapes, grids, plan):
+        if p is None:
+            masks.append(None)
+            continue
+        mask = constant_fan_in_mask(R, C, p[0], p[1], device=device)
+        masks.append(mask.view(shape if block_size == 1 else (R, C)))
+    return masks
 
 
 def densify(model: nn.Module) -> nn.Module:

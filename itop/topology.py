@@ -41,6 +41,14 @@ ITOP and RigL reference code):
 4. ``fired |= active``; :attr:`TopologyManager.itop_rate` is the explored fraction of the
    weights of all sparse layers.
 
+Constant fan-in (``fan_in="constant"``, for layers built by ``itop.sparsify(...,
+fan_in="constant")``): every live row of a layer keeps the same number of active units, the
+prune count is ``min(ceil(prune_rate_t · nnz), floor((nnz - 1) / 2), nnz - live rows)``
+(an update keeps a strict majority of every layer, and every row its strongest unit), units
+without gradient signal are replaced as well, regrowth goes row by row, and with
+``ablation=True`` empty rows are allowed and which rows are live follows the scores. See
+:mod:`itop.fan_in` and ``docs/block-size.md``.
+
 ``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
 ``H = stop_step or total_steps`` (``cosine``: ``prune_rate·(1+cos(πt/H))/2``; ``linear``:
 ``prune_rate·(1-t/H)``; ``constant``); updates happen at steps ``t = update_every, 2·update_every,
@@ -66,6 +74,8 @@ from torch import Tensor, nn
 
 from itop_kernels.block_norms import PRECISIONS
 
+from .fan_in import FAN_IN_MODES, check_layers, plan_update
+from .fan_in import prune_count as constant_fan_in_prune_count
 from .layers import SparseLayer
 from .sparsify import SparsitySummary, _unwrap
 from .unit_selection import random_inactive, topk_indices
@@ -164,6 +174,16 @@ class TopologyManager:
             device with native bf16 matmul, and uses the layers' dtype otherwise; ``"exact"``
             always uses the layers' dtype (float16/bfloat16 in float32); ``"bf16"`` always
             bfloat16. See :mod:`itop_kernels.block_norms` for what it costs and changes.
+        fan_in: ``"any"`` (default) or ``"constant"``: every update keeps each layer's
+            constant fan-in (every live row the same number of active units, see
+            :mod:`itop.fan_in`), prunes ``min(ceil(rate·nnz), floor((nnz-1)/2), nnz - live
+            rows)`` units by magnitude (a strict majority of a layer and each row's strongest
+            unit always stay) plus units without gradient signal, and regrows row by row. The
+            layers must already have a constant fan-in (``itop.sparsify(...,
+            fan_in="constant")``), else ``ValueError``.
+        ablation: with ``fan_in="constant"``, allow layers with empty rows (their number stays
+            the same, which rows are live follows the growth scores). Without it an empty row
+            is a ``ValueError``.
 
     A manager owns the gradient capture of its layers: constructing one switches off whatever
     capture was armed on them before (by an earlier manager, say), and :meth:`close` switches
@@ -180,7 +200,8 @@ class TopologyManager:
                  prune_rate: float = 0.5, schedule: str = "cosine", total_steps: int,
                  stop_step: Optional[int] = None, prune: str = "magnitude",
                  growth: str = "gradient", seed: int = 0, grad_scaler=None,
-                 distributed: Optional[bool] = None, score_precision: str = "auto"):
+                 distributed: Optional[bool] = None, score_precision: str = "auto",
+                 fan_in: str = "any", ablation: bool = False):
         self._token = object()  # marks the captures this manager armed
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -210,6 +231,11 @@ class TopologyManager:
             raise ValueError(f"score_precision must be one of {PRECISIONS}, got "
                              f"{score_precision!r}")
         self.score_precision = score_precision
+        if fan_in not in FAN_IN_MODES:
+            raise ValueError(f"fan_in must be one of {FAN_IN_MODES}, got {fan_in!r}")
+        if not isinstance(ablation, bool):
+            raise TypeError(f"ablation must be a bool, got {ablation!r}")
+        self.fan_in, self.ablation = fan_in, ablation
         self.schedule, self.prune, self.growth, self.seed = schedule, prune, growth, seed
         self.model = model
         self.optimizer = optimizer
@@ -228,6 +254,8 @@ class TopologyManager:
         self._comm = _collectives(model, distributed)
         if self._comm is not None:
             self._broadcast_layers()
+        # (live rows, fan-in) per layer in the constant fan-in mode (fixed for the whole run)
+        self._rows = check_layers(self.layers, ablation) if fan_in == "constant" else None
         # Random growth draws on the layers' device: drawing millions of element scores on the
         # host and copying them over (block size 1) would cost more than the training step.
         device = self.layers[0][1].block_mask.device if self.layers else torch.device("cpu")
@@ -382,10 +410,16 @@ class TopologyManager:
     @torch.no_grad()
     def _update(self, t: int) -> bool:
         rate = self.prune_rate_at(t)
-        ks = [0 if _frozen(m) else min(math.ceil(rate * m.nnz), m.num_units - m.nnz)
-              for _, m in self.layers]
-        if not any(ks):
-            return False
+        if self._rows is not None:
+            ks = [0 if _frozen(m) else constant_fan_in_prune_count(rate, m.nnz, live)
+                  for (_, m), (live, _) in zip(self.layers, self._rows)]
+            if not any(ks) and (rate == 0.0 or self.growth not in ("gradient", "momentum")):
+                return False   # (gradient scores may still find units without signal)
+        else:
+            ks = [0 if _frozen(m) else min(math.ceil(rate * m.nnz), m.num_units - m.nnz)
+                  for _, m in self.layers]
+            if not any(ks):
+                return False
         scores = self._growth_scores()
         comm = self._comm
         if comm is not None and self.growth in ("gradient", "momentum"):
@@ -399,17 +433,19 @@ class TopologyManager:
                 n = m.num_units
                 scores.append(flat[off:off + n].view(m.block_mask.shape))
                 off += n
+        if self._rows is not None:
+            return self._update_constant_fan_in(ks, scores)
         # ---- which units leave and which arrive: flat mask positions, k of each per layer
-        p = 1 if self.prune == "magnitude" else 2
+        p = 2 if self.prune == "magnitude_l2" else 1
         owned = self.growth != "momentum" or comm is not None  # scores nobody else holds
         moves: List[Optional[Tuple[Tensor, Tensor]]] = []  # (dropped slots, added positions)
-        for (_, m), k, grow in zip(self.layers, ks, scores):
+        for (name, m), k, grow in zip(self.layers, ks, scores):
             if k == 0:
                 moves.append(None)
                 continue
             # prune: the k active units of smallest magnitude (a top-k over the nnz active
             # units only: at block size 1 the grid has millions of entries)
-            active, mag = m._active_units(p)
+            active, mag = self._prune_scores(name, m, p)
             drop = topk_indices(_finite(mag, inplace=True), k, largest=False)  # slots in `active`
             # grow: the k best units that were inactive before this update (so nothing pruned
             # now comes straight back and nnz stays exact)
@@ -437,6 +473,51 @@ class TopologyManager:
             m._apply_topology(mv[0], mv[1], self.optimizer)
             self.fired[name].view(-1)[mv[1]] = True
         return True
+
+    def _prune_scores(self, name: str, m: SparseLayer, p: int) -> Tuple[Tensor, Tensor]:
+        """``(active positions, prune scores)`` of sparse layer ``name``: the Lp magnitudes of
+        its active units (:meth:`SparseLayer._active_units`). One place to change the prune
+        score (``benchmarks/bn_aware_prune.py`` tries a batch-norm-aware one there)."""
+        return m._active_units(p)
+
+    @torch.no_grad()
+    def _update_constant_fan_in(self, ks: List[int], scores: List[Optional[Tensor]]) -> bool:
+        """The constant fan-in update (:func:`itop.fan_in.plan_update`) of every layer; under
+        DDP rank 0's new masks are broadcast (the number of moves is not known in advance)."""
+        p = 2 if self.prune == "magnitude_l2" else 1
+        news: List[Tensor] = []
+        actives: List[Tensor] = []
+        for (name, m), k, grow, (live, f) in zip(self.layers, ks, scores, self._rows):
+            active, mag = self._prune_scores(name, m, p)
+            if _frozen(m):   # a frozen layer keeps its topology
+                news.append(m.block_mask.clone())
+                actives.append(active)
+                continue
+            g = None if grow is None else _finite(grow).to(active.device)
+            news.append(plan_update(m.block_mask, active, _finite(mag, inplace=True), g, k, f,
+                                    live, self._generator))
+            actives.append(active)
+        if self._comm is not None:
+            flat = torch.cat([n.reshape(-1).to(torch.uint8) for n in news])
+            self._comm.broadcast(flat)
+            off = 0
+            for i, (_, m) in enumerate(self.layers):
+                n = m.num_units
+                news[i] = flat[off:off + n].bool().view(m.block_mask.shape)
+                off += n
+        changed = False
+        for (name, m), new, active in zip(self.layers, news, actives):
+            old = m.block_mask.reshape(-1)
+            new = new.reshape(-1)
+            gone = (old & ~new).nonzero().squeeze(1)
+            if gone.numel() == 0:
+                continue
+            drop = torch.searchsorted(active, gone)
+            add = (new & ~old).nonzero().squeeze(1)
+            m._apply_topology(drop, add, self.optimizer)
+            self.fired[name].view(-1)[add] = True
+            changed = True
+        return changed
 
     def close(self) -> None:
         """Switch the layers' capture off and drop what it kept (the manager stops; call this
@@ -489,7 +570,8 @@ class TopologyManager:
             "rng_device": self._generator.device.type,
             "ema": {n: e.clone() for n, e in self._ema.items()},
             "config": {"update_every": self.update_every, "growth": self.growth,
-                       "total_steps": self.total_steps},
+                       "total_steps": self.total_steps, "fan_in": self.fan_in,
+                       "ablation": self.ablation},
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``itop`` argument parser (sub-commands train, report, bench)."""
     from .data import DATASETS
     from .models import MODELS
+    from ..fan_in import FAN_IN_MODES
     from .train import TrainConfig
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--update-every", type=positive_int, default=d.update_every,
                    help="steps between topology updates (ΔT, the reference's "
                         "--update_frequency)")
+    g.add_argument("--fan-in", choices=FAN_IN_MODES, default=d.fan_in,
+                   help="'constant': every row of a layer (block-row, or output unit at block "
+                        "size 1) keeps the same number of active units through training "
+                        "(SRigL-style; see docs/block-size.md)")
+    g.add_argument("--ablation", action="store_true",
+                   help="with --fan-in constant: when the budget cannot give every row a unit, "
+                        "keep fewer live rows (explicitly empty ones) instead of refusing")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--dense", action="store_true", help="dense baseline (no sparsity)")
     mode.add_argument("--static", action="store_true",
@@ -222,8 +230,8 @@ def _cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     cfg = TrainConfig(
         model=args.model, data=args.data, data_dir=args.data_dir, density=args.density,
         distribution=args.distribution, block_size=args.block_size, growth=args.growth,
-        score_precision=args.score_precision, prune_rate=args.prune_rate,
-        update_every=args.update_every, dense=args.dense,
+        score_precision=args.score_precision, fan_in=args.fan_in, ablation=args.ablation,
+        prune_rate=args.prune_rate, update_every=args.update_every, dense=args.dense,
         static=args.static, epochs=args.epochs, multiplier=args.multiplier,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,

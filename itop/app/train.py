@@ -41,6 +41,7 @@ prune-rate schedules to the new length from the resume point on.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -58,6 +59,7 @@ from torch import nn
 
 from itop_kernels.block_norms import native_bf16_matmul
 
+from .connectivity import output_depends_on_input
 from .data import Dataset, load_dataset, prepare_batch
 from ..layers import SparseLayer
 from ..sparsify import sparsify, sparsity_summary
@@ -75,7 +77,7 @@ __all__ = ["TrainConfig", "train", "lr_at", "read_metrics", "CHECKPOINT", "METRI
 
 #: Settings that define what a run computes: resuming a run keeps them.
 RUN_SETTINGS = ("model", "data", "density", "distribution", "block_size", "growth",
-                "score_precision", "prune_rate", "update_every", "dense", "static",
+                "score_precision", "fan_in", "ablation", "prune_rate", "update_every", "dense", "static",
                 "batch_size", "test_batch_size", "lr", "momentum", "weight_decay",
                 "label_smoothing", "seed", "amp")
 #: Settings a resume may change: the length of training.
@@ -96,6 +98,8 @@ class TrainConfig:
     block_size: int = 1
     growth: str = "gradient"
     score_precision: str = "auto"
+    fan_in: str = "any"
+    ablation: bool = False
     prune_rate: float = 0.5
     update_every: int = 20
     dense: bool = False
@@ -233,10 +237,12 @@ def _build(cfg: TrainConfig, ds: Dataset, device: torch.device, d: _Dist) -> nn.
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.in_shape, ds.num_classes)
     if not cfg.dense:
+        template = copy.deepcopy(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model = sparsify(model, cfg.density, distribution=cfg.distribution,
-                             block_size=cfg.block_size)
+                             block_size=cfg.block_size, fan_in=cfg.fan_in,
+                             ablation=cfg.ablation)
         if d.main:
             for w in caught:
                 if issubclass(w.category, StarvedLayerWarning):
@@ -246,7 +252,41 @@ def _build(cfg: TrainConfig, ds: Dataset, device: torch.device, d: _Dist) -> nn.
         if not any(isinstance(m, SparseLayer) for m in model.modules()):
             raise ValueError(f"--block-size {cfg.block_size} leaves no layer of {cfg.model} "
                              "sparse; pick a block size that divides its channel counts")
+        model = _draw_until_connected(model, template, cfg, ds, d)
     return model.to(device)
+
+
+# Random topologies tried before a run is declared cut off (see itop.app.connectivity).
+TOPOLOGY_DRAWS = 50
+
+
+def _draw_until_connected(model: nn.Module, template: nn.Module, cfg: TrainConfig,
+                          ds: Dataset, d: _Dist) -> nn.Module:
+    """``model``, or the first of up to ``TOPOLOGY_DRAWS`` fresh sparsifications of the dense
+    ``template`` whose output depends on its input (drawn from the seeded RNG, so every rank
+    and every resume gets the same one). A static run that stays cut off is refused; a dynamic
+    one is warned about."""
+    x = prepare_batch(ds, ds.train_x[:100], train=False, device=torch.device("cpu"))
+    for draw in range(TOPOLOGY_DRAWS):
+        if output_depends_on_input(model, x):
+            if draw and d.main:
+                print(f"note: {draw} random topolog{'y' if draw == 1 else 'ies'} cut every path "
+                      f"from the input to the output; using draw {draw + 1}")
+            return model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = sparsify(copy.deepcopy(template), cfg.density, distribution=cfg.distribution,
+                             block_size=cfg.block_size, fan_in=cfg.fan_in, ablation=cfg.ablation)
+    reason = (f"{TOPOLOGY_DRAWS} random topologies at --density {cfg.density} and --block-size "
+              f"{cfg.block_size} all cut every path from the input to the output of "
+              f"{cfg.model} (its output is the same for every sample)")
+    hint = ("use a smaller --block-size or a higher --density"
+            + ("" if cfg.fan_in == "constant" else ", or --fan-in constant --ablation"))
+    if cfg.static:
+        raise ValueError(f"{reason}: static training would stay at chance; {hint}")
+    if d.main:
+        _warn(f"{reason}; dynamic training may stay at chance; {hint}")
+    return model
 
 
 def _batches(n: int, bs: int, sampler, drop_last: bool) -> List[torch.Tensor]:
@@ -474,7 +514,8 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                               total_steps=total_steps,
                               growth="random" if cfg.static else cfg.growth,
                               seed=cfg.seed, grad_scaler=scaler,
-                              score_precision=cfg.score_precision)
+                              score_precision=cfg.score_precision,
+                              fan_in=cfg.fan_in, ablation=cfg.ablation)
     fwd = torch.compile(net) if cfg.compile else net
 
     metrics_path = os.path.join(cfg.out, METRICS)
@@ -610,6 +651,9 @@ def _train(cfg: TrainConfig, d: _Dist, t_start: float) -> Dict[str, Any]:
                    for r in summary.rows],
         "mask_hashes": hashes, "world_size": d.world,
     }
+    if d.main and not cfg.dense and test_acc <= 1.5 / ds.num_classes:
+        _warn(f"the sparse model ended at chance level ({100 * test_acc:.1f} % of the test set "
+              f"right, {ds.num_classes} classes): it did not learn")
     if d.main:
         append_metric(metrics_path, final)
         if cfg.plots:
