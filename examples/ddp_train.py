@@ -49,17 +49,17 @@ def main() -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)         # one thread per process on a small CPU
-    width, n, epochs = (64, 1024, 2) if args.tiny else (512, 16384, 3)
+    width, n, epochs = (512, 1024, 2) if args.tiny else (512, 16384, 3)
 
     # the same model and data on every rank (same seed); DistributedSampler splits the data
     torch.manual_seed(0)
-    x = torch.randn(n, 128)
+    x = torch.randn(n, 512)
     y = (x[:, :10] + 0.5 * x[:, 10:20]).argmax(1)      # a learnable 10-class target
     data = TensorDataset(x, y)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=256 // world, sampler=sampler)   # global batch 256
 
-    model = nn.Sequential(nn.Linear(128, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+    model = nn.Sequential(nn.Linear(512, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                           nn.Linear(width, 10))
     model = itop.sparsify(model, density=0.1, block_size=32, exclude=["4"]).to(device)
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
@@ -85,6 +85,10 @@ def main() -> None:
         print(f"mask hashes per rank: {hashes} -> {'identical' if same else 'DIFFERENT'}")
         if not same:
             raise SystemExit(1)
+    # Free DDP (it holds the process group) and wait for every rank before destroying the
+    # group, so that no gloo thread outlives the group at interpreter exit.
+    del mgr, opt, ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 
