@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -40,6 +39,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+from grid_runs import run_grid  # noqa: E402
 from provenance import cpu_model, git_state, package_versions  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
@@ -343,21 +343,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.replace(path + ".tmp", path)
 
     work = [(s, args.epochs, args.update_every) for s in todo]
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=4) as pool:
-            it = pool.imap_unordered(_worker, work)
-            for i, r in enumerate(it, 1):
-                results.append(r)
-                save()
-                print(f"[{i}/{len(work)}] {r['key']}: {100 * r['test_acc']:.1f} % "
-                      f"({r['seconds']:.0f} s)", flush=True)
-    else:
-        for i, w in enumerate(work, 1):
-            r = _worker(w)
-            results.append(r)
-            save()
-            print(f"[{i}/{len(work)}] {r['key']}: {100 * r['test_acc']:.1f} % "
-                  f"({r['seconds']:.0f} s)", flush=True)
+
+    def finished(i: int, r: Dict[str, Any]) -> None:
+        results.append(r)
+        save()
+        print(f"[{i}/{len(work)}] {r['key']}: {100 * r['test_acc']:.1f} % "
+              f"({r['seconds']:.0f} s)", flush=True)
+
+    run_grid(work, _worker, args.jobs, finished, maxtasksperchild=4)
     save()
     write_outputs({"meta": meta, "results": results}, not args.no_docs)
     print(f"grid: {(time.time() - t0) / 60:.1f} min", flush=True)

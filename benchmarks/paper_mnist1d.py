@@ -35,7 +35,6 @@ import contextlib
 import io
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -48,6 +47,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from grid_runs import run_grid  # noqa: E402
 
 DOCS_PAGE = os.path.join(ROOT, "docs", "paper-mnist1d.md")
 DOCS_IMG_DIR = os.path.join(ROOT, "docs", "img")
@@ -569,21 +571,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.replace(json_path + ".tmp", json_path)
 
     work = [(s, args.epochs) for s in todo]
-    if args.jobs > 1:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(args.jobs, maxtasksperchild=8) as pool:
-            for i, r in enumerate(pool.imap_unordered(_worker, work), 1):
-                results.append(r)
-                save()
-                print(f"[{i}/{len(work)}] {r['key']}: acc {100 * r['test_acc']:.1f} %, "
-                      f"Rs {r['itop_rate']:.3f}, {r['seconds']:.0f} s", flush=True)
-    else:
-        for i, w in enumerate(work, 1):
-            r = _worker(w)
-            results.append(r)
-            save()
-            print(f"[{i}/{len(work)}] {r['key']}: acc {100 * r['test_acc']:.1f} %, "
-                  f"Rs {r['itop_rate']:.3f}, {r['seconds']:.0f} s", flush=True)
+
+    def finished(i: int, r: Dict[str, Any]) -> None:
+        results.append(r)
+        save()
+        print(f"[{i}/{len(work)}] {r['key']}: acc {100 * r['test_acc']:.1f} %, "
+              f"Rs {r['itop_rate']:.3f}, {r['seconds']:.0f} s", flush=True)
+
+    run_grid(work, _worker, args.jobs, finished, maxtasksperchild=8)
     save()
     write_outputs({"meta": meta, "results": results}, args.out_dir, args.name)
     if not args.no_docs:
