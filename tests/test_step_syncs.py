@@ -118,3 +118,30 @@ def test_steps_between_updates_sync_free_on_gpu(growth, opt_name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_layout_rebuild_with_known_nnz_makes_no_host_sync(monkeypatch):
+    """The device build of a layout (4096², block 32, density 0.1): from known positions (what
+    an update runs), from a mask with a known nnz (a sort instead of nonzero), and the in-place
+    install. ``benchmarks/bench_train_gpu.py`` times them and checks them on a GPU."""
+    import itop_kernels.layout as layout_mod
+    from itop_kernels import BlockLayout
+    monkeypatch.setattr(layout_mod, "_CPU_FAST_BUILD", False)   # the path CUDA masks take
+    R = C = 128
+    nnz = round(0.1 * R * C)
+    pos = torch.randperm(R * C)[:nnz].sort().values
+    mask = torch.zeros(R * C, dtype=torch.bool)
+    mask[pos] = True
+    mask = mask.view(R, C)
+    ref = BlockLayout.from_mask(mask, 32)
+    with HostSyncRecorder() as rec:
+        a = BlockLayout.from_positions(pos, (R, C), 32, check=False)
+        b = BlockLayout.from_mask(mask, 32, nnz=nnz)
+        a.copy_(b)
+    assert not rec.syncs, rec.report()
+    for lay in (a, b):
+        for t in ("row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_block_idx"):
+            assert torch.equal(getattr(lay, t), getattr(ref, t)), t
+    with HostSyncRecorder() as rec:      # the check: it does see the count of an unknown nnz
+        BlockLayout.from_mask(mask, 32)
+    assert [op for op, _ in rec.syncs] == ["aten._local_scalar_dense.default"], rec.report()
