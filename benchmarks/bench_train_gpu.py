@@ -26,7 +26,8 @@ and listed):
 - peak memory of a step and the bytes of parameters, gradients and optimizer state;
 - sparse: the cost of one RigL topology update (gradient growth, prune rate 0.3): plain and
   update steps alternate (``update_every=2``), ``extra = median(update) - median(plain)`` and
-  ``extra / (100 · eager step)`` is the overhead at ``update_every=100`` (target < 1 %);
+  ``extra / (100 · eager step)`` is the overhead at ``update_every=100`` (target < 1 %), with
+  profiler tables of one update step (by host time and by device time);
 - ``mlp`` sparse: 100-step windows with RigL updates every 100 steps included (exactly one
   update per window), eager, and graph-replayed with the armed step before each update eager;
 - a ``torch.profiler`` table of 3 sparse eager steps (text in the JSON);
@@ -470,6 +471,16 @@ def case_update_cost(w: Workload, device, s: Shapes, plain_step_s: Optional[floa
         dt, changed = timed_step()
         assert changed, "the update step changed nothing"
         upd.append(dt)
+    # where an update's time goes: one plain step, then one update step (armed step + update)
+    from torch.profiler import ProfilerActivity, profile
+    timed_step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        timed_step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30,
+                                      max_name_column_width=60)
+    table_dev = prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
     mgr.close()
     w.mgr = itop.TopologyManager(w.model, w.opt, update_every=10 ** 8, total_steps=10 ** 9)
     extra = _med(upd) - _med(plain)
@@ -477,7 +488,8 @@ def case_update_cost(w: Workload, device, s: Shapes, plain_step_s: Optional[floa
     return {"model": w.name, "variant": w.variant, "kind": "update_cost",
             "plain_step_s": plain, "update_step_s": upd, "update_extra_s": extra,
             "overhead_at_update_every_100": extra / (100 * base), "base_step_s": base,
-            "target": 0.01}
+            "target": 0.01, "update_step_profile_by_cpu_time": table,
+            "update_step_profile_by_device_time": table_dev}
 
 
 def case_rigl_window(w: Workload, device, s: Shapes) -> dict:
@@ -585,6 +597,90 @@ def case_layout_rebuild(device, s: Shapes) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- analytic bounds
+def _resnet50_layers() -> List[tuple]:
+    """``(cin, cout, k, out_hw)`` of every conv of torchvision's ResNet-50 (v1.5: the stride
+    sits in the 3×3 conv) at 224², then ``(2048, 1000, 1, 1)`` for the head."""
+    layers = [(3, 64, 7, 112)]
+    cin = 64
+    for mid, n, stride, hw in ((64, 3, 1, 56), (128, 4, 2, 28), (256, 6, 2, 14),
+                               (512, 3, 2, 7)):
+        for i in range(n):
+            st = stride if i == 0 else 1
+            layers += [(cin, mid, 1, hw * st), (mid, mid, 3, hw), (mid, 4 * mid, 1, hw)]
+            if i == 0:
+                layers.append((cin, 4 * mid, 1, hw))
+            cin = 4 * mid
+    return layers + [(2048, 1000, 1, 1)]
+
+
+def _densities(modules: List[nn.Module], density: float, distribution: str, bs: int
+               ) -> List[float]:
+    """The density ``itop.sparsify`` gives each module (1.0 where it leaves one dense)."""
+    holder = nn.ModuleList(modules)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        itop.sparsify(holder, density, distribution=distribution, block_size=bs)
+    return [m.density if isinstance(m, itop.SparseLayer) else 1.0 for m in holder]
+
+
+def case_amdahl(s: Shapes, peak_tflops: float, bandwidth_tbs: float = 4.8) -> dict:
+    """FLOPs of a fwd+bwd step (3× the forward's multiply-adds ×2) of each model, dense and at
+    the benchmark's densities, and the Amdahl bound ``dense / sparse`` on the speedup if every
+    FLOP ran at the same rate and nothing else took time. GPT-2's causal attention counts half
+    of ``QKᵀ`` and ``AV`` (what flash attention computes) and its backward 2.5× its forward.
+    ``logits_bytes`` estimates the memory traffic of the loss on GPT-2's ``[tokens, vocab]``
+    logits (bf16 logits, float32 log-softmax and its gradient: ~30 bytes per logit), a dense
+    cost at ``bandwidth_tbs`` that no sparsity removes."""
+    out = {"kind": "amdahl", "peak_tflops": peak_tflops, "bandwidth_tbs": bandwidth_tbs,
+           "models": {}}
+    M, w, h = s.mlp_rows, s.mlp_width, s.mlp_hidden
+    d_mlp = _densities([nn.Linear(w, h), nn.Linear(h, w)], s.density, "uniform", s.block_mlp)
+    lin = 6 * M * w * h
+    out["models"]["mlp"] = {"dense_flops": s.mlp_blocks * 2 * lin,
+                            "sparse_flops": s.mlp_blocks * lin * sum(d_mlp),
+                            "sparseable_fraction": 1.0}
+    N, d, L, V, T, B = (s.gpt_batch * s.gpt_seq, s.gpt_d, s.gpt_layers, s.gpt_vocab, s.gpt_seq,
+                        s.gpt_batch)
+    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]
+    d_gpt = _densities([nn.Linear(i, o) for o, i in shapes], s.density, "uniform", s.block_gpt)
+    proj = [6 * N * o * i for o, i in shapes]
+    head = 6 * N * d * V
+    attn = L * (2 * B * T * T * d) * 3.5           # causal half of 4·B·T²·d, fwd + 2.5× bwd
+    dense = L * sum(proj) + head + attn
+    sparse = L * sum(p * dd for p, dd in zip(proj, d_gpt)) + head + attn
+    logits_bytes = 30 * N * V
+    out["models"]["gpt2"] = {"dense_flops": dense, "sparse_flops": sparse,
+                             "sparseable_fraction": L * sum(proj) / dense,
+                             "head_flops": head, "attention_flops": attn,
+                             "logits_bytes": logits_bytes,
+                             "logits_s": logits_bytes / (bandwidth_tbs * 1e12)}
+    layers = _resnet50_layers()
+    mods = [nn.Conv2d(ci, co, k, bias=False) if hw > 1 else nn.Linear(ci, co)
+            for ci, co, k, hw in layers]
+    out["models"]["resnet50"] = {}
+    for bs in s.resnet_blocks:
+        dens = _densities(mods, s.density, "erk", bs)
+        macs = [ci * co * k * k * hw * hw * s.resnet_batch for ci, co, k, hw in layers]
+        dense_r = 6 * sum(macs)
+        sparse_r = 6 * sum(m * dd for m, dd in zip(macs, dens))
+        out["models"]["resnet50"][f"b{bs}"] = {
+            "dense_flops": dense_r, "sparse_flops": sparse_r,
+            "sparseable_fraction": 6 * sum(m for m, dd in zip(macs, dens) if dd < 1) / dense_r,
+            "param_density": sum(ci * co * k * k * dd for (ci, co, k, _), dd in
+                                 zip(layers, dens)) / sum(ci * co * k * k
+                                                          for ci, co, k, _ in layers)}
+    for m in out["models"].values():
+        for r in ([m] if "dense_flops" in m else m.values()):
+            r["amdahl_bound"] = r["dense_flops"] / r["sparse_flops"]
+            r["dense_floor_s"] = r["dense_flops"] / (peak_tflops * 1e12)
+            r["sparse_floor_s"] = r["sparse_flops"] / (peak_tflops * 1e12)
+            if "logits_s" in r:
+                r["amdahl_bound_with_logits"] = (r["dense_floor_s"] + r["logits_s"]) / (
+                    r["sparse_floor_s"] + r["logits_s"])
+    return out
+
+
 # --------------------------------------------------------------------------- driver
 @dataclass
 class Plan:
@@ -602,8 +698,8 @@ def parse_args(argv=None):
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--only", nargs="+", default=None, metavar="CASE",
                     help="run only the cases whose names start with these (e.g. "
-                         "layout_rebuild, mlp, gpt2_update_cost); layout_rebuild alone also "
-                         "runs on a CPU at full size")
+                         "layout_rebuild, mlp, gpt2_update_cost); layout_rebuild and amdahl "
+                         "(analytic FLOPs) also run on a CPU at full size")
     ap.add_argument("--compile", choices=("none", "mlp", "all"), default=None,
                     help="which models also run through torch.compile(mode='reduce-overhead') "
                          "(default mlp on a GPU, none with --tiny)")
@@ -696,7 +792,8 @@ def plan_cases(a, s: Shapes, device, tiny: bool) -> List[Plan]:
 
     blocks = {"mlp": s.block_mlp, "gpt2": s.block_gpt, "resnet50": s.resnet_blocks[0]}
     est = (lambda x: 1.0) if tiny else (lambda x: x)
-    plans = [Plan("layout_rebuild", est(3), lambda: case_layout_rebuild(device, s))]
+    plans = [Plan("amdahl", est(1), lambda: case_amdahl(s, a.peak_tflops)),
+             Plan("layout_rebuild", est(3), lambda: case_layout_rebuild(device, s))]
     for m, (e_dense, e_sparse) in (("mlp", (10, 20)), ("gpt2", (8, 20)),
                                    ("resnet50", (10, 30))):
         if m not in a.models:
@@ -787,6 +884,15 @@ def print_table(rows: List[dict], result: dict) -> None:
         if c.get("kind") == "update_cost":
             print(f"RigL update, {c['model']}: +{c['update_extra_s'] * 1e3:.2f} ms = "
                   f"{100 * c['overhead_at_update_every_100']:.2f} % of 100 steps")
+        if c.get("kind") == "amdahl":
+            for m, r in c["models"].items():
+                for k, v in ([(m, r)] if "dense_flops" in r else
+                             [(f"{m} {b}", x) for b, x in r.items()]):
+                    print(f"Amdahl {k}: {v['dense_flops'] / 1e12:.2f} -> "
+                          f"{v['sparse_flops'] / 1e12:.2f} TFLOP/step, bound "
+                          f"{v['amdahl_bound']:.2f}x"
+                          + (f" ({v['amdahl_bound_with_logits']:.2f}x with the logits' "
+                             "memory traffic)" if "amdahl_bound_with_logits" in v else ""))
         if c.get("kind") == "layout_rebuild":
             for n, v in c["cases"].items():
                 print(f"layout {c['grid']} bs {c['block_size']} {n}: "
@@ -822,7 +928,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     tiny = a.tiny
     device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
-    layout_only = a.only is not None and all(c == "layout_rebuild" for c in a.only)
+    layout_only = a.only is not None and all(c in ("layout_rebuild", "amdahl") for c in a.only)
     if not tiny and device.type != "cuda" and not layout_only:
         print("no CUDA device: run with --tiny for the CPU smoke test (or --only "
               "layout_rebuild)", file=sys.stderr)
@@ -839,7 +945,7 @@ def main(argv=None) -> int:
     if tiny:
         tag = "tiny"
     elif device.type == "cpu":
-        tag = "cpu_layout"
+        tag = "cpu_" + "_".join(sorted(a.only))
     else:
         tag = name.split()[1].lower() if name.startswith("NVIDIA") else "gpu"
     path = results_path(f"train_gpu_{tag}.json", a.out_dir)

@@ -36,6 +36,9 @@ def test_tiny_runs_every_case(bench, tmp_path, capsys):
     assert cases["mlp_rigl_window"]["eager_updates"] == 1
     for m in ("mlp", "gpt2", "resnet50"):
         assert "overhead_at_update_every_100" in cases[f"{m}_update_cost"]
+    bounds = cases["amdahl"]["models"]
+    assert bounds["mlp"]["amdahl_bound"] > bounds["gpt2"]["amdahl_bound"] > 1
+    assert "update_step_profile_by_cpu_time" in cases["gpt2_update_cost"]
     lay = cases["layout_rebuild"]
     assert lay["grid"] == [128, 128] and lay["block_size"] == 32
     assert set(lay["cases"]) == {"from_positions", "from_positions_with_mask",
