@@ -42,6 +42,10 @@ reaches in a bf16 GEMM).
     python benchmarks/bench_train_gpu.py                      # GPU, default budget 170 s
     python benchmarks/bench_train_gpu.py --compile all        # also compile gpt2 and resnet50
     python benchmarks/bench_train_gpu.py --tiny               # every code path, CPU, seconds
+    python benchmarks/bench_train_gpu.py --quick              # GPU: 60 s, no compile; CPU: --tiny
+
+Without a GPU and without ``--tiny``/``--quick`` it runs the cases that need none (``amdahl``,
+``layout_rebuild``) at full size and says so.
 
 ``--compile`` is ``mlp`` by default on a GPU (compiling GPT-2 and ResNet-50 costs about a
 minute each, beyond the default budget) and ``none`` with ``--tiny`` (``--tiny --compile all``
@@ -303,14 +307,19 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(w: Workload, device, model=None) -> Callable[[], torch.Tensor]:
+def make_step(w: Workload, device, model=None, set_to_none: bool = False
+              ) -> Callable[[], torch.Tensor]:
     """One training step without ``mgr.step()``: zero_grad, forward and backward under bf16
-    autocast (weight-cast cache off, as CUDA graph capture wants), optimizer step."""
+    autocast (weight-cast cache off, as CUDA graph capture wants), optimizer step.
+
+    Gradients are zeroed in place (a CUDA graph needs them at fixed addresses), or set to None
+    with ``set_to_none`` (what ``torch.compile(mode="reduce-overhead")`` wants: gradients that
+    are outputs of its graphs must not be read after the next replay)."""
     model = model if model is not None else w.model
     x, y = w.inputs
 
     def step():
-        w.opt.zero_grad(set_to_none=False)
+        w.opt.zero_grad(set_to_none=set_to_none)
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
             loss = w.loss_fn(model(x), y)
         loss.backward()
@@ -431,7 +440,7 @@ def case_compile(w: Workload, device, s: Shapes, tiny: bool) -> dict:
     kw = {"backend": "eager"} if device.type != "cuda" else {"mode": "reduce-overhead"}
     out["compile_kwargs"] = {k: str(v) for k, v in kw.items()}
     cmodel = torch.compile(w.model, **kw)
-    step = make_step(w, device, cmodel)
+    step = make_step(w, device, cmodel, set_to_none=True)
 
     def full():
         torch.compiler.cudagraph_mark_step_begin()
@@ -692,6 +701,8 @@ class Plan:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="on a GPU: budget 60 s and no torch.compile; without one: --tiny")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-time budget; cases that would not fit are skipped "
                          "(default 170 on a GPU, 60 with --tiny)")
@@ -926,15 +937,17 @@ def plot(rows: List[dict], path: Path, device_name: str) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    tiny = a.tiny
-    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
-    layout_only = a.only is not None and all(c in ("layout_rebuild", "amdahl") for c in a.only)
-    if not tiny and device.type != "cuda" and not layout_only:
-        print("no CUDA device: run with --tiny for the CPU smoke test (or --only "
-              "layout_rebuild)", file=sys.stderr)
-        return 2
-    a.compile = a.compile or ("none" if tiny else "mlp")
-    budget = a.budget_s if a.budget_s is not None else (60.0 if tiny else 170.0)
+    has_cuda = torch.cuda.is_available()
+    tiny = a.tiny or (a.quick and not has_cuda)
+    device = torch.device("cpu" if tiny or not has_cuda else "cuda")
+    cpu_cases = ("layout_rebuild", "amdahl")
+    if not tiny and device.type != "cuda" and not (
+            a.only is not None and all(c in cpu_cases for c in a.only)):
+        print(f"no CUDA device: running only {', '.join(cpu_cases)} at full size (--tiny runs "
+              "every case at tiny shapes)", flush=True)
+        a.only = list(cpu_cases)
+    a.compile = a.compile or ("none" if tiny or a.quick else "mlp")
+    budget = a.budget_s if a.budget_s is not None else (60.0 if tiny or a.quick else 170.0)
     s = Shapes.tiny() if tiny else Shapes()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
