@@ -111,7 +111,10 @@ class HostSyncRecorder(TorchDispatchMode):
             from triton.runtime import interpreter
         except ImportError:  # pragma: no cover - no Triton
             return
-        orig = interpreter.GridExecutor.__call__
+        executor = getattr(interpreter, "GridExecutor", None)   # (triton 3.6 and 3.8 have it)
+        if executor is None:  # pragma: no cover - another Triton: nothing runs interpreted
+            return
+        orig = executor.__call__
         rec = self
 
         def call(ex, *a, **k):
@@ -121,8 +124,8 @@ class HostSyncRecorder(TorchDispatchMode):
             finally:
                 rec._suspended -= 1
 
-        self._patches.callback(setattr, interpreter.GridExecutor, "__call__", orig)
-        interpreter.GridExecutor.__call__ = call
+        self._patches.callback(setattr, executor, "__call__", orig)
+        executor.__call__ = call
 
     def __enter__(self):
         self._depth += 1
