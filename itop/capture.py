@@ -9,10 +9,12 @@ that ``torch.compile`` traces it like any other op, ``fullgraph=True`` included:
 
 - ``itop::capture_input(y, x, key) -> (y', slot)``: ``y'`` is a copy of ``y`` (so an in-place
   op after the layer, ``nn.ReLU(inplace=True)``, cannot hide ``dY``), and the layer registered
-  under ``key`` keeps a copy of ``x`` in its ``_captured`` list; ``slot`` (an int64 scalar on the
-  CPU) is where.
-- its backward, ``itop::capture_grad(dy, slot, key) -> dy'``, adds a copy of ``dy`` to that
-  entry (micro-batches of gradient accumulation each get their own entry).
+  under ``key`` keeps a copy of ``x`` in its ``_captured`` list; ``slot`` (a fresh int64 scalar
+  on the CPU, kept in the entry) names the entry.
+- its backward, ``itop::capture_grad(dy, slot, key) -> dy'``, adds a copy of ``dy`` to the entry
+  whose ``slot`` is this one (micro-batches of gradient accumulation each get their own entry).
+  It finds the entry by the slot tensor's storage, never by reading its value: nothing in the
+  capture reads a tensor's data on the host, so an armed step has no host sync either.
 
 Both keep copies, not references: compiled code reuses the memory of buffers it no longer
 needs. They cost a copy of ``X``, ``Y`` and ``dY`` on armed steps only; unarmed steps do not
@@ -58,11 +60,11 @@ def _armed_layer(key: int):
 @torch.library.custom_op("itop::capture_input", mutates_args=())
 def _capture_input(y: Tensor, x: Tensor, key: int) -> Tuple[Tensor, Tensor]:
     layer = _armed_layer(key)
-    slot = -1
+    slot = torch.full((), -1, dtype=torch.int64)
     if layer is not None:
-        slot = len(layer._captured)
-        layer._captured.append([x.detach().clone(), None])
-    return y.clone(), torch.tensor(slot, dtype=torch.int64)
+        slot.fill_(len(layer._captured))
+        layer._captured.append([x.detach().clone(), None, slot])
+    return y.clone(), slot
 
 
 @_capture_input.register_fake
@@ -70,12 +72,21 @@ def _(y, x, key):
     return torch.empty_like(y), torch.empty((), dtype=torch.int64)
 
 
+def _entry_of(layer, slot: Tensor):
+    """The captured entry that ``slot`` names: matched by storage (the entry keeps its slot
+    alive, so no other live tensor shares it), so that no tensor value is read on the host."""
+    ptr = slot.data_ptr()
+    for entry in reversed(layer._captured):   # the backward usually wants the latest entry
+        if entry[2].data_ptr() == ptr:
+            return entry
+    return None
+
+
 @torch.library.custom_op("itop::capture_grad", mutates_args=())
 def _capture_grad(dy: Tensor, slot: Tensor, key: int) -> Tensor:
     layer = _armed_layer(key)
-    s = int(slot)
-    if layer is not None and 0 <= s < len(layer._captured):
-        entry = layer._captured[s]
+    entry = _entry_of(layer, slot) if layer is not None else None
+    if entry is not None:
         g = dy.detach().clone()
         entry[1] = g if entry[1] is None else entry[1] + g
     return dy.clone()

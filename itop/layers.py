@@ -44,7 +44,7 @@ from itop_kernels import BlockLayout
 from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
 
 from . import capture
-from .storage import storage_for
+from .storage import install_layout, storage_for
 
 __all__ = ["SparseLinear", "SparseConv2d", "SparseLayer", "check_density", "nnz_for_density",
            "INITS"]
@@ -255,7 +255,7 @@ class SparseLayer(nn.Module):
         self._reset_capture()
 
     def _captured_pairs(self) -> List[Tuple[Tensor, Tensor]]:
-        return [(x, g) for x, g in self._captured if g is not None]
+        return [(e[0], e[1]) for e in self._captured if e[1] is not None]
 
     def _grad_scores(self, precision: str = "exact") -> Optional[Tensor]:
         """float32 mask-shaped norms of the dense weight gradient of the captured batch(es),
@@ -330,7 +330,10 @@ class SparseLayer(nn.Module):
         self._rebuild_layout()
 
     def _rebuild_layout(self) -> None:
-        self.layout = self._storage.build_layout(self.block_mask, self.block_size, self._nnz)
+        """The layout of ``block_mask``, written into the current one in place when nnz is the
+        same (:func:`itop.storage.install_layout`)."""
+        install_layout(self, self._storage.build_layout(self.block_mask, self.block_size,
+                                                         self._nnz))
         self._mask_version = self.block_mask._version
 
     def _apply(self, fn, *args, **kwargs):

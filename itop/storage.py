@@ -31,7 +31,7 @@ from torch import Tensor
 from itop_kernels import BlockLayout, block_sparse_linear
 from itop_kernels.dispatch import use_triton
 
-__all__ = ["BlockStorage", "CsrStorage", "MaskedDenseStorage", "storage_for"]
+__all__ = ["BlockStorage", "CsrStorage", "MaskedDenseStorage", "storage_for", "install_layout"]
 
 
 def _state_tensors(layer, optimizer) -> Iterator[Tensor]:
@@ -44,6 +44,26 @@ def _state_tensors(layer, optimizer) -> Iterator[Tensor]:
         for v in optimizer.state.get(p, {}).values():
             if isinstance(v, Tensor) and v.shape == p.shape:
                 yield v
+
+
+# Topology changes rewrite a layer's layout in place (BlockLayout.copy_) when the new one has
+# the same nnz, so captured CUDA graphs stay valid. Tests switch it off to compare with
+# installing a new layout object.
+_INPLACE_LAYOUT = True
+
+
+def install_layout(layer, layout: Optional[BlockLayout]) -> None:
+    """Make ``layout`` the layer's: written into the layer's current layout in place when both
+    have the same grid, block size, nnz and device (the tensors the kernels read keep their
+    identities and addresses), else installed as a new object (nnz changed: a captured graph
+    must be captured again)."""
+    old = getattr(layer, "layout", None)
+    if (_INPLACE_LAYOUT and old is not None and layout is not None and old is not layout
+            and old.grid_shape == layout.grid_shape and old.block_size == layout.block_size
+            and old.nnz == layout.nnz and old.device == layout.device):
+        old.copy_(layout)
+    else:
+        layer.layout = layout
 
 
 class BlockStorage:
@@ -139,7 +159,7 @@ class BlockStorage:
             moved = rows.index_select(0, idx)
             moved.masked_fill_(fresh.view(-1, *([1] * (rows.dim() - 1))), 0)
             rows.copy_(moved)
-        layer.layout = new_layout
+        install_layout(layer, new_layout)
         return mask
 
     @staticmethod

@@ -59,6 +59,26 @@ all-reduced (sum), random growth uses the same seed on every rank, and the new m
 broadcast from rank 0, so every rank applies the same topology. At construction every rank
 takes rank 0's masks and values.
 
+Host syncs. ``mgr.step()`` on a step without an update, the layers' forward and backward
+(the capture ops on armed steps included) and the bookkeeping between updates read no tensor
+on the host, so they make no host sync (``tests/test_step_syncs.py`` checks it on the CPU by the
+ops they run, and on a GPU under ``torch.cuda.set_sync_debug_mode("error")``). An update itself
+(scores, prune and grow choices, moving values, gradients and optimizer state, the layout
+rebuild, the fired masks) makes none either, except:
+
+- with a ``grad_scaler``: reading its scale (``float(scaler.get_scale())``) on update steps
+  and the steps before them (to notice a skipped step and to unscale gradient scores), and on
+  every step with ``"momentum"`` growth;
+- with ``fan_in="constant"``: the number of units each layer moves depends on the scores
+  (``nonzero`` of the changed mask entries), and the layer's nnz stays constant;
+- a ``block_size=1`` convolution (masked dense): finding its active weights (``nonzero``);
+- under DDP: the collectives (all-reduce of scores, broadcast of the choices);
+- a layout rebuilt because ``block_mask`` was overwritten from outside (counting its blocks);
+- on CPU tensors, large grids take host-side shortcuts (:mod:`itop.unit_selection`): there
+  is no device to wait for.
+
+:attr:`TopologyManager.itop_rate` reads the fired masks on the host: read it at logging time.
+
 AMP: pass the ``torch.amp.GradScaler`` as ``grad_scaler``. When it skipped the update step's
 optimizer step (its scale went down), the update is postponed to the next step that was not
 skipped and scores come from that step's gradients. Gradient scores are divided by the scale.

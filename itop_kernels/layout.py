@@ -65,7 +65,7 @@ class BlockLayout:
 
     __slots__ = (
         "block_mask", "block_size", "nnz", "row_ptr", "col_idx", "row_idx",
-        "col_ptr", "t_row_idx", "t_block_idx", "_host_cache", "_positions",
+        "col_ptr", "t_row_idx", "t_block_idx", "_host_cache", "_positions", "version",
     )
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - guard against misuse
@@ -161,6 +161,7 @@ class BlockLayout:
         self.block_mask = mask
         self.block_size = block_size
         self.nnz = pos.numel()
+        self.version = 0
         self._host_cache = None
         self._positions = pos
         row = torch.div(pos, C, rounding_mode="floor")
@@ -182,6 +183,39 @@ class BlockLayout:
         """int64 ``[nnz]``: the flat grid position ``r*C + c`` of each active block, in
         ``values`` order (ascending). The layout's own tensor: do not modify it."""
         return self._positions
+
+    # the tensors copy_ rewrites, in place
+    _INDEX_TENSORS = ("block_mask", "row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx",
+                      "t_block_idx", "_positions")
+
+    def copy_(self, other: "BlockLayout") -> "BlockLayout":
+        """Take ``other``'s blocks, writing them into this layout's own tensors in place.
+
+        A topology update changes which blocks are active but not how many, so every index
+        tensor keeps its shape: rewriting them in place keeps their identities (and device
+        addresses), so a CUDA graph or a ``torch.compile(mode="reduce-overhead")`` step
+        captured before the update reads the new topology when replayed. Device-side copies
+        only, no host sync. ``version`` goes up by one (code that caches anything derived from a
+        layout must key it on ``(layout, layout.version)``).
+
+        Args:
+            other: a layout with the same grid, block size, nnz and device.
+
+        Returns:
+            ``self``.
+        """
+        if not isinstance(other, BlockLayout):
+            raise TypeError(f"other must be a BlockLayout, got {type(other).__name__}")
+        if (other.grid_shape != self.grid_shape or other.block_size != self.block_size
+                or other.nnz != self.nnz or other.device != self.device):
+            raise ValueError(f"copy_ needs the same grid, block size, nnz and device: {self!r} "
+                             f"vs {other!r}")
+        if other is not self:
+            for name in self._INDEX_TENSORS:
+                getattr(self, name).copy_(getattr(other, name))
+            self._host_cache = None
+            self.version += 1
+        return self
 
     @staticmethod
     def grid_for(weight_shape: Sequence[int], block_size: int) -> tuple[int, int]:
