@@ -41,10 +41,13 @@ per GPU architecture and block size.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import triton
@@ -54,7 +57,8 @@ from .dispatch import empty_output
 from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
-           "IEEE_CONFIGS", "SUPPORTED_BLOCK_SIZES"]
+           "IEEE_CONFIGS", "CANDIDATES", "SUPPORTED_BLOCK_SIZES", "ConvConfig", "ConvOptions",
+           "OPTIONS", "options", "set_options", "wgrad_splits"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -267,7 +271,8 @@ def _conv_wgrad_kernel(
 @dataclass(frozen=True)
 class ConvConfig:
     """Tiles for one block size: ``BM``/``BK`` for the forward and dgrad implicit GEMMs,
-    ``WBM``/``WBO`` (pixels per reduction step / out-channels per program) for wgrad."""
+    ``WBM``/``WBO`` (pixels per reduction step / out-channels per program) for wgrad, and
+    ``wsplit``: how many wgrad programs per SM the split of the pixel reduction aims at."""
 
     BM: int
     BK: int
@@ -277,6 +282,7 @@ class ConvConfig:
     WBO: int
     wwarps: int
     wstages: int
+    wsplit: int = 4
 
 
 # CONFIGS[arch][block_size]: 16-bit and TF32 dots (fp32 with TF32 fits these tiles too).
@@ -307,6 +313,99 @@ _IEEE = {
 }
 IEEE_CONFIGS = {80: _IEEE, 90: _IEEE}
 
+# CANDIDATES[block_size][name]: 16-bit tiles the GPU benchmark times against the shipped
+# CONFIGS (``benchmarks/bench_conv.py`` times every kernel of every candidate separately, so the
+# forward, dgrad and wgrad parts can be chosen independently offline). Each one is correct under
+# the interpreter and compiles for sm_80 and sm_90 without spills (``aot_cases``). Select one
+# with ``options(config=...)``.
+_C = ConvConfig
+CANDIDATES = {
+    16: {
+        "bm64_s4|w128_s4": _C(BM=64, BK=16, warps=4, stages=4, WBM=128, WBO=16, wwarps=4, wstages=4),
+        "bm128_s4|w64_sp8": _C(BM=128, BK=16, warps=4, stages=4, WBM=64, WBO=16, wwarps=4,
+                                wstages=3, wsplit=8),
+        "bm256_w8|w128_sp2": _C(BM=256, BK=16, warps=8, stages=3, WBM=128, WBO=16, wwarps=4,
+                                 wstages=3, wsplit=2),
+        "bm128_w8_s2|w256_w8": _C(BM=128, BK=16, warps=8, stages=2, WBM=256, WBO=16, wwarps=8,
+                                   wstages=3),
+        "bm64_w2|w32_s4_sp8": _C(BM=64, BK=16, warps=2, stages=3, WBM=32, WBO=16, wwarps=2,
+                                  wstages=4, wsplit=8),
+    },
+    32: {
+        "bk16_s4|w128": _C(BM=128, BK=16, warps=4, stages=4, WBM=128, WBO=32, wwarps=4, wstages=3),
+        "bm64_s4|w64_s4_sp8": _C(BM=64, BK=32, warps=4, stages=4, WBM=64, WBO=32, wwarps=4,
+                                  wstages=4, wsplit=8),
+        "bm256_w8|w128_w8_sp2": _C(BM=256, BK=32, warps=8, stages=3, WBM=128, WBO=32, wwarps=8,
+                                    wstages=3, wsplit=2),
+        "bm128_w8|wbo16": _C(BM=128, BK=32, warps=8, stages=3, WBM=64, WBO=16, wwarps=4,
+                              wstages=3),
+        "bm256_bk16_w8_s4|w256_w8_s2": _C(BM=256, BK=16, warps=8, stages=4, WBM=256, WBO=32,
+                                           wwarps=8, wstages=2),
+    },
+}
+del _C
+
+
+# --------------------------------------------------------------------------- run-time options
+ROUTES_1X1 = ("conv", "gemm", "gemm_fwd_dx")
+LAUNCHES = ("plain", "cached")
+
+
+@dataclass(frozen=True)
+class ConvOptions:
+    """Choices the GPU benchmark measures side by side (``options(...)`` sets them).
+
+    - ``route_1x1``: a 1×1, stride-1, unpadded convolution is ``Y[N·H·W, Cout] = X[N·H·W, Cin]·Wᵀ``
+      over the channels-last pixels: ``"conv"`` runs the implicit-GEMM conv kernels,
+      ``"gemm"`` the block-sparse linear kernels (forward, dX and dW), ``"gemm_fwd_dx"`` the
+      linear kernels for the forward and dX and the conv wgrad kernel (split over the pixels)
+      for dW. fp32 takes the GEMM route only where torch's matmul and cuDNN TF32 switches agree
+      (the linear kernels follow the matmul switch).
+    - ``launch``: ``"plain"`` launches through ``kernel[grid](...)`` (Triton binds and
+      specializes every argument on each call); ``"cached"`` keeps the compiled kernel of each
+      specialization and launches it directly (CUDA tensors only; the interpreter launches
+      plainly). It falls back to the plain launch, with one warning, if this Triton's compiled
+      kernel cannot be launched that way.
+    - ``config``: a :class:`ConvConfig` used instead of ``CONFIGS`` for 16-bit and TF32 dots
+      (IEEE fp32 keeps ``IEEE_CONFIGS``), e.g. one of ``CANDIDATES``.
+    """
+
+    route_1x1: str = "conv"
+    launch: str = "plain"
+    config: Optional[ConvConfig] = None
+
+
+OPTIONS = ConvOptions()
+
+
+@contextlib.contextmanager
+def options(**changes) -> Iterator[ConvOptions]:
+    """Within the block, the conv wrappers use ``OPTIONS`` with ``changes`` applied (fields of
+    :class:`ConvOptions`); ``ValueError`` names a bad field or value."""
+    global OPTIONS
+    new = set_options(**changes)
+    old, OPTIONS = OPTIONS, new
+    try:
+        yield new
+    finally:
+        OPTIONS = old
+
+
+def set_options(**changes) -> ConvOptions:
+    """``OPTIONS`` with ``changes`` applied and checked (not installed; see :func:`options`)."""
+    fields = set(ConvOptions.__dataclass_fields__)
+    for name in changes:
+        if name not in fields:
+            raise ValueError(f"unknown conv option {name!r}; fields are {sorted(fields)}")
+    new = dataclasses.replace(OPTIONS, **changes)
+    if new.route_1x1 not in ROUTES_1X1:
+        raise ValueError(f"route_1x1 must be one of {ROUTES_1X1}, got {new.route_1x1!r}")
+    if new.launch not in LAUNCHES:
+        raise ValueError(f"launch must be one of {LAUNCHES}, got {new.launch!r}")
+    if new.config is not None and not isinstance(new.config, ConvConfig):
+        raise TypeError(f"config must be a ConvConfig or None, got {type(new.config).__name__}")
+    return new
+
 
 @functools.lru_cache(maxsize=None)
 def _cuda_facts(index: int) -> tuple:
@@ -324,15 +423,24 @@ def _arch(device: torch.device) -> int:
     return 80
 
 
-def _config(block_size: int, device: torch.device, dtype: torch.dtype,
-            precision: str) -> ConvConfig:
-    """The tiles for ``block_size`` on ``device``, inputs of ``dtype`` with dots of ``precision``
-    (:func:`~itop_kernels.dot_precision.dot_precision`): fp32 with IEEE dots has its own."""
+@functools.lru_cache(maxsize=256)
+def _config_cached(block_size: int, device: torch.device, ieee_fp32: bool,
+                   override: Optional[ConvConfig]) -> ConvConfig:
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported by the Triton conv kernels; "
                          f"use one of {SUPPORTED_BLOCK_SIZES}")
-    ieee_fp32 = dtype == torch.float32 and precision == "ieee"
-    return (IEEE_CONFIGS if ieee_fp32 else CONFIGS)[_arch(device)][block_size]
+    if ieee_fp32:
+        return IEEE_CONFIGS[_arch(device)][block_size]
+    return override if override is not None else CONFIGS[_arch(device)][block_size]
+
+
+def _config(block_size: int, device: torch.device, dtype: torch.dtype,
+            precision: str) -> ConvConfig:
+    """The tiles for ``block_size`` on ``device``, inputs of ``dtype`` with dots of ``precision``
+    (:func:`~itop_kernels.dot_precision.dot_precision`): fp32 with IEEE dots has its own,
+    ``OPTIONS.config`` replaces the others. Cached per (block size, device, kind, override)."""
+    return _config_cached(block_size, device, dtype == torch.float32 and precision == "ieee",
+                          OPTIONS.config)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -382,6 +490,86 @@ def _in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Ten
     return t if memory_format == torch.channels_last else t.contiguous()
 
 
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous channels-last ``[N, C, H, W]`` as its ``[N·H·W, C]`` pixel matrix (a view)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n * h * w, c)
+
+
+def _from_pixels(t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """A row-major ``[N·H·W, C]`` pixel matrix as a channels-last ``[N, C, H, W]`` (a view)."""
+    return t.view(n, h, w, t.shape[1]).permute(0, 3, 1, 2)
+
+
+def _gemm_1x1(kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+              dtype: torch.dtype, wgrad: bool = False) -> bool:
+    """Whether this convolution runs on the linear kernels (``OPTIONS.route_1x1``): a 1×1
+    kernel, stride 1, no padding (dilation does not matter), and for fp32 the same dot
+    precision under the matmul switch as under the conv switch."""
+    route = OPTIONS.route_1x1
+    if route == "conv" or (wgrad and route == "gemm_fwd_dx"):
+        return False
+    if tuple(kernel_size) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0):
+        return False
+    return dtype != torch.float32 or dot_precision(dtype, "conv") == dot_precision(dtype, "matmul")
+
+
+def _linear():
+    from . import triton_linear  # the 1×1 GEMM route's kernels
+    return triton_linear
+
+
+# --------------------------------------------------------------------------- launches
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# (kernel, device, argument specialization, constexprs, warps, stages) -> compiled kernel
+_COMPILED: dict = {}
+
+
+def _arg_key(a) -> object:
+    """What Triton specializes a kernel on, for one argument: a tensor's dtype and 16-byte
+    alignment, an int's value (geometry repeats call after call; the value covers Triton's
+    divisibility and ``== 1`` specializations)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    return a
+
+
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, warps: int, stages: int,
+            device: torch.device) -> None:
+    """``kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)``, or with
+    ``OPTIONS.launch == "cached"`` on a CUDA device, the compiled kernel of this specialization
+    launched directly (its first call goes through Triton, which compiles and returns it)."""
+    if OPTIONS.launch != "cached" or device.type != "cuda":
+        kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
+        return
+    key = (kernel, device.index, tuple(_arg_key(a) for a in args), tuple(consts.items()),
+           warps, stages)
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        try:
+            compiled[grid](*args, *consts.values())
+            return
+        except Exception as exc:  # this Triton's CompiledKernel launches differently
+            _COMPILED.clear()
+            _warn_once("cached-launch", f"itop_kernels.triton_conv: the cached launch failed "
+                                        f"({type(exc).__name__}: {exc}); launching through "
+                                        "kernel[grid](...) from now on")
+            globals()["OPTIONS"] = dataclasses.replace(OPTIONS, launch="plain")
+    compiled = kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
+    if hasattr(compiled, "result"):   # triton 3.6 may hand back a future of the compile
+        compiled = compiled.result()
+    if OPTIONS.launch == "cached" and hasattr(compiled, "__getitem__"):
+        _COMPILED[key] = compiled
+
+
 # --------------------------------------------------------------------------- wrappers
 def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                  col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
@@ -396,19 +584,24 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     KH, KW = values.shape[1:3]
     Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
     Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
-    y = _empty_nhwc((N, out_channels, Ho, Wo), x.dtype, x.device)
     M = N * Ho * Wo
+    if M and out_channels and _gemm_1x1((KH, KW), stride, padding, x.dtype):
+        x = _kernel_input(x, "x")
+        y = _linear().linear_forward(_pixels(x), values.view(-1, block_size, block_size),
+                                     row_ptr, col_idx, bias, block_size, out_channels)
+        return _in_format(_from_pixels(y, N, Ho, Wo), memory_format)
+    y = _empty_nhwc((N, out_channels, Ho, Wo), x.dtype, x.device)
     if M == 0 or out_channels == 0:
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
     values = _aligned(values)
     grid = (triton.cdiv(M, cfg.BM) * (out_channels // block_size),)
-    _conv_fwd_kernel[grid](
-        x, values, bias if bias is not None else values, y, row_ptr, col_idx,
-        N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        HAS_BIAS=bias is not None, BS=block_size, BM=cfg.BM, BK=cfg.BK,
-        PRECISION=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+    _launch(_conv_fwd_kernel, grid,
+            (x, values, bias if bias is not None else values, y, row_ptr, col_idx,
+             N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
+             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]),
+            {"HAS_BIAS": bias is not None, "BS": block_size, "BM": cfg.BM, "BK": cfg.BK,
+             "PRECISION": prec}, cfg.warps, cfg.stages, x.device)
     return _in_format(y, memory_format)
 
 
@@ -423,8 +616,13 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     N, Cin, H, W = input_size
     _, Cout, Ho, Wo = dy.shape
     KH, KW = values.shape[1:3]
-    dx = _empty_nhwc((N, Cin, H, W), dy.dtype, dy.device)
     M = N * H * W
+    if M and Cin and _gemm_1x1((KH, KW), stride, padding, dy.dtype):
+        dy = _kernel_input(dy, "dy")
+        dx = _linear().linear_grad_input(_pixels(dy), values.view(-1, block_size, block_size),
+                                         col_ptr, t_row_idx, t_block_idx, block_size, Cin)
+        return _in_format(_from_pixels(dx, N, H, W), memory_format)
+    dx = _empty_nhwc((N, Cin, H, W), dy.dtype, dy.device)
     if M == 0 or Cin == 0:
         return _in_format(dx, memory_format)
     dy = _kernel_input(dy, "dy")
@@ -433,14 +631,24 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     sh, sw = stride
     mq = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
     grid = (sh * sw * triton.cdiv(mq, cfg.BM) * (Cin // block_size),)
-    _conv_dgrad_kernel[grid](
-        dy, values, dx, col_ptr, t_row_idx, t_block_idx,
-        N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
-        sh, sw, padding[0], padding[1], dilation[0], dilation[1],
-        sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw),
-        BS=block_size, BM=cfg.BM, BK=cfg.BK, PRECISION=prec,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+    _launch(_conv_dgrad_kernel, grid,
+            (dy, values, dx, col_ptr, t_row_idx, t_block_idx,
+             N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
+             sh, sw, padding[0], padding[1], dilation[0], dilation[1],
+             sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw)),
+            {"BS": block_size, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
+            cfg.warps, cfg.stages, dy.device)
     return _in_format(dx, memory_format)
+
+
+def wgrad_splits(tiles: int, pixels: int, cfg: ConvConfig, sm_count: int) -> tuple[int, int]:
+    """``(splits, pixels per split)`` of the wgrad reduction over ``pixels`` output pixels for
+    ``tiles`` (block, tap, out-slice) programs: about ``cfg.wsplit`` programs per SM, each
+    reducing at least 4 steps of ``WBM`` pixels; every split but the last a multiple of WBM."""
+    want = triton.cdiv(cfg.wsplit * sm_count, tiles)
+    splits = max(1, min(want, triton.cdiv(pixels, 4 * cfg.WBM)))
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), cfg.WBM) * cfg.WBM
+    return triton.cdiv(pixels, per_split), per_split
 
 
 def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
@@ -460,20 +668,18 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     if nnz == 0 or M == 0:
         return torch.zeros((nnz, KH, KW, bs, bs), dtype=dy.dtype, device=dy.device)
     dy, x = _kernel_input(dy, "dy"), _kernel_input(x, "x")
+    if _gemm_1x1((KH, KW), stride, padding, dy.dtype, wgrad=True):
+        dv = _linear().linear_grad_weight(_pixels(dy), _pixels(x), row_idx, col_idx, bs)
+        return dv.view(nnz, 1, 1, bs, bs)
     tiles = nnz * KH * KW * (bs // cfg.WBO)
-    # Split the reduction over pixels so that about 4 programs run per SM, each reducing at
-    # least 4 steps of WBM pixels.
-    want = triton.cdiv(4 * _sm_count(dy.device), tiles)
-    splits = max(1, min(want, triton.cdiv(M, 4 * cfg.WBM)))
-    m_per_split = triton.cdiv(triton.cdiv(M, splits), cfg.WBM) * cfg.WBM
-    splits = triton.cdiv(M, m_per_split)
+    splits, m_per_split = wgrad_splits(tiles, M, cfg, _sm_count(dy.device))
     ws = empty_output((splits, nnz, KH, KW, bs, bs), torch.float32, dy.device)
-    _conv_wgrad_kernel[(tiles, splits)](
-        dy, x, ws, row_idx, col_idx,
-        N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        BS=bs, BM=cfg.WBM, BO=cfg.WBO, PRECISION=prec,
-        num_warps=cfg.wwarps, num_stages=cfg.wstages)
+    _launch(_conv_wgrad_kernel, (tiles, splits),
+            (dy, x, ws, row_idx, col_idx,
+             N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
+             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]),
+            {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
+            cfg.wwarps, cfg.wstages, dy.device)
     dv = ws[0] if splits == 1 else ws.sum(0)
     return dv.to(dy.dtype)
 
@@ -490,38 +696,51 @@ def _ints(names) -> dict:
     return {n: "i32" for n in names}
 
 
-def aot_cases(arch: int) -> list:
-    """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
-    (fp32 with TF32 and with IEEE dots; the forward with and without bias)."""
+def _kernel_cases(name: str, cfg: ConvConfig, bs: int, ptr: str, prec: str,
+                  biases=(True, False)) -> list:
+    """The forward (with and without bias), dgrad and wgrad compile cases of one config."""
     from .compile_check import AotCase
 
+    cases = []
+    for has_bias in biases:
+        sig = {"x_ptr": ptr, "v_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
+               "row_ptr": "*i32", "col_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+               "HAS_BIAS": "constexpr", "BS": "constexpr", "BM": "constexpr",
+               "BK": "constexpr", "PRECISION": "constexpr"}
+        cases.append(AotCase(
+            name.format(kernel="fwd") + ("_bias" if has_bias else ""), _conv_fwd_kernel,
+            sig, {"HAS_BIAS": has_bias, "BS": bs, "BM": cfg.BM, "BK": cfg.BK,
+                  "PRECISION": prec},
+            cfg.warps, cfg.stages))
+    sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
+           "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+           **_ints(["step_h", "step_w"]),
+           "BS": "constexpr", "BM": "constexpr", "BK": "constexpr",
+           "PRECISION": "constexpr"}
+    cases.append(AotCase(name.format(kernel="dgrad"), _conv_dgrad_kernel, sig,
+                         {"BS": bs, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
+                         cfg.warps, cfg.stages))
+    sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
+           "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
+           **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr",
+           "PRECISION": "constexpr"}
+    cases.append(AotCase(name.format(kernel="wgrad"), _conv_wgrad_kernel, sig,
+                         {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
+                         cfg.wwarps, cfg.wstages))
+    return cases
+
+
+def aot_cases(arch: int) -> list:
+    """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
+    (fp32 with TF32 and with IEEE dots; the forward with and without bias), then every tuning
+    candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without bias)."""
     cases = []
     for bs in SUPPORTED_BLOCK_SIZES:
         for dname, ptr, prec in _KINDS:
             cfg = (IEEE_CONFIGS if dname == "fp32_ieee" else CONFIGS)[arch][bs]
-            for has_bias in (True, False):
-                sig = {"x_ptr": ptr, "v_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
-                       "row_ptr": "*i32", "col_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
-                       "HAS_BIAS": "constexpr", "BS": "constexpr", "BM": "constexpr",
-                       "BK": "constexpr", "PRECISION": "constexpr"}
-                cases.append(AotCase(
-                    f"conv_fwd_bs{bs}_{dname}{'_bias' if has_bias else ''}", _conv_fwd_kernel,
-                    sig, {"HAS_BIAS": has_bias, "BS": bs, "BM": cfg.BM, "BK": cfg.BK,
-                          "PRECISION": prec},
-                    cfg.warps, cfg.stages))
-            sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
-                   "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
-                   **_ints(["step_h", "step_w"]),
-                   "BS": "constexpr", "BM": "constexpr", "BK": "constexpr",
-                   "PRECISION": "constexpr"}
-            cases.append(AotCase(f"conv_dgrad_bs{bs}_{dname}", _conv_dgrad_kernel, sig,
-                                 {"BS": bs, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
-                                 cfg.warps, cfg.stages))
-            sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
-                   "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
-                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr",
-                   "PRECISION": "constexpr"}
-            cases.append(AotCase(f"conv_wgrad_bs{bs}_{dname}", _conv_wgrad_kernel, sig,
-                                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
-                                 cfg.wwarps, cfg.wstages))
+            cases += _kernel_cases(f"conv_{{kernel}}_bs{bs}_{dname}", cfg, bs, ptr, prec)
+    for bs, cands in CANDIDATES.items():
+        for cname, cfg in cands.items():
+            cases += _kernel_cases(f"conv_cand[{cname}]_{{kernel}}_bs{bs}_bf16", cfg, bs, "*bf16",
+                                   "ieee", biases=(False,))
     return cases
