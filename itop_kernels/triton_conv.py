@@ -64,7 +64,17 @@ SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.jit
+# Every int argument is left unspecialized (``do_not_specialize``): Triton would otherwise compile
+# a variant per divisibility-by-16 / equals-1 pattern of the geometry, i.e. about one per layer
+# shape (a second or so each, at the start of a run on a GPU). The kernels state the alignment
+# they rely on with ``tl.multiple_of`` instead.
+_FWD_INTS = ["N", "H", "W", "Ho", "Wo", "KH", "KW", "CB_IN", "CB_OUT", "stride_h", "stride_w",
+             "pad_h", "pad_w", "dil_h", "dil_w"]
+_DGRAD_INTS = _FWD_INTS + ["step_h", "step_w"]
+_WGRAD_INTS = _FWD_INTS + ["nnz", "m_per_split"]
+
+
+@triton.jit(do_not_specialize=_FWD_INTS)
 def _conv_fwd_kernel(
     x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
@@ -126,7 +136,7 @@ def _conv_fwd_kernel(
              mask=m_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DGRAD_INTS)
 def _conv_dgrad_kernel(
     dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
@@ -218,7 +228,7 @@ def _conv_dgrad_kernel(
              mask=m_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_WGRAD_INTS)
 def _conv_wgrad_kernel(
     dy_ptr, x_ptr, ws_ptr, row_idx, col_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT, nnz, m_per_split,
