@@ -635,6 +635,11 @@ def measure_candidates(layer: Layer, bs: int, density: float, timer: Timer, devi
             for kname, fn in kernels.items():
                 res = timer.graph(fn)
                 times[kname] = res if device.type == "cuda" else {"s": timer.eager(fn)}
+            if name == "shipped":   # the wgrad's split sums reduced by torch (sum, cast)
+                with triton_conv.options(wgrad_reduce="torch"):
+                    fn = kernels["wgrad"]
+                    times["wgrad_torch_reduce"] = (timer.graph(fn) if device.type == "cuda"
+                                                   else {"s": timer.eager(fn)})
         rows.append({"net": layer.net, "name": layer.name, "block_size": bs,
                      "density_nominal": density, "density": layout.density, "candidate": name,
                      "config": asdict(cfg), "kernels": times})
@@ -726,7 +731,8 @@ class _StubKernel:
         return lambda *args, **kwargs: None
 
 
-_KERNEL_NAMES = {"triton_conv": ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"),
+_KERNEL_NAMES = {"triton_conv": ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
+                                  "_wgrad_reduce_kernel"),
                  "triton_linear": ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel")}
 
 

@@ -58,7 +58,7 @@ from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
            "IEEE_CONFIGS", "CANDIDATES", "SUPPORTED_BLOCK_SIZES", "ConvConfig", "ConvOptions",
-           "OPTIONS", "options", "set_options", "wgrad_splits"]
+           "OPTIONS", "options", "set_options", "wgrad_splits", "WGRAD_REDUCES"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -277,6 +277,22 @@ def _conv_wgrad_kernel(
     tl.store(ws_ptr + ws_blk + offs_o[:, None] * BS + offs_i[None, :], acc)
 
 
+@triton.jit(do_not_specialize=["numel", "splits"])
+def _wgrad_reduce_kernel(ws_ptr, out_ptr, numel, splits, BLOCK: tl.constexpr):
+    # out[e] = sum over s of ws[s, e] (fp32), rounded once to out's dtype: the wgrad's split
+    # partial sums and the cast in one pass (``torch`` would take two: sum, then cast).
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(ws_ptr + s * numel + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_REDUCE_BLOCK = 1024
+_REDUCE_WARPS = 4
+
+
 # --------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class ConvConfig:
@@ -359,6 +375,7 @@ del _C
 # --------------------------------------------------------------------------- run-time options
 ROUTES_1X1 = ("conv", "gemm", "gemm_fwd_dx")
 LAUNCHES = ("plain", "cached")
+WGRAD_REDUCES = ("triton", "torch")
 
 
 @dataclass(frozen=True)
@@ -378,11 +395,15 @@ class ConvOptions:
       kernel cannot be launched that way.
     - ``config``: a :class:`ConvConfig` used instead of ``CONFIGS`` for 16-bit and TF32 dots
       (IEEE fp32 keeps ``IEEE_CONFIGS``), e.g. one of ``CANDIDATES``.
+    - ``wgrad_reduce``: how the wgrad's fp32 partial sums become ``dW`` in the input dtype:
+      ``"triton"`` one kernel (sum over the splits and cast), ``"torch"`` ``ws.sum(0)`` then
+      ``.to(dtype)`` (two launches and an fp32 round trip through memory).
     """
 
     route_1x1: str = "conv"
     launch: str = "plain"
     config: Optional[ConvConfig] = None
+    wgrad_reduce: str = "triton"
 
 
 OPTIONS = ConvOptions()
@@ -412,6 +433,8 @@ def set_options(**changes) -> ConvOptions:
         raise ValueError(f"route_1x1 must be one of {ROUTES_1X1}, got {new.route_1x1!r}")
     if new.launch not in LAUNCHES:
         raise ValueError(f"launch must be one of {LAUNCHES}, got {new.launch!r}")
+    if new.wgrad_reduce not in WGRAD_REDUCES:
+        raise ValueError(f"wgrad_reduce must be one of {WGRAD_REDUCES}, got {new.wgrad_reduce!r}")
     if new.config is not None and not isinstance(new.config, ConvConfig):
         raise TypeError(f"config must be a ConvConfig or None, got {type(new.config).__name__}")
     return new
@@ -465,6 +488,12 @@ def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> in
 
 
 _INT32_MAX = 2**31 - 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` is a constexpr function: several µs per host
+    call in triton 3.x, and the wrappers call it up to four times per launch)."""
+    return -(-a // b)
 
 
 def _kernel_input(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -605,7 +634,7 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
     values = _aligned(values)
-    grid = (triton.cdiv(M, cfg.BM) * (out_channels // block_size),)
+    grid = (_cdiv(M, cfg.BM) * (out_channels // block_size),)
     _launch(_conv_fwd_kernel, grid,
             (x, values, bias if bias is not None else values, y, row_ptr, col_idx,
              N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
@@ -639,8 +668,8 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     values = _aligned(values)
     # One pixel space per stride phase, sized for phase 0 (the largest).
     sh, sw = stride
-    mq = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
-    grid = (sh * sw * triton.cdiv(mq, cfg.BM) * (Cin // block_size),)
+    mq = N * _cdiv(H, sh) * _cdiv(W, sw)
+    grid = (sh * sw * _cdiv(mq, cfg.BM) * (Cin // block_size),)
     _launch(_conv_dgrad_kernel, grid,
             (dy, values, dx, col_ptr, t_row_idx, t_block_idx,
              N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
@@ -655,10 +684,10 @@ def wgrad_splits(tiles: int, pixels: int, cfg: ConvConfig, sm_count: int) -> tup
     """``(splits, pixels per split)`` of the wgrad reduction over ``pixels`` output pixels for
     ``tiles`` (block, tap, out-slice) programs: about ``cfg.wsplit`` programs per SM, each
     reducing at least 4 steps of ``WBM`` pixels; every split but the last a multiple of WBM."""
-    want = triton.cdiv(cfg.wsplit * sm_count, tiles)
-    splits = max(1, min(want, triton.cdiv(pixels, 4 * cfg.WBM)))
-    per_split = triton.cdiv(triton.cdiv(pixels, splits), cfg.WBM) * cfg.WBM
-    return triton.cdiv(pixels, per_split), per_split
+    want = _cdiv(cfg.wsplit * sm_count, tiles)
+    splits = max(1, min(want, _cdiv(pixels, 4 * cfg.WBM)))
+    per_split = _cdiv(_cdiv(pixels, splits), cfg.WBM) * cfg.WBM
+    return _cdiv(pixels, per_split), per_split
 
 
 def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
@@ -690,8 +719,16 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
              stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]),
             {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
             cfg.wwarps, cfg.wstages, dy.device)
-    dv = ws[0] if splits == 1 else ws.sum(0)
-    return dv.to(dy.dtype)
+    if splits == 1 and dy.dtype == torch.float32:
+        return ws[0]
+    if OPTIONS.wgrad_reduce == "torch":
+        dv = ws[0] if splits == 1 else ws.sum(0)
+        return dv if dv.dtype == dy.dtype else dv.to(dy.dtype)
+    dv = empty_output((nnz, KH, KW, bs, bs), dy.dtype, dy.device)
+    numel = dv.numel()
+    _launch(_wgrad_reduce_kernel, (_cdiv(numel, _REDUCE_BLOCK),), (ws, dv, numel, splits),
+            {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1, dy.device)
+    return dv
 
 
 # --------------------------------------------------------------------------- AOT cases
@@ -743,12 +780,19 @@ def _kernel_cases(name: str, cfg: ConvConfig, bs: int, ptr: str, prec: str,
 def aot_cases(arch: int) -> list:
     """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
     (fp32 with TF32 and with IEEE dots; the forward with and without bias), then every tuning
-    candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without bias)."""
+    candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without bias),
+    and the wgrad reduction for each output dtype."""
+    from .compile_check import AotCase
+
     cases = []
     for bs in SUPPORTED_BLOCK_SIZES:
         for dname, ptr, prec in _KINDS:
             cfg = (IEEE_CONFIGS if dname == "fp32_ieee" else CONFIGS)[arch][bs]
             cases += _kernel_cases(f"conv_{{kernel}}_bs{bs}_{dname}", cfg, bs, ptr, prec)
+    for dname, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
+        cases.append(AotCase(f"conv_wgrad_reduce_{dname}", _wgrad_reduce_kernel,
+                             {"ws_ptr": "*fp32", "out_ptr": ptr, "numel": "i32", "splits": "i32",
+                              "BLOCK": "constexpr"}, {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1))
     for bs, cands in CANDIDATES.items():
         for cname, cfg in cands.items():
             cases += _kernel_cases(f"conv_cand[{cname}]_{{kernel}}_bs{bs}_bf16", cfg, bs, "*bf16",

@@ -617,3 +617,17 @@ def test_triton_tuning_candidates(bs, triton_device, no_cpu_path, monkeypatch):
         with triton_conv.options(config=cfg):
             check_case(Case(2 * bs, 2 * bs, (7, 6), (3, 3), stride=(2, 1), padding=1, bs=bs,
                             batch=1, layout_in="cl", id=name), dtype, triton_device)
+
+
+@pytest.mark.parametrize("reduce", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_triton_wgrad_reduce(reduce, dtype, triton_device, no_cpu_path, monkeypatch):
+    """The wgrad's split partial sums become dW through one Triton kernel (sum and cast) or
+    through torch (``wgrad_reduce``): both correct, and only the first launches the kernel."""
+    from itop_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
+    spies = spy_launches(monkeypatch, triton_conv, ("_wgrad_reduce_kernel",))
+    with triton_conv.options(wgrad_reduce=reduce):
+        check_case(Case(32, 32, (16, 17), (1, 1), batch=2, id="reduce"), dtype, triton_device)
+    assert len(spies["_wgrad_reduce_kernel"].calls) == (reduce == "triton")

@@ -62,7 +62,7 @@ def stub_launches(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     stubs = {}
     for mod, names in ((triton_conv, ("_conv_fwd_kernel", "_conv_dgrad_kernel",
-                                      "_conv_wgrad_kernel")),
+                                      "_conv_wgrad_kernel", "_wgrad_reduce_kernel")),
                        (triton_linear, ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel"))):
         for name in names:
             stubs[name] = _StubKernel()
