@@ -773,24 +773,28 @@ def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200
                     variants[f"{path}, {launch} launch"] = (
                         lambda: block_sparse_conv2d(x, values, layout, **conv), (path, launch))
             dy = torch.randn_like(variants["dense F.conv2d"][0]().detach())
-            for name, (make, setting) in variants.items():
-                res = {}
-                for mode in ("fwd", "fwd+bwd"):
-                    fn = make if mode == "fwd" else _fwd_bwd(make, dy)
+            samples = {(name, mode): [] for name in variants for mode in ("fwd", "fwd+bwd")}
+            for rep in range(6):   # the variants interleaved in each round (a shared machine)
+                for name, (make, setting) in variants.items():
                     conv_mod.EAGER_FAST_PATH = setting is None or setting[0] == "eager"
                     with triton_conv.options(launch=setting[1] if setting else "plain"):
-                        for _ in range(5):
-                            fn()
-                        _sync(device)
-                        samples = []
-                        for _ in range(5):
+                        for mode in ("fwd", "fwd+bwd"):
+                            fn = make if mode == "fwd" else _fwd_bwd(make, dy)
+                            for _ in range(3 if rep else 10):   # warm-up
+                                fn()
+                            _sync(device)
                             t0 = time.perf_counter()
                             for _ in range(calls):
                                 fn()
-                            samples.append((time.perf_counter() - t0) / calls * 1e6)
+                            elapsed = (time.perf_counter() - t0) / calls * 1e6
                             _sync(device)
-                    res[mode] = statistics.median(samples)
-                    res[mode + "_samples"] = samples
+                            if rep:   # the first round warms up
+                                samples[(name, mode)].append(elapsed)
+            for name in variants:
+                res = {}
+                for mode in ("fwd", "fwd+bwd"):
+                    res[mode] = statistics.median(samples[(name, mode)])
+                    res[mode + "_samples"] = samples[(name, mode)]
                 rows.append({"layer": asdict(layer), "variant": name, "host_us": res})
                 print(f"host overhead {layer.name:7s} {name:28s} fwd {res['fwd']:8.1f} µs   "
                       f"fwd+bwd {res['fwd+bwd']:8.1f} µs")
@@ -918,6 +922,7 @@ def main(argv=None) -> int:
                              if gpu else "host wall clock per call, Triton launches stubbed"),
                       rows=host_overhead_rows(device, dtype, stub=not gpu))
         result["complete"] = True
+        result["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {out}")
