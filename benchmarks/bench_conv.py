@@ -663,7 +663,7 @@ def profile_table(layer: Layer, bs: int, density: float, device, dtype, gen) -> 
             x.grad = values.grad = None
             make().backward(dy)
         _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=25)
 
 
@@ -684,10 +684,25 @@ def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
 
-    result["host_overhead"] = host_overhead_rows(device, dtype, stub=args.smoke, calls=20)
+    result["errors"] = []
+
+    def guarded(what: str, fn):
+        """``fn()``, or None with the error recorded (one failing case must not end the run)."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - recorded in the JSON and printed
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            msg = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print("ERROR", msg, file=sys.stderr)
+            result["errors"].append(msg)
+            return None
+
+    result["host_overhead"] = guarded("host overhead", lambda: host_overhead_rows(
+        device, dtype, stub=args.smoke, calls=20))
     save()
-    result["profile_table"] = profile_table(plan["profile"], 32 if not args.smoke else 16, 0.1,
-                                            device, dtype, gen)
+    result["profile_table"] = guarded("profile", lambda: profile_table(
+        plan["profile"], 32 if not args.smoke else 16, 0.1, device, dtype, gen))
     save()
     print(result["profile_table"])
     total = sum(len(b) * len(d) for _, b, d in plan["sweep"])
@@ -697,7 +712,10 @@ def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -
                 result["skipped"].append(f"{layer.net}/{layer.name}: budget spent")
                 continue
             bar.set_postfix_str(f"{layer.net}/{layer.name}")
-            dense = measure_dense(layer, timer, device, dtype, gen)
+            dense = guarded(f"dense {layer.net}/{layer.name}",
+                            lambda: measure_dense(layer, timer, device, dtype, gen))
+            if dense is None:
+                continue
             for bs in blocks:
                 if layer.cin % bs or layer.cout % bs:
                     continue
@@ -705,9 +723,12 @@ def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -
                     if budget.spent():
                         result["skipped"].append(f"{layer.net}/{layer.name} bs{bs} d{density}")
                         continue
-                    row = measure_row(layer, bs, density, timer, device, dtype, gen, dense, peaks)
-                    row["dense"] = dense
-                    result["rows"].append(row)
+                    row = guarded(f"{layer.net}/{layer.name} bs{bs} d{density}",
+                                  lambda: measure_row(layer, bs, density, timer, device, dtype,
+                                                      gen, dense, peaks))
+                    if row is not None:
+                        row["dense"] = dense
+                        result["rows"].append(row)
                     bar.update(1)
                     save()
     for layer, blocks, densities in plan["candidates"]:
@@ -716,10 +737,12 @@ def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -
                 if budget.spent():
                     result["skipped"].append(f"candidates {layer.name} bs{bs} d{density}")
                     continue
-                result["candidates"] += measure_candidates(layer, bs, density, timer, device,
-                                                           dtype, gen)
+                result["candidates"] += guarded(
+                    f"candidates {layer.name} bs{bs} d{density}",
+                    lambda: measure_candidates(layer, bs, density, timer, device, dtype,
+                                               gen)) or []
                 save()
-    result["complete"] = not result["skipped"]
+    result["complete"] = not result["skipped"] and not result["errors"]
     save()
 
 
