@@ -433,7 +433,7 @@ PLAN_DENSITIES = (0.5, 0.2, 0.1, 0.05)
 PLAN_BLOCKS = (16, 32)
 QUICK_DENSITIES = (0.5, 0.1)
 # per-measurement cost model for the plan estimate (H200; see benchmarks/NOTES.md ## Conv)
-EST_S = {"eager": 0.02, "graph": 0.07, "compile": 0.8, "startup": 12.0}
+EST_S = {"eager": 0.02, "graph": 0.05, "compile": 0.8, "startup": 12.0}
 
 
 class Budget:
@@ -482,7 +482,8 @@ def run_plan(quick: bool, smoke: bool) -> dict:
 def estimate_plan(plan: dict) -> dict:
     """Seconds the plan should take on an H200, from counts of measurements: an eager
     ``do_bench`` about 20 ms (rep 5 ms plus warm-up and cache flushes), a CUDA-graph one about
-    70 ms (10 replays of a 5 ms graph plus its capture), a Triton compile about 0.8 s."""
+    50 ms (5 eager calls to size it, the capture, 10 replays of a 3 ms graph), a Triton compile
+    about 0.8 s."""
     from itop_kernels import triton_conv
     eager = graph = 0
     for layer, blocks, dens in plan["sweep"]:
@@ -495,7 +496,8 @@ def estimate_plan(plan: dict) -> dict:
     ncand = sum(len(triton_conv.CANDIDATES[b]) + 1 for b in PLAN_BLOCKS)
     cand_graph = sum(len(blocks) * len(dens) for _, blocks, dens in plan["candidates"]) * 3 * (
         ncand // len(PLAN_BLOCKS))
-    compiles = 3 * 2 + 3 * 2 + 3 * ncand   # conv + linear kernels per block size, candidates
+    cand_graph += sum(len(blocks) * len(dens) for _, blocks, dens in plan["candidates"]) * 3
+    compiles = 3 * 2 + 3 * 2 + 3 * ncand + 6   # conv + linear kernels, candidates, taps, reduce
     total = (EST_S["startup"] + eager * EST_S["eager"] + (graph + cand_graph) * EST_S["graph"]
              + compiles * EST_S["compile"] + 5.0)   # + host-overhead section and profile
     return {"eager_measurements": eager, "graph_measurements": graph + cand_graph,
@@ -524,7 +526,7 @@ class Timer:
         import triton.testing
         try:
             fn()
-            ms = triton.testing.do_bench_cudagraph(fn, rep=5, grad_to_none=list(grads),
+            ms = triton.testing.do_bench_cudagraph(fn, rep=3, grad_to_none=list(grads),
                                                    return_mode="median")
             return {"s": ms * 1e-3}
         except Exception as exc:  # report, don't stop the run
@@ -635,11 +637,17 @@ def measure_candidates(layer: Layer, bs: int, density: float, timer: Timer, devi
             for kname, fn in kernels.items():
                 res = timer.graph(fn)
                 times[kname] = res if device.type == "cuda" else {"s": timer.eager(fn)}
-            if name == "shipped":   # the wgrad's split sums reduced by torch (sum, cast)
-                with triton_conv.options(wgrad_reduce="torch"):
-                    fn = kernels["wgrad"]
-                    times["wgrad_torch_reduce"] = (timer.graph(fn) if device.type == "cuda"
-                                                   else {"s": timer.eager(fn)})
+            if name == "shipped":
+                # the wgrad's split sums reduced by torch (sum, cast), and the stacked-taps
+                # wgrad at every group size this block size allows
+                variants = {"wgrad_torch_reduce": {"wgrad_reduce": "torch"}}
+                for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+                    variants[f"wgrad_taps{tg}"] = {"wgrad_kernel": "taps", "wgrad_taps": tg}
+                for vname, opts in variants.items():
+                    with triton_conv.options(**opts):
+                        fn = kernels["wgrad"]
+                        times[vname] = (timer.graph(fn) if device.type == "cuda"
+                                        else {"s": timer.eager(fn)})
         rows.append({"net": layer.net, "name": layer.name, "block_size": bs,
                      "density_nominal": density, "density": layout.density, "candidate": name,
                      "config": asdict(cfg), "kernels": times})

@@ -58,7 +58,7 @@ from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
            "IEEE_CONFIGS", "CANDIDATES", "SUPPORTED_BLOCK_SIZES", "ConvConfig", "ConvOptions",
-           "OPTIONS", "options", "set_options", "wgrad_splits", "WGRAD_REDUCES"]
+           "OPTIONS", "options", "set_options", "wgrad_splits", "WGRAD_REDUCES", "WGRAD_KERNELS"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -277,6 +277,60 @@ def _conv_wgrad_kernel(
     tl.store(ws_ptr + ws_blk + offs_o[:, None] * BS + offs_i[None, :], acc)
 
 
+@triton.jit(do_not_specialize=_WGRAD_INTS)
+def _conv_wgrad_taps_kernel(
+    dy_ptr, x_ptr, ws_ptr, row_idx, col_idx,
+    N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT, nnz, m_per_split,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    BS: tl.constexpr, BM: tl.constexpr, TG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # The wgrad with TG kernel taps stacked into one MMA: a program owns active block i and taps
+    # g*TG .. g*TG + TG - 1, and accumulates dWᵀ for all of them, [TG*BS, BS] (row
+    # r = (tap - g*TG)*BS + k: in-channel k of that tap; column o: out-channel), as
+    # Xᵀ-stacked [TG*BS, BM] · dY [BM, BS]. dY is loaded once for TG taps (the per-tap kernel
+    # loads it once per tap), and the MMA is TG*BS rows tall (Hopper's wgmma wants 64).
+    pid = tl.program_id(0)                  # pid = i*G + g, G = tap groups per block
+    split = tl.program_id(1)
+    CIN = CB_IN * BS
+    COUT = CB_OUT * BS
+    KHW = KH * KW
+    G = (KHW + TG - 1) // TG
+    g = pid % G
+    i = pid // G
+    r = tl.load(row_idx + i)
+    c = tl.load(col_idx + i)
+    rows = tl.arange(0, TG * BS)
+    tap = g * TG + rows // BS               # the tap of each stacked row (>= KHW: padding)
+    k = rows % BS                           # its in-channel within block-column c
+    tap_ok = tap < KHW
+    a = tap // KW
+    b = tap % KW
+    offs_o = tl.arange(0, BS)
+    M = N * Ho * Wo
+    m_lo = split * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    acc = tl.zeros((TG * BS, BS), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        m_ok = offs_m < m_hi
+        wo = offs_m % Wo
+        ho = (offs_m // Wo) % Ho
+        n = offs_m // (Wo * Ho)
+        # Xᵀ stacked [TG*BS, BM]: x[n, hi, wi, c*BS + k] with (hi, wi) shifted by each row's tap
+        hi = ho[None, :] * stride_h - pad_h + a[:, None] * dil_h
+        wi = wo[None, :] * stride_w - pad_w + b[:, None] * dil_w
+        ok = (m_ok[None, :] & tap_ok[:, None] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+        xt = tl.load(x_ptr + (((n[None, :] * H + hi) * W + wi) * CIN + c * BS + k[:, None]),
+                     mask=ok, other=0.0)
+        # dY [BM, BS]: dy[m, r*BS + o] at m*COUT + r*BS + o
+        dy_row = tl.multiple_of(dy_ptr + (offs_m * COUT + r * BS), 16)
+        dyt = tl.load(dy_row[:, None] + offs_o[None, :], mask=m_ok[:, None], other=0.0)
+        acc = tl.dot(xt, dyt, acc, input_precision=PRECISION)
+    # ws[split, i, tap, o, k] at ((split*nnz + i)*KHW + tap)*BS*BS + o*BS + k  (acc[row, o])
+    ws_off = ((split * nnz + i) * KHW + tap) * (BS * BS) + k
+    tl.store(ws_ptr + ws_off[:, None] + offs_o[None, :] * BS, acc, mask=tap_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["numel", "splits"])
 def _wgrad_reduce_kernel(ws_ptr, out_ptr, numel, splits, BLOCK: tl.constexpr):
     # out[e] = sum over s of ws[s, e] (fp32), rounded once to out's dtype: the wgrad's split
@@ -376,6 +430,7 @@ del _C
 ROUTES_1X1 = ("conv", "gemm", "gemm_fwd_dx")
 LAUNCHES = ("plain", "cached")
 WGRAD_REDUCES = ("triton", "torch")
+WGRAD_KERNELS = ("per_tap", "taps")
 
 
 @dataclass(frozen=True)
@@ -395,6 +450,10 @@ class ConvOptions:
       kernel cannot be launched that way.
     - ``config``: a :class:`ConvConfig` used instead of ``CONFIGS`` for 16-bit and TF32 dots
       (IEEE fp32 keeps ``IEEE_CONFIGS``), e.g. one of ``CANDIDATES``.
+    - ``wgrad_kernel``: ``"per_tap"`` (a program per (block, tap, out-slice), ``WBM``/``WBO``
+      tiles) or ``"taps"`` (a program per block and group of ``wgrad_taps`` taps: one dY load
+      for the group and a ``wgrad_taps·BS``-row MMA, the shape Hopper's wgmma wants; pixel
+      tile ``WBM``; at most ``128 / BS`` taps). Kernels with one tap (1×1) use ``"per_tap"``.
     - ``wgrad_reduce``: how the wgrad's fp32 partial sums become ``dW`` in the input dtype:
       ``"triton"`` one kernel (sum over the splits and cast), ``"torch"`` ``ws.sum(0)`` then
       ``.to(dtype)`` (two launches and an fp32 round trip through memory).
@@ -404,6 +463,8 @@ class ConvOptions:
     launch: str = "plain"
     config: Optional[ConvConfig] = None
     wgrad_reduce: str = "triton"
+    wgrad_kernel: str = "per_tap"
+    wgrad_taps: int = 4
 
 
 OPTIONS = ConvOptions()
@@ -433,6 +494,10 @@ def set_options(**changes) -> ConvOptions:
         raise ValueError(f"route_1x1 must be one of {ROUTES_1X1}, got {new.route_1x1!r}")
     if new.launch not in LAUNCHES:
         raise ValueError(f"launch must be one of {LAUNCHES}, got {new.launch!r}")
+    if new.wgrad_kernel not in WGRAD_KERNELS:
+        raise ValueError(f"wgrad_kernel must be one of {WGRAD_KERNELS}, got {new.wgrad_kernel!r}")
+    if new.wgrad_taps not in (1, 2, 4, 8):
+        raise ValueError(f"wgrad_taps must be 1, 2, 4 or 8, got {new.wgrad_taps!r}")
     if new.wgrad_reduce not in WGRAD_REDUCES:
         raise ValueError(f"wgrad_reduce must be one of {WGRAD_REDUCES}, got {new.wgrad_reduce!r}")
     if new.config is not None and not isinstance(new.config, ConvConfig):
@@ -680,6 +745,19 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     return _in_format(dx, memory_format)
 
 
+def _stacked_taps(block_size: int) -> int:
+    """Taps per program of the stacked-taps wgrad: ``OPTIONS.wgrad_taps``, at most
+    ``128 / block_size`` (an accumulator of at most 128 × BS rows: no spills)."""
+    return max(1, min(OPTIONS.wgrad_taps, 128 // block_size))
+
+
+def _taps_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
+    """``(BM, warps, stages)`` of the stacked-taps wgrad: 8 warps, 64 pixels per step for a
+    64-row accumulator and 32 for 128 rows (every group size compiles without spills for sm_80
+    and sm_90, with wgmma on sm_90)."""
+    return (64 if taps * block_size <= 64 else 32), 8, 3
+
+
 def wgrad_splits(tiles: int, pixels: int, cfg: ConvConfig, sm_count: int) -> tuple[int, int]:
     """``(splits, pixels per split)`` of the wgrad reduction over ``pixels`` output pixels for
     ``tiles`` (block, tap, out-slice) programs: about ``cfg.wsplit`` programs per SM, each
@@ -710,15 +788,25 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     if _gemm_1x1((KH, KW), stride, padding, dy.dtype, wgrad=True):
         dv = _linear().linear_grad_weight(_pixels(dy), _pixels(x), row_idx, col_idx, bs)
         return dv.view(nnz, 1, 1, bs, bs)
-    tiles = nnz * KH * KW * (bs // cfg.WBO)
+    tg = _stacked_taps(bs)
+    taps = OPTIONS.wgrad_kernel == "taps" and KH * KW > 1 and tg > 1
+    if taps:
+        tiles = nnz * _cdiv(KH * KW, tg)
+    else:
+        tiles = nnz * KH * KW * (bs // cfg.WBO)
     splits, m_per_split = wgrad_splits(tiles, M, cfg, _sm_count(dy.device))
     ws = empty_output((splits, nnz, KH, KW, bs, bs), torch.float32, dy.device)
-    _launch(_conv_wgrad_kernel, (tiles, splits),
-            (dy, x, ws, row_idx, col_idx,
-             N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
-             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]),
-            {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
-            cfg.wwarps, cfg.wstages, dy.device)
+    args = (dy, x, ws, row_idx, col_idx,
+            N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    if taps:
+        tbm, twarps, tstages = _taps_tiles(bs, tg)
+        _launch(_conv_wgrad_taps_kernel, (tiles, splits), args,
+                {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": prec}, twarps, tstages, dy.device)
+    else:
+        _launch(_conv_wgrad_kernel, (tiles, splits), args,
+                {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
+                cfg.wwarps, cfg.wstages, dy.device)
     if splits == 1 and dy.dtype == torch.float32:
         return ws[0]
     if OPTIONS.wgrad_reduce == "torch":
@@ -793,6 +881,16 @@ def aot_cases(arch: int) -> list:
         cases.append(AotCase(f"conv_wgrad_reduce_{dname}", _wgrad_reduce_kernel,
                              {"ws_ptr": "*fp32", "out_ptr": ptr, "numel": "i32", "splits": "i32",
                               "BLOCK": "constexpr"}, {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1))
+    for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps wgrad, every group size it allows
+        for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+            tbm, twarps, tstages = _taps_tiles(bs, tg)
+            sig = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "ws_ptr": "*fp32", "row_idx": "*i32",
+                   "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
+                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "TG": "constexpr",
+                   "PRECISION": "constexpr"}
+            cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16", _conv_wgrad_taps_kernel,
+                                 sig, {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
+                                 twarps, tstages))
     for bs, cands in CANDIDATES.items():
         for cname, cfg in cands.items():
             cases += _kernel_cases(f"conv_cand[{cname}]_{{kernel}}_bs{bs}_bf16", cfg, bs, "*bf16",

@@ -631,3 +631,23 @@ def test_triton_wgrad_reduce(reduce, dtype, triton_device, no_cpu_path, monkeypa
     with triton_conv.options(wgrad_reduce=reduce):
         check_case(Case(32, 32, (16, 17), (1, 1), batch=2, id="reduce"), dtype, triton_device)
     assert len(spies["_wgrad_reduce_kernel"].calls) == (reduce == "triton")
+
+
+@pytest.mark.parametrize("taps", [2, 4, 8])
+def test_triton_wgrad_stacked_taps(taps, triton_device, no_cpu_path, monkeypatch):
+    """``wgrad_kernel="taps"``: groups of taps stacked into one MMA, the last group ragged
+    (3×3 = 9 taps), with stride, padding and dilation, split over the pixels, fp32 and fp16."""
+    from itop_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
+    spies = spy_launches(monkeypatch, triton_conv, ("_conv_wgrad_taps_kernel",
+                                                    "_conv_wgrad_kernel"))
+    with triton_conv.options(wgrad_kernel="taps", wgrad_taps=taps):
+        check_case(Case(32, 48, (9, 7), (3, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2),
+                        batch=1, mask="empty_rows", id="taps"), torch.float32, triton_device)
+        check_case(Case(32, 32, (6, 6), (3, 3), padding=1, batch=1, layout_in="cl",
+                        id="taps_fp16"), torch.float16, triton_device)
+        check_case(Case(64, 64, (5, 5), (3, 3), padding=1, bs=32, batch=1, id="taps_bs32"),
+                   torch.float32, triton_device)
+    assert len(spies["_conv_wgrad_taps_kernel"].calls) == 3
+    assert spies["_conv_wgrad_kernel"].calls == []
