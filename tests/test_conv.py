@@ -651,3 +651,43 @@ def test_triton_wgrad_stacked_taps(taps, triton_device, no_cpu_path, monkeypatch
                    torch.float32, triton_device)
     assert len(spies["_conv_wgrad_taps_kernel"].calls) == 3
     assert spies["_conv_wgrad_kernel"].calls == []
+
+
+def _gpu_option_sets() -> list:
+    from itop_kernels import triton_conv
+
+    sets = [("launch_cached", 16, {"launch": "cached"}),
+            ("wgrad_torch_reduce", 16, {"wgrad_reduce": "torch"})]
+    for bs in (16, 32):
+        for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+            sets.append((f"taps{tg}_bs{bs}", bs, {"wgrad_kernel": "taps", "wgrad_taps": tg}))
+        for name, cfg in triton_conv.CANDIDATES[bs].items():
+            sets.append((f"cand_{name}_bs{bs}", bs, {"config": cfg}))
+    return sets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and real tiles need a GPU")
+@pytest.mark.parametrize("name,bs,opts", _gpu_option_sets() if torch.cuda.is_available() else [],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_triton_gpu_options_bf16(name, bs, opts, guard_bands, poison, monkeypatch):
+    """On a GPU, bf16: every option the benchmark measures (cached launch, torch reduce,
+    stacked-taps wgrad, each tuning candidate) at a ResNet-like 3×3 shape, stride 1 and 2."""
+    from itop_kernels import triton_conv
+
+    with triton_conv.options(**opts):
+        for c in (Case(4 * bs, 4 * bs, (14, 14), (3, 3), padding=1, bs=bs, batch=4,
+                       layout_in="cl", id="s1"),
+                  Case(2 * bs, 4 * bs, (15, 15), (3, 3), stride=2, padding=1, bs=bs, batch=4,
+                       layout_in="cl", id="s2")):
+            check_case(c, torch.bfloat16, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU")
+@pytest.mark.parametrize("route", ["gemm", "gemm_fwd_dx"])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_triton_gpu_1x1_gemm_bf16(route, bs, guard_bands, poison):
+    from itop_kernels import triton_conv
+
+    with triton_conv.options(route_1x1=route, launch="cached"):
+        check_case(Case(4 * bs, 8 * bs, (14, 14), (1, 1), bs=bs, batch=4, layout_in="cl",
+                        id="gemm_bf16"), torch.bfloat16, "cuda")
