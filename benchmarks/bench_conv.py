@@ -428,6 +428,444 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- GPU run (and smoke)
+PLAN_DENSITIES = (0.5, 0.2, 0.1, 0.05)
+PLAN_BLOCKS = (16, 32)
+QUICK_DENSITIES = (0.5, 0.1)
+# per-measurement cost model for the plan estimate (H200; see benchmarks/NOTES.md ## Conv)
+EST_S = {"eager": 0.02, "graph": 0.05, "compile": 0.8, "startup": 12.0}
+
+
+class Budget:
+    """A hard wall-clock budget: ``left()`` seconds remain; ``spent()`` is True when none do."""
+
+    def __init__(self, seconds: float):
+        self.t0 = time.perf_counter()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
+def _is_gemm_1x1(layer: Layer) -> bool:
+    return layer.k == 1 and layer.stride == 1
+
+
+def run_plan(quick: bool, smoke: bool) -> dict:
+    """What one GPU invocation measures, in order: ``{"sweep": [(layer, blocks, densities)],
+    "candidates": [(layer, blocks, densities)], "profile": layer}``. Smoke: tiny stand-ins of the
+    same kinds of layers (3×3, strided 3×3, 1×1, strided 1×1) for the CPU interpreter."""
+    if smoke:
+        tiny = [Layer("smoke", "3x3", 1, 32, 32, 6, 3), Layer("smoke", "3x3_s2", 1, 32, 32, 6, 3, 2),
+                Layer("smoke", "1x1", 1, 32, 32, 5, 1), Layer("smoke", "1x1_s2", 1, 32, 32, 5, 1, 2)]
+        return {"sweep": [(layer, (16,), (0.5,)) for layer in tiny],
+                "candidates": [(tiny[0], (16,), (0.5,))], "profile": tiny[0]}
+    r50 = resnet50_imagenet()
+    if quick:
+        sweep = [(layer, PLAN_BLOCKS, QUICK_DENSITIES) for layer in r50]
+    else:
+        sweep = [(layer, PLAN_BLOCKS, PLAN_DENSITIES)
+                 for layer in r50 + vgg16_cifar() + resnet34_cifar()]
+    by_name = {layer.name: layer for layer in r50}
+    cand_layers = [by_name["s2_3x3"], by_name["s3_3x3"]]
+    return {"sweep": sweep,
+            "candidates": [(layer, PLAN_BLOCKS, (0.1, 0.5)) for layer in cand_layers],
+            "profile": by_name["s3_3x3"]}
+
+
+def estimate_plan(plan: dict) -> dict:
+    """Seconds the plan should take on an H200, from counts of measurements: an eager
+    ``do_bench`` about 20 ms (rep 5 ms plus warm-up and cache flushes), a CUDA-graph one about
+    50 ms (5 eager calls to size it, the capture, 10 replays of a 3 ms graph), a Triton compile
+    about 0.8 s."""
+    from itop_kernels import triton_conv
+    eager = graph = 0
+    for layer, blocks, dens in plan["sweep"]:
+        rows = len(blocks) * len(dens)
+        eager += 3 + rows * 4          # dense fwd, fwd+bwd, +graph; ours fwd, fb x2, masked fb
+        graph += 1 + rows              # dense once, ours per row
+        if _is_gemm_1x1(layer):
+            eager += rows * 2          # the two GEMM routes
+            graph += rows * 2
+    ncand = sum(len(triton_conv.CANDIDATES[b]) + 1 for b in PLAN_BLOCKS)
+    cand_graph = sum(len(blocks) * len(dens) for _, blocks, dens in plan["candidates"]) * 3 * (
+        ncand // len(PLAN_BLOCKS))
+    cand_graph += sum(len(blocks) * len(dens) for _, blocks, dens in plan["candidates"]) * 3
+    compiles = 3 * 2 + 3 * 2 + 3 * ncand + 6   # conv + linear kernels, candidates, taps, reduce
+    total = (EST_S["startup"] + eager * EST_S["eager"] + (graph + cand_graph) * EST_S["graph"]
+             + compiles * EST_S["compile"] + 5.0)   # + host-overhead section and profile
+    return {"eager_measurements": eager, "graph_measurements": graph + cand_graph,
+            "compiles": compiles, "estimated_s": round(total, 1), "cost_model_s": EST_S}
+
+
+class Timer:
+    """Times on the plan's device: ``do_bench`` / ``do_bench_cudagraph`` medians on a GPU,
+    the median of a few wall-clock runs on the CPU (smoke: the code paths, not the numbers)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def eager(self, fn, grads=()) -> float:
+        if self.device.type == "cuda":
+            import triton.testing
+            return 1e-3 * triton.testing.do_bench(fn, warmup=2, rep=5, grad_to_none=list(grads),
+                                                  return_mode="median")
+        return time_fn(fn, self.device, 2, list(grads))[0]
+
+    def graph(self, fn, grads=()) -> dict:
+        """``{"s": median}`` replayed from a CUDA graph, or ``{"error": ...}``; on the CPU
+        ``{"skipped": "cpu"}`` (graphs are CUDA-only)."""
+        if self.device.type != "cuda":
+            return {"skipped": "cpu"}
+        import triton.testing
+        try:
+            fn()
+            ms = triton.testing.do_bench_cudagraph(fn, rep=3, grad_to_none=list(grads),
+                                                   return_mode="median")
+            return {"s": ms * 1e-3}
+        except Exception as exc:  # report, don't stop the run
+            torch.cuda.synchronize()
+            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+
+def _operands(layer: Layer, bs: int, density: float, device, dtype, gen):
+    x = torch.randn(layer.batch, layer.cin, layer.hw, layer.hw, generator=gen).to(
+        device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(layer.cout, layer.cin, layer.k, layer.k, generator=gen)
+         / math.sqrt(layer.cin * layer.k ** 2)).to(device=device, dtype=dtype)
+    mask = random_mask(layer.cout // bs, layer.cin // bs, density, gen).to(device)
+    layout = BlockLayout.from_mask(mask, bs)
+    return x, w, layout
+
+
+def _fwd_bwd(make, dy):
+    return lambda: make().backward(dy)
+
+
+def measure_row(layer: Layer, bs: int, density: float, timer: Timer, device, dtype, gen,
+                dense: dict, peaks) -> dict:
+    """One (layer, block, density): ours eager (plain and cached launches) and from a CUDA graph,
+    the 1×1 GEMM routes where they apply, masked dense eager."""
+    from itop_kernels import triton_conv
+    x, w, layout = _operands(layer, bs, density, device, dtype, gen)
+    x.requires_grad_()
+    values = layout.gather(w).requires_grad_()
+    conv = dict(stride=layer.stride, padding=layer.padding)
+    ours = lambda: block_sparse_conv2d(x, values, layout, **conv)  # noqa: E731
+    dy = torch.randn_like(ours().detach())
+    leaves = [x, values]
+    row = {**asdict(layer), "padding": layer.padding, "out_hw": layer.out_hw, "block_size": bs,
+           "density": layout.density, "density_nominal": density, "nnz": layout.nnz}
+    with torch.no_grad():
+        fwd = timer.eager(ours)
+    eager = {}
+    for launch in ("plain", "cached"):
+        with triton_conv.options(launch=launch):
+            eager[launch] = timer.eager(_fwd_bwd(ours, dy), leaves)
+    graph = timer.graph(_fwd_bwd(ours, dy), leaves)
+    masked = timer.eager(_fwd_bwd(lambda: F.conv2d(x, layout.scatter(values), **conv), dy),
+                         leaves)
+    row.update({"ours_fwd_s": fwd, "ours_eager_fwd_bwd_s": eager, "ours_graph_fwd_bwd": graph,
+                "masked_eager_fwd_bwd_s": masked})
+    if _is_gemm_1x1(layer):
+        routes = {}
+        for route in ("gemm", "gemm_fwd_dx"):
+            with triton_conv.options(route_1x1=route, launch="cached"):
+                routes[route] = {"eager_fwd_bwd_s": timer.eager(_fwd_bwd(ours, dy), leaves),
+                                 "graph_fwd_bwd": timer.graph(_fwd_bwd(ours, dy), leaves)}
+        row["routes_1x1"] = routes
+    best_eager = min(eager.values())
+    row["speedup_eager_vs_dense_eager"] = dense["eager_fwd_bwd_s"] / best_eager
+    if "s" in graph and "s" in dense["graph_fwd_bwd"]:
+        row["speedup_graph_vs_dense_graph"] = dense["graph_fwd_bwd"]["s"] / graph["s"]
+        row["eager_over_graph"] = best_eager / graph["s"]
+    if peaks:
+        elem = torch.finfo(dtype).bits // 8
+        row["roofline_floor_fwd_bwd_s"] = max(conv_flops(layer, layout.density) / peaks[0],
+                                              conv_bytes(layer, layout.density, elem) / peaks[1])
+    return row
+
+
+def measure_dense(layer: Layer, timer: Timer, device, dtype, gen) -> dict:
+    x = torch.randn(layer.batch, layer.cin, layer.hw, layer.hw, generator=gen).to(
+        device=device, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(layer.cout, layer.cin, layer.k, layer.k, generator=gen)
+         / math.sqrt(layer.cin * layer.k ** 2)).to(device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    conv = dict(stride=layer.stride, padding=layer.padding)
+    make = lambda: F.conv2d(x, w, **conv)  # noqa: E731
+    dy = torch.randn_like(make().detach())
+    with torch.no_grad():
+        fwd = timer.eager(make)
+    return {"fwd_s": fwd, "eager_fwd_bwd_s": timer.eager(_fwd_bwd(make, dy), [x, w]),
+            "graph_fwd_bwd": timer.graph(_fwd_bwd(make, dy), [x, w])}
+
+
+def measure_candidates(layer: Layer, bs: int, density: float, timer: Timer, device, dtype,
+                       gen) -> list[dict]:
+    """Each kernel (forward, dgrad, wgrad) of the shipped config and of every candidate, timed
+    alone (CUDA graph on a GPU), so that each kernel's config can be chosen offline."""
+    from itop_kernels import triton_conv
+    x, w, layout = _operands(layer, bs, density, device, dtype, gen)
+    values = layout.gather(w)
+    s, p, d = [layer.stride] * 2, [layer.padding] * 2, [1, 1]
+    y = triton_conv.conv_forward(x, values, layout.row_ptr, layout.col_idx, None, bs,
+                                 layer.cout, s, p, d, torch.channels_last)
+    dy = torch.randn_like(y)
+    kernels = {
+        "fwd": lambda: triton_conv.conv_forward(x, values, layout.row_ptr, layout.col_idx, None,
+                                                bs, layer.cout, s, p, d, torch.channels_last),
+        "dgrad": lambda: triton_conv.conv_grad_input(dy, values, layout.col_ptr,
+                                                     layout.t_row_idx, layout.t_block_idx, bs,
+                                                     list(x.shape), s, p, d,
+                                                     torch.channels_last),
+        "wgrad": lambda: triton_conv.conv_grad_weight(dy, x, layout.row_idx, layout.col_idx, bs,
+                                                      [layer.k] * 2, s, p, d),
+    }
+    arch = triton_conv._arch(device)
+    configs = {"shipped": triton_conv.CONFIGS[arch][bs], **triton_conv.CANDIDATES.get(bs, {})}
+    rows = []
+    for name, cfg in configs.items():
+        times = {}
+        with triton_conv.options(config=cfg, launch="cached"):
+            for kname, fn in kernels.items():
+                res = timer.graph(fn)
+                times[kname] = res if device.type == "cuda" else {"s": timer.eager(fn)}
+            if name == "shipped":
+                # the wgrad's split sums reduced by torch (sum, cast), and the stacked-taps
+                # wgrad at every group size this block size allows
+                variants = {"wgrad_torch_reduce": {"wgrad_reduce": "torch"}}
+                for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+                    variants[f"wgrad_taps{tg}"] = {"wgrad_kernel": "taps", "wgrad_taps": tg}
+                for vname, opts in variants.items():
+                    with triton_conv.options(**opts):
+                        fn = kernels["wgrad"]
+                        times[vname] = (timer.graph(fn) if device.type == "cuda"
+                                        else {"s": timer.eager(fn)})
+        rows.append({"net": layer.net, "name": layer.name, "block_size": bs,
+                     "density_nominal": density, "density": layout.density, "candidate": name,
+                     "config": asdict(cfg), "kernels": times})
+    return rows
+
+
+def profile_table(layer: Layer, bs: int, density: float, device, dtype, gen) -> str:
+    """A torch.profiler table (by self time) of five eager fwd+bwd calls at ``layer``."""
+    from torch.profiler import ProfilerActivity, profile
+    x, w, layout = _operands(layer, bs, density, device, dtype, gen)
+    x.requires_grad_()
+    values = layout.gather(w).requires_grad_()
+    make = lambda: block_sparse_conv2d(x, values, layout, stride=layer.stride,  # noqa: E731
+                                       padding=layer.padding)
+    dy = torch.randn_like(make().detach())
+    for _ in range(3):
+        make().backward(dy)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            x.grad = values.grad = None
+            make().backward(dy)
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -> None:
+    """The GPU invocation (or its CPU smoke): host overhead, the profile, the sweep, then the
+    candidates, with the JSON written after every case and a hard ``--budget-s``."""
+    budget = Budget(args.budget_s)
+    plan = run_plan(args.quick, args.smoke)
+    result["plan"] = {"estimate": estimate_plan(plan), "budget_s": args.budget_s,
+                      "layers": len(plan["sweep"])}
+    result["rows"], result["candidates"], result["skipped"] = [], [], []
+    timer = Timer(device)
+    gen = torch.Generator().manual_seed(0)
+    peaks = (args.peak_tflops * 1e12, args.peak_tbs * 1e12) if device.type == "cuda" else None
+
+    def save() -> None:
+        result["elapsed_s"] = budget.elapsed()
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    result["errors"] = []
+
+    def guarded(what: str, fn):
+        """``fn()``, or None with the error recorded (one failing case must not end the run)."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - recorded in the JSON and printed
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            msg = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print("ERROR", msg, file=sys.stderr)
+            result["errors"].append(msg)
+            return None
+
+    result["host_overhead"] = guarded("host overhead", lambda: host_overhead_rows(
+        device, dtype, stub=args.smoke, calls=20))
+    save()
+    result["profile_table"] = guarded("profile", lambda: profile_table(
+        plan["profile"], 32 if not args.smoke else 16, 0.1, device, dtype, gen))
+    save()
+    print(result["profile_table"])
+    total = sum(len(b) * len(d) for _, b, d in plan["sweep"])
+    with tqdm(total=total, desc="bench_conv", file=sys.stderr) as bar:
+        for layer, blocks, densities in plan["sweep"]:
+            if budget.spent():
+                result["skipped"].append(f"{layer.net}/{layer.name}: budget spent")
+                continue
+            bar.set_postfix_str(f"{layer.net}/{layer.name}")
+            dense = guarded(f"dense {layer.net}/{layer.name}",
+                            lambda: measure_dense(layer, timer, device, dtype, gen))
+            if dense is None:
+                continue
+            for bs in blocks:
+                if layer.cin % bs or layer.cout % bs:
+                    continue
+                for density in densities:
+                    if budget.spent():
+                        result["skipped"].append(f"{layer.net}/{layer.name} bs{bs} d{density}")
+                        continue
+                    row = guarded(f"{layer.net}/{layer.name} bs{bs} d{density}",
+                                  lambda: measure_row(layer, bs, density, timer, device, dtype,
+                                                      gen, dense, peaks))
+                    if row is not None:
+                        row["dense"] = dense
+                        result["rows"].append(row)
+                    bar.update(1)
+                    save()
+    for layer, blocks, densities in plan["candidates"]:
+        for bs in blocks:
+            for density in densities:
+                if budget.spent():
+                    result["skipped"].append(f"candidates {layer.name} bs{bs} d{density}")
+                    continue
+                result["candidates"] += guarded(
+                    f"candidates {layer.name} bs{bs} d{density}",
+                    lambda: measure_candidates(layer, bs, density, timer, device, dtype,
+                                               gen)) or []
+                save()
+    result["complete"] = not result["skipped"] and not result["errors"]
+    save()
+
+
+# --------------------------------------------------------------------------- host overhead
+class _StubKernel:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+_KERNEL_NAMES = {"triton_conv": ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
+                                  "_wgrad_reduce_kernel"),
+                 "triton_linear": ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel")}
+
+
+def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200) -> list[dict]:
+    """Host µs per eager call of ``block_sparse_conv2d``: forward (inputs requiring grad) and
+    fwd+bwd, through the custom ops (``EAGER_FAST_PATH`` off: the code before the fast path)
+    and through the eager Function, with plain and cached Triton launches, at a tiny 3×3 and a
+    1×1 shape, next to ``F.conv2d``. On the CPU the Triton kernels are stubs (``stub``: the
+    interpreter would run them), so only the host work is timed; on a GPU the kernels run and
+    ``calls`` calls are issued without a sync in between (host time per call, as long as the
+    host is slower than the device)."""
+    from itop_kernels import conv as conv_mod
+    from itop_kernels import triton_conv, triton_linear
+    saved = {}
+    if stub:
+        os.environ["TRITON_INTERPRET"] = "1"
+        for mod in (triton_conv, triton_linear):
+            for name in _KERNEL_NAMES[mod.__name__.rsplit(".", 1)[1]]:
+                saved[(mod, name)] = getattr(mod, name)
+                setattr(mod, name, _StubKernel())
+    rows = []
+    try:
+        gen = torch.Generator().manual_seed(0)
+        shapes = [Layer("host", "3x3", 2, 64, 64, 8, 3), Layer("host", "1x1", 2, 64, 64, 8, 1)]
+        if device.type == "cuda":
+            shapes.append(Layer("resnet50", "s3_3x3", 64, 256, 256, 14, 3))
+        for layer in shapes:
+            x, w, layout = _operands(layer, 16, 0.25, device, dtype, gen)
+            x.requires_grad_()
+            values = layout.gather(w).requires_grad_()
+            conv = dict(stride=layer.stride, padding=layer.padding)
+            dense_w = w.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+            variants = {"dense F.conv2d": (lambda: F.conv2d(x, dense_w, **conv), None)}
+            for path in ("custom_ops", "eager"):
+                for launch in ("plain", "cached"):
+                    if launch == "cached" and device.type != "cuda":
+                        continue
+                    variants[f"{path}, {launch} launch"] = (
+                        lambda: block_sparse_conv2d(x, values, layout, **conv), (path, launch))
+            dy = torch.randn_like(variants["dense F.conv2d"][0]().detach())
+            samples = {(name, mode): [] for name in variants for mode in ("fwd", "fwd+bwd")}
+            for rep in range(6):   # the variants interleaved in each round (a shared machine)
+                for name, (make, setting) in variants.items():
+                    conv_mod.EAGER_FAST_PATH = setting is None or setting[0] == "eager"
+                    with triton_conv.options(launch=setting[1] if setting else "plain"):
+                        for mode in ("fwd", "fwd+bwd"):
+                            fn = make if mode == "fwd" else _fwd_bwd(make, dy)
+                            for _ in range(3 if rep else 10):   # warm-up
+                                fn()
+                            _sync(device)
+                            t0 = time.perf_counter()
+                            for _ in range(calls):
+                                fn()
+                            elapsed = (time.perf_counter() - t0) / calls * 1e6
+                            _sync(device)
+                            if rep:   # the first round warms up
+                                samples[(name, mode)].append(elapsed)
+            for name in variants:
+                res = {}
+                for mode in ("fwd", "fwd+bwd"):
+                    res[mode] = statistics.median(samples[(name, mode)])
+                    res[mode + "_samples"] = samples[(name, mode)]
+                rows.append({"layer": asdict(layer), "variant": name, "host_us": res})
+                print(f"host overhead {layer.name:7s} {name:28s} fwd {res['fwd']:8.1f} µs   "
+                      f"fwd+bwd {res['fwd+bwd']:8.1f} µs")
+    finally:
+        conv_mod.EAGER_FAST_PATH = True
+        for (mod, name), kernel in saved.items():
+            setattr(mod, name, kernel)
+    return rows
+
+
+def plot_device_run(result: dict, path: str) -> None:
+    """fwd+bwd speedup over dense per row: eager and from CUDA graphs, per block size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, key, title in ((axes[0], "speedup_eager_vs_dense_eager", "eager"),
+                           (axes[1], "speedup_graph_vs_dense_graph", "CUDA graphs")):
+        for bs in sorted({r["block_size"] for r in rows}):
+            pts = [(r["density_nominal"], r[key]) for r in rows
+                   if r["block_size"] == bs and key in r]
+            if pts:
+                ax.scatter(*zip(*pts), s=12, alpha=0.6, label=f"block {bs}")
+            else:
+                ax.text(0.5, 0.5, "no rows", transform=ax.transAxes, ha="center")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("requested density")
+        ax.set_title(f"fwd+bwd speedup over cuDNN, {title}", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"block_sparse_conv2d, {result['device_name']}, {result['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"],
@@ -443,8 +881,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON path (the plot goes next to it as .png)")
     p.add_argument("--out-dir", help=OUT_DIR_HELP)
     p.add_argument("--no-graphs", action="store_true",
-                   help="GPU: skip the CUDA-graph fwd+bwd timings (host overhead removed)")
+                   help="CPU sweep only (the GPU run always times CUDA graphs)")
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="GPU run / smoke: hard wall-clock budget; the clock is checked between "
+                        "cases and the JSON written after every case (default 150)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the GPU run's code paths on the CPU through Triton's interpreter at "
+                        "tiny shapes (no timings worth reading)")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="only the host µs per eager call (stubbed kernels on the CPU) -> "
+                        "host_overhead_conv_<cpu|gpu>.json")
+    p.add_argument("--plan", action="store_true",
+                   help="print the GPU run's plan and its time estimate, and exit")
     args = p.parse_args(argv)
+    if args.plan:
+        print(json.dumps(estimate_plan(run_plan(args.quick, False)), indent=1))
+        return 0
+    if args.smoke:
+        if args.device == "cuda":
+            p.error("--smoke runs on the CPU")
+        os.environ["TRITON_INTERPRET"] = "1"   # before the Triton kernels are first imported
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -464,8 +920,14 @@ def main(argv=None) -> int:
                              for bs in (args.block_sizes or list(sw))}) for layer, sw in plan]
         repeats = args.repeats or 3
         device_name = _cpu_name()
-    out = args.out or str(results_path(
-        f"conv_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json", args.out_dir))
+    if args.host_overhead:
+        out = args.out or str(results_path(
+            f"host_overhead_conv_{'gpu' if gpu else 'cpu'}.json", args.out_dir))
+    elif args.smoke:
+        out = args.out or str(results_path("conv_smoke.json", args.out_dir))
+    else:
+        out = args.out or str(results_path(
+            f"conv_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json", args.out_dir))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     try:
@@ -484,6 +946,28 @@ def main(argv=None) -> int:
         "roofline": ({"peak_tflops": args.peak_tflops, "peak_tbs": args.peak_tbs} if gpu else None),
         "complete": False, "rows": rows,
     }
+
+    if args.host_overhead:
+        result.update(benchmark="bench_conv --host-overhead",
+                      timer=("host wall clock per call, no sync between calls"
+                             if gpu else "host wall clock per call, Triton launches stubbed"),
+                      rows=host_overhead_rows(device, dtype, stub=not gpu))
+        result["complete"] = True
+        result["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+        return 0
+    if gpu or args.smoke:
+        if args.smoke:   # fp16: the interpreter's bf16 is wrong, and fp16 takes the 1×1 GEMM route
+            dtype = torch.float16
+            result.update(dtype=str(dtype),
+                          timer="smoke: CPU interpreter, tiny shapes (code paths only)")
+        run_device_plan(args, device, dtype, out, result)
+        png = os.path.splitext(out)[0] + ".png"
+        plot_device_run(result, png)
+        print(f"\nwrote {out} and {png}; skipped: {result['skipped'] or 'nothing'}")
+        return 0
 
     def save() -> None:  # after every layer shape, so a run cut short still leaves its rows
         result["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None

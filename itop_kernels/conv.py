@@ -17,6 +17,7 @@ output in the memory format of its activation input (NCHW or channels-last).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -44,18 +45,73 @@ def _empty_activation(t: Tensor, shape) -> Tensor:
                        memory_format=output_memory_format(t))
 
 
-# --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("itop_kernels::bsc_forward", mutates_args=())
-def _bsc_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
-                 col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
-                 bias: Optional[Tensor], block_size: int, out_channels: int,
-                 stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+# --------------------------------------------------------------------------- implementations
+# One implementation of each computation; the custom ops (traced by torch.compile) and the
+# eager autograd Function (no custom-op dispatch on the host) both call these.
+def _forward_impl(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                  bias: Optional[Tensor], block_size: int, out_channels: int, stride: list[int],
+                  padding: list[int], dilation: list[int]) -> Tensor:
     if use_triton(x):
         return _triton().conv_forward(x, values, row_ptr, col_idx, bias, block_size,
                                       out_channels, stride, padding, dilation,
                                       output_memory_format(x))
     return cpu_conv.conv_forward(x, values, row_ptr, col_idx, bias, block_size, out_channels,
                                  stride, padding, dilation)
+
+
+def _grad_input_impl(dy: Tensor, values: Tensor, col_ptr: Tensor, t_row_idx: Tensor,
+                     t_block_idx: Tensor, block_size: int, input_size: list[int],
+                     stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    if use_triton(dy):
+        return _triton().conv_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx,
+                                         block_size, input_size, stride, padding, dilation,
+                                         output_memory_format(dy))
+    return cpu_conv.conv_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size,
+                                    input_size, stride, padding, dilation)
+
+
+def _grad_weight_impl(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, col_ptr: Tensor,
+                      t_row_idx: Tensor, t_block_idx: Tensor, block_size: int,
+                      kernel_size: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int]) -> Tensor:
+    if use_triton(dy):
+        return _triton().conv_grad_weight(dy, x, row_idx, col_idx, block_size, kernel_size,
+                                          stride, padding, dilation)
+    return cpu_conv.conv_grad_weight(dy, x, col_ptr, t_row_idx, t_block_idx, block_size,
+                                     kernel_size, stride, padding, dilation)
+
+
+def _backward_with(grad_input, grad_weight, dy: Tensor, saved: tuple, block_size: int,
+                   conv_args: tuple, need_dx: bool, need_dv: bool, need_db: bool) -> tuple:
+    """``(dx, dv, db)`` (None where not needed) from the saved ``(x, values, row_idx, col_idx,
+    col_ptr, t_row_idx, t_block_idx)``, computed by ``grad_input``/``grad_weight``: the custom
+    ops on the traced path, the implementations on the eager one."""
+    x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx = saved
+    stride, padding, dilation = conv_args
+    # dy may arrive with any strides (even expanded zeros): give it x's memory format, so dX
+    # comes back in that format too (no copy when it already has it).
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    dx = dv = db = None
+    if need_dx:
+        dx = grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size, list(x.shape),
+                        stride, padding, dilation)
+    if need_dv:
+        dv = grad_weight(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, block_size,
+                         list(values.shape[1:3]), stride, padding, dilation)
+    if need_db:
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        db = dy.sum((0, 2, 3), dtype=acc).to(dy.dtype)
+    return dx, dv, db
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("itop_kernels::bsc_forward", mutates_args=())
+def _bsc_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
+                 col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
+                 bias: Optional[Tensor], block_size: int, out_channels: int,
+                 stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    return _forward_impl(x, values, row_ptr, col_idx, bias, block_size, out_channels, stride,
+                         padding, dilation)
 
 
 @_bsc_forward.register_fake
@@ -72,12 +128,8 @@ def _(x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx, bia
 def _bsc_grad_input(dy: Tensor, values: Tensor, col_ptr: Tensor, t_row_idx: Tensor,
                     t_block_idx: Tensor, block_size: int, input_size: list[int],
                     stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    if use_triton(dy):
-        return _triton().conv_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx,
-                                         block_size, input_size, stride, padding, dilation,
-                                         output_memory_format(dy))
-    return cpu_conv.conv_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size,
-                                    input_size, stride, padding, dilation)
+    return _grad_input_impl(dy, values, col_ptr, t_row_idx, t_block_idx, block_size, input_size,
+                            stride, padding, dilation)
 
 
 @_bsc_grad_input.register_fake
@@ -91,11 +143,8 @@ def _bsc_grad_weight(dy: Tensor, x: Tensor, row_idx: Tensor, col_idx: Tensor, co
                      t_row_idx: Tensor, t_block_idx: Tensor, block_size: int,
                      kernel_size: list[int], stride: list[int], padding: list[int],
                      dilation: list[int]) -> Tensor:
-    if use_triton(dy):
-        return _triton().conv_grad_weight(dy, x, row_idx, col_idx, block_size, kernel_size,
-                                          stride, padding, dilation)
-    return cpu_conv.conv_grad_weight(dy, x, col_ptr, t_row_idx, t_block_idx, block_size,
-                                     kernel_size, stride, padding, dilation)
+    return _grad_weight_impl(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx,
+                             block_size, kernel_size, stride, padding, dilation)
 
 
 @_bsc_grad_weight.register_fake
@@ -114,26 +163,47 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
-    x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
-    bs = ctx.block_size
-    stride, padding, dilation = ctx.conv_args
-    # dy may arrive with any strides (even expanded zeros): give it x's memory format, so dX
-    # comes back in that format too.
-    dy = dy.contiguous(memory_format=output_memory_format(x))
-    dx = dv = db = None
-    if ctx.needs_input_grad[0]:
-        dx = _bsc_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, bs, list(x.shape),
-                             stride, padding, dilation)
-    if ctx.needs_input_grad[1]:
-        dv = _bsc_grad_weight(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, bs,
-                              list(values.shape[1:3]), stride, padding, dilation)
-    if ctx.has_bias and ctx.needs_input_grad[8]:
-        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-        db = dy.sum((0, 2, 3), dtype=acc).to(dy.dtype)
+    need = ctx.needs_input_grad
+    dx, dv, db = _backward_with(_bsc_grad_input, _bsc_grad_weight, dy, ctx.saved_tensors,
+                                ctx.block_size, ctx.conv_args, need[0], need[1],
+                                ctx.has_bias and need[8])
     return dx, dv, None, None, None, None, None, None, db, None, None, None, None, None
 
 
 _bsc_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- eager fast path
+class _EagerConv(torch.autograd.Function):
+    """The eager path of :func:`block_sparse_conv2d`: the same computations and saved tensors as
+    the custom ops' autograd, without the custom-op dispatch on the host (see
+    ``EAGER_FAST_PATH``)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, row_ptr, col_idx, row_idx, col_ptr, t_row_idx,
+                t_block_idx, block_size, out_channels, stride, padding, dilation):
+        ctx.save_for_backward(x, values, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx)
+        ctx.block_size = block_size
+        ctx.conv_args = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        return _forward_impl(x, values, row_ptr, col_idx, bias, block_size, out_channels,
+                             stride, padding, dilation)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        dx, dv, db = _backward_with(_grad_input_impl, _grad_weight_impl, dy, ctx.saved_tensors,
+                                    ctx.block_size, ctx.conv_args, need[0], need[1],
+                                    ctx.has_bias and need[2])
+        return (dx, dv, db) + (None,) * 11
+
+
+#: Eager calls (not traced by ``torch.compile``/``torch.export``) go through ``_EagerConv``
+#: instead of the custom ops: one autograd node and no custom-op dispatch, about 55 µs less
+#: host time per forward and 125 µs per backward on the development CPU. False routes every
+#: call through the custom ops (the benchmarks measure both).
+EAGER_FAST_PATH = True
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -224,10 +294,8 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout,
         respect to ``x``, ``values`` and ``bias``.
     """
     _check_args(x, values, layout, bias, groups)
-    stride = _pair(stride, "stride", 1)
-    dilation = _pair(dilation, "dilation", 1)
     kh, kw = values.shape[1:3]
-    padding = _padding(padding, stride, dilation, (kh, kw))
+    stride, padding, dilation = _conv_args(stride, padding, dilation, kh, kw)
     H, W = x.shape[2:]
     Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
@@ -235,7 +303,46 @@ def block_sparse_conv2d(x: Tensor, values: Tensor, layout: BlockLayout,
         raise ValueError(f"x's spatial size {H}x{W} (padding {padding}) is smaller than the "
                          f"dilated kernel {kh}x{kw} (dilation {dilation}): empty output")
     x = x.contiguous(memory_format=output_memory_format(x))
-    return _bsc_forward(x, values.contiguous(), layout.row_ptr, layout.col_idx, layout.row_idx,
-                        layout.col_ptr, layout.t_row_idx, layout.t_block_idx,
-                        None if bias is None else bias.contiguous(), layout.block_size,
-                        layout.shape[0], stride, padding, dilation)
+    values = values.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if EAGER_FAST_PATH and not torch.compiler.is_compiling():
+        return _EagerConv.apply(x, values, bias, layout.row_ptr, layout.col_idx, layout.row_idx,
+                                layout.col_ptr, layout.t_row_idx, layout.t_block_idx,
+                                layout.block_size, layout.shape[0], stride, padding, dilation)
+    return _bsc_forward(x, values, layout.row_ptr, layout.col_idx, layout.row_idx,
+                        layout.col_ptr, layout.t_row_idx, layout.t_block_idx, bias,
+                        layout.block_size, layout.shape[0], stride, padding, dilation)
+
+
+def _typed(a) -> tuple:
+    """A cache key for one conv argument that keeps the types (``True`` must not hit ``1``)."""
+    if isinstance(a, (list, tuple)):
+        return (tuple, tuple((type(v), v) for v in a))
+    return (type(a), a)
+
+
+def _untyped(key: tuple):
+    kind, val = key
+    return tuple(v for _, v in val) if kind is tuple else val
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_args_cached(stride: tuple, padding: tuple, dilation: tuple, kh: int, kw: int) -> tuple:
+    stride, padding, dilation = _untyped(stride), _untyped(padding), _untyped(dilation)
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    return tuple(stride), tuple(_padding(padding, stride, dilation, (kh, kw))), tuple(dilation)
+
+
+def _conv_args(stride, padding, dilation, kh: int, kw: int) -> tuple:
+    """``(stride, padding, dilation)`` as checked ``[h, w]`` lists (new lists on every call),
+    cached per argument values and types: no per-call parsing on the hot path."""
+    try:
+        s, p, d = _conv_args_cached(_typed(stride), _typed(padding), _typed(dilation), kh, kw)
+    except TypeError as exc:   # an unhashable argument: checked without the cache
+        if "unhashable" not in str(exc):
+            raise
+        s = _pair(stride, "stride", 1)
+        d = _pair(dilation, "dilation", 1)
+        p = _padding(padding, s, d, (kh, kw))
+    return list(s), list(p), list(d)

@@ -41,10 +41,13 @@ per GPU architecture and block size.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import triton
@@ -54,13 +57,24 @@ from .dispatch import empty_output
 from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
-           "IEEE_CONFIGS", "SUPPORTED_BLOCK_SIZES"]
+           "IEEE_CONFIGS", "CANDIDATES", "SUPPORTED_BLOCK_SIZES", "ConvConfig", "ConvOptions",
+           "OPTIONS", "options", "set_options", "wgrad_splits", "WGRAD_REDUCES", "WGRAD_KERNELS"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.jit
+# Every int argument is left unspecialized (``do_not_specialize``): Triton would otherwise compile
+# a variant per divisibility-by-16 / equals-1 pattern of the geometry, i.e. about one per layer
+# shape (a second or so each, at the start of a run on a GPU). The kernels state the alignment
+# they rely on with ``tl.multiple_of`` instead.
+_FWD_INTS = ["N", "H", "W", "Ho", "Wo", "KH", "KW", "CB_IN", "CB_OUT", "stride_h", "stride_w",
+             "pad_h", "pad_w", "dil_h", "dil_w"]
+_DGRAD_INTS = _FWD_INTS + ["step_h", "step_w"]
+_WGRAD_INTS = _FWD_INTS + ["nnz", "m_per_split"]
+
+
+@triton.jit(do_not_specialize=_FWD_INTS)
 def _conv_fwd_kernel(
     x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
@@ -122,7 +136,7 @@ def _conv_fwd_kernel(
              mask=m_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DGRAD_INTS)
 def _conv_dgrad_kernel(
     dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
@@ -214,7 +228,7 @@ def _conv_dgrad_kernel(
              mask=m_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_WGRAD_INTS)
 def _conv_wgrad_kernel(
     dy_ptr, x_ptr, ws_ptr, row_idx, col_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT, nnz, m_per_split,
@@ -263,11 +277,82 @@ def _conv_wgrad_kernel(
     tl.store(ws_ptr + ws_blk + offs_o[:, None] * BS + offs_i[None, :], acc)
 
 
+@triton.jit(do_not_specialize=_WGRAD_INTS)
+def _conv_wgrad_taps_kernel(
+    dy_ptr, x_ptr, ws_ptr, row_idx, col_idx,
+    N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT, nnz, m_per_split,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    BS: tl.constexpr, BM: tl.constexpr, TG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # The wgrad with TG kernel taps stacked into one MMA: a program owns active block i and taps
+    # g*TG .. g*TG + TG - 1, and accumulates dWᵀ for all of them, [TG*BS, BS] (row
+    # r = (tap - g*TG)*BS + k: in-channel k of that tap; column o: out-channel), as
+    # Xᵀ-stacked [TG*BS, BM] · dY [BM, BS]. dY is loaded once for TG taps (the per-tap kernel
+    # loads it once per tap), and the MMA is TG*BS rows tall (Hopper's wgmma wants 64).
+    pid = tl.program_id(0)                  # pid = i*G + g, G = tap groups per block
+    split = tl.program_id(1)
+    CIN = CB_IN * BS
+    COUT = CB_OUT * BS
+    KHW = KH * KW
+    G = (KHW + TG - 1) // TG
+    g = pid % G
+    i = pid // G
+    r = tl.load(row_idx + i)
+    c = tl.load(col_idx + i)
+    rows = tl.arange(0, TG * BS)
+    tap = g * TG + rows // BS               # the tap of each stacked row (>= KHW: padding)
+    k = rows % BS                           # its in-channel within block-column c
+    tap_ok = tap < KHW
+    a = tap // KW
+    b = tap % KW
+    offs_o = tl.arange(0, BS)
+    M = N * Ho * Wo
+    m_lo = split * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
+    acc = tl.zeros((TG * BS, BS), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        m_ok = offs_m < m_hi
+        wo = offs_m % Wo
+        ho = (offs_m // Wo) % Ho
+        n = offs_m // (Wo * Ho)
+        # Xᵀ stacked [TG*BS, BM]: x[n, hi, wi, c*BS + k] with (hi, wi) shifted by each row's tap
+        hi = ho[None, :] * stride_h - pad_h + a[:, None] * dil_h
+        wi = wo[None, :] * stride_w - pad_w + b[:, None] * dil_w
+        ok = (m_ok[None, :] & tap_ok[:, None] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+        xt = tl.load(x_ptr + (((n[None, :] * H + hi) * W + wi) * CIN + c * BS + k[:, None]),
+                     mask=ok, other=0.0)
+        # dY [BM, BS]: dy[m, r*BS + o] at m*COUT + r*BS + o
+        dy_row = tl.multiple_of(dy_ptr + (offs_m * COUT + r * BS), 16)
+        dyt = tl.load(dy_row[:, None] + offs_o[None, :], mask=m_ok[:, None], other=0.0)
+        acc = tl.dot(xt, dyt, acc, input_precision=PRECISION)
+    # ws[split, i, tap, o, k] at ((split*nnz + i)*KHW + tap)*BS*BS + o*BS + k  (acc[row, o])
+    ws_off = ((split * nnz + i) * KHW + tap) * (BS * BS) + k
+    tl.store(ws_ptr + ws_off[:, None] + offs_o[None, :] * BS, acc, mask=tap_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["numel", "splits"])
+def _wgrad_reduce_kernel(ws_ptr, out_ptr, numel, splits, BLOCK: tl.constexpr):
+    # out[e] = sum over s of ws[s, e] (fp32), rounded once to out's dtype: the wgrad's split
+    # partial sums and the cast in one pass (``torch`` would take two: sum, then cast).
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(ws_ptr + s * numel + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_REDUCE_BLOCK = 1024
+_REDUCE_WARPS = 4
+
+
 # --------------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class ConvConfig:
     """Tiles for one block size: ``BM``/``BK`` for the forward and dgrad implicit GEMMs,
-    ``WBM``/``WBO`` (pixels per reduction step / out-channels per program) for wgrad."""
+    ``WBM``/``WBO`` (pixels per reduction step / out-channels per program) for wgrad, and
+    ``wsplit``: how many wgrad programs per SM the split of the pixel reduction aims at."""
 
     BM: int
     BK: int
@@ -277,6 +362,7 @@ class ConvConfig:
     WBO: int
     wwarps: int
     wstages: int
+    wsplit: int = 4
 
 
 # CONFIGS[arch][block_size]: 16-bit and TF32 dots (fp32 with TF32 fits these tiles too).
@@ -307,6 +393,117 @@ _IEEE = {
 }
 IEEE_CONFIGS = {80: _IEEE, 90: _IEEE}
 
+# CANDIDATES[block_size][name]: 16-bit tiles the GPU benchmark times against the shipped
+# CONFIGS (``benchmarks/bench_conv.py`` times every kernel of every candidate separately, so the
+# forward, dgrad and wgrad parts can be chosen independently offline). Each one is correct under
+# the interpreter and compiles for sm_80 and sm_90 without spills (``aot_cases``). Select one
+# with ``options(config=...)``.
+_C = ConvConfig
+CANDIDATES = {
+    16: {
+        "bm64_s4|w128_s4": _C(BM=64, BK=16, warps=4, stages=4, WBM=128, WBO=16, wwarps=4, wstages=4),
+        "bm128_s4|w64_sp8": _C(BM=128, BK=16, warps=4, stages=4, WBM=64, WBO=16, wwarps=4,
+                                wstages=3, wsplit=8),
+        "bm256_w8|w128_sp2": _C(BM=256, BK=16, warps=8, stages=3, WBM=128, WBO=16, wwarps=4,
+                                 wstages=3, wsplit=2),
+        "bm128_w8_s2|w256_w8": _C(BM=128, BK=16, warps=8, stages=2, WBM=256, WBO=16, wwarps=8,
+                                   wstages=3),
+        "bm64_w2|w32_s4_sp8": _C(BM=64, BK=16, warps=2, stages=3, WBM=32, WBO=16, wwarps=2,
+                                  wstages=4, wsplit=8),
+    },
+    32: {
+        "bk16_s4|w128": _C(BM=128, BK=16, warps=4, stages=4, WBM=128, WBO=32, wwarps=4, wstages=3),
+        "bm64_s4|w64_s4_sp8": _C(BM=64, BK=32, warps=4, stages=4, WBM=64, WBO=32, wwarps=4,
+                                  wstages=4, wsplit=8),
+        "bm256_w8|w128_w8_sp2": _C(BM=256, BK=32, warps=8, stages=3, WBM=128, WBO=32, wwarps=8,
+                                    wstages=3, wsplit=2),
+        "bm128_w8|wbo16": _C(BM=128, BK=32, warps=8, stages=3, WBM=64, WBO=16, wwarps=4,
+                              wstages=3),
+        "bm256_bk16_w8_s4|w256_w8_s2": _C(BM=256, BK=16, warps=8, stages=4, WBM=256, WBO=32,
+                                           wwarps=8, wstages=2),
+    },
+}
+del _C
+
+
+# --------------------------------------------------------------------------- run-time options
+ROUTES_1X1 = ("conv", "gemm", "gemm_fwd_dx")
+LAUNCHES = ("plain", "cached")
+WGRAD_REDUCES = ("triton", "torch")
+WGRAD_KERNELS = ("per_tap", "taps")
+
+
+@dataclass(frozen=True)
+class ConvOptions:
+    """Choices the GPU benchmark measures side by side (``options(...)`` sets them).
+
+    - ``route_1x1``: a 1×1, stride-1, unpadded convolution is ``Y[N·H·W, Cout] = X[N·H·W, Cin]·Wᵀ``
+      over the channels-last pixels: ``"conv"`` runs the implicit-GEMM conv kernels,
+      ``"gemm"`` the block-sparse linear kernels (forward, dX and dW), ``"gemm_fwd_dx"`` the
+      linear kernels for the forward and dX and the conv wgrad kernel (split over the pixels)
+      for dW. fp32 takes the GEMM route only where torch's matmul and cuDNN TF32 switches agree
+      (the linear kernels follow the matmul switch).
+    - ``launch``: ``"plain"`` launches through ``kernel[grid](...)`` (Triton binds and
+      specializes every argument on each call); ``"cached"`` keeps the compiled kernel of each
+      specialization and launches it directly (CUDA tensors only; the interpreter launches
+      plainly). It falls back to the plain launch, with one warning, if this Triton's compiled
+      kernel cannot be launched that way.
+    - ``config``: a :class:`ConvConfig` used instead of ``CONFIGS`` for 16-bit and TF32 dots
+      (IEEE fp32 keeps ``IEEE_CONFIGS``), e.g. one of ``CANDIDATES``.
+    - ``wgrad_kernel``: ``"per_tap"`` (a program per (block, tap, out-slice), ``WBM``/``WBO``
+      tiles) or ``"taps"`` (a program per block and group of ``wgrad_taps`` taps: one dY load
+      for the group and a ``wgrad_taps·BS``-row MMA, the shape Hopper's wgmma wants; pixel
+      tile ``WBM``; at most ``128 / BS`` taps). Kernels with one tap (1×1) use ``"per_tap"``.
+    - ``wgrad_reduce``: how the wgrad's fp32 partial sums become ``dW`` in the input dtype:
+      ``"triton"`` one kernel (sum over the splits and cast), ``"torch"`` ``ws.sum(0)`` then
+      ``.to(dtype)`` (two launches and an fp32 round trip through memory).
+    """
+
+    route_1x1: str = "conv"
+    launch: str = "plain"
+    config: Optional[ConvConfig] = None
+    wgrad_reduce: str = "triton"
+    wgrad_kernel: str = "per_tap"
+    wgrad_taps: int = 4
+
+
+OPTIONS = ConvOptions()
+
+
+@contextlib.contextmanager
+def options(**changes) -> Iterator[ConvOptions]:
+    """Within the block, the conv wrappers use ``OPTIONS`` with ``changes`` applied (fields of
+    :class:`ConvOptions`); ``ValueError`` names a bad field or value."""
+    global OPTIONS
+    new = set_options(**changes)
+    old, OPTIONS = OPTIONS, new
+    try:
+        yield new
+    finally:
+        OPTIONS = old
+
+
+def set_options(**changes) -> ConvOptions:
+    """``OPTIONS`` with ``changes`` applied and checked (not installed; see :func:`options`)."""
+    fields = set(ConvOptions.__dataclass_fields__)
+    for name in changes:
+        if name not in fields:
+            raise ValueError(f"unknown conv option {name!r}; fields are {sorted(fields)}")
+    new = dataclasses.replace(OPTIONS, **changes)
+    if new.route_1x1 not in ROUTES_1X1:
+        raise ValueError(f"route_1x1 must be one of {ROUTES_1X1}, got {new.route_1x1!r}")
+    if new.launch not in LAUNCHES:
+        raise ValueError(f"launch must be one of {LAUNCHES}, got {new.launch!r}")
+    if new.wgrad_kernel not in WGRAD_KERNELS:
+        raise ValueError(f"wgrad_kernel must be one of {WGRAD_KERNELS}, got {new.wgrad_kernel!r}")
+    if new.wgrad_taps not in (1, 2, 4, 8):
+        raise ValueError(f"wgrad_taps must be 1, 2, 4 or 8, got {new.wgrad_taps!r}")
+    if new.wgrad_reduce not in WGRAD_REDUCES:
+        raise ValueError(f"wgrad_reduce must be one of {WGRAD_REDUCES}, got {new.wgrad_reduce!r}")
+    if new.config is not None and not isinstance(new.config, ConvConfig):
+        raise TypeError(f"config must be a ConvConfig or None, got {type(new.config).__name__}")
+    return new
+
 
 @functools.lru_cache(maxsize=None)
 def _cuda_facts(index: int) -> tuple:
@@ -324,15 +521,24 @@ def _arch(device: torch.device) -> int:
     return 80
 
 
-def _config(block_size: int, device: torch.device, dtype: torch.dtype,
-            precision: str) -> ConvConfig:
-    """The tiles for ``block_size`` on ``device``, inputs of ``dtype`` with dots of ``precision``
-    (:func:`~itop_kernels.dot_precision.dot_precision`): fp32 with IEEE dots has its own."""
+@functools.lru_cache(maxsize=256)
+def _config_cached(block_size: int, device: torch.device, ieee_fp32: bool,
+                   override: Optional[ConvConfig]) -> ConvConfig:
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size} is not supported by the Triton conv kernels; "
                          f"use one of {SUPPORTED_BLOCK_SIZES}")
-    ieee_fp32 = dtype == torch.float32 and precision == "ieee"
-    return (IEEE_CONFIGS if ieee_fp32 else CONFIGS)[_arch(device)][block_size]
+    if ieee_fp32:
+        return IEEE_CONFIGS[_arch(device)][block_size]
+    return override if override is not None else CONFIGS[_arch(device)][block_size]
+
+
+def _config(block_size: int, device: torch.device, dtype: torch.dtype,
+            precision: str) -> ConvConfig:
+    """The tiles for ``block_size`` on ``device``, inputs of ``dtype`` with dots of ``precision``
+    (:func:`~itop_kernels.dot_precision.dot_precision`): fp32 with IEEE dots has its own,
+    ``OPTIONS.config`` replaces the others. Cached per (block size, device, kind, override)."""
+    return _config_cached(block_size, device, dtype == torch.float32 and precision == "ieee",
+                          OPTIONS.config)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -347,6 +553,12 @@ def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> in
 
 
 _INT32_MAX = 2**31 - 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` is a constexpr function: several µs per host
+    call in triton 3.x, and the wrappers call it up to four times per launch)."""
+    return -(-a // b)
 
 
 def _kernel_input(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -382,6 +594,86 @@ def _in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Ten
     return t if memory_format == torch.channels_last else t.contiguous()
 
 
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous channels-last ``[N, C, H, W]`` as its ``[N·H·W, C]`` pixel matrix (a view)."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n * h * w, c)
+
+
+def _from_pixels(t: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """A row-major ``[N·H·W, C]`` pixel matrix as a channels-last ``[N, C, H, W]`` (a view)."""
+    return t.view(n, h, w, t.shape[1]).permute(0, 3, 1, 2)
+
+
+def _gemm_1x1(kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+              dtype: torch.dtype, wgrad: bool = False) -> bool:
+    """Whether this convolution runs on the linear kernels (``OPTIONS.route_1x1``): a 1×1
+    kernel, stride 1, no padding (dilation does not matter), and for fp32 the same dot
+    precision under the matmul switch as under the conv switch."""
+    route = OPTIONS.route_1x1
+    if route == "conv" or (wgrad and route == "gemm_fwd_dx"):
+        return False
+    if tuple(kernel_size) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0):
+        return False
+    return dtype != torch.float32 or dot_precision(dtype, "conv") == dot_precision(dtype, "matmul")
+
+
+def _linear():
+    from . import triton_linear  # the 1×1 GEMM route's kernels
+    return triton_linear
+
+
+# --------------------------------------------------------------------------- launches
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# (kernel, device, argument specialization, constexprs, warps, stages) -> compiled kernel
+_COMPILED: dict = {}
+
+
+def _arg_key(a) -> object:
+    """What Triton specializes a kernel on, for one argument: a tensor's dtype and 16-byte
+    alignment, an int's value (geometry repeats call after call; the value covers Triton's
+    divisibility and ``== 1`` specializations)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    return a
+
+
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, warps: int, stages: int,
+            device: torch.device) -> None:
+    """``kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)``, or with
+    ``OPTIONS.launch == "cached"`` on a CUDA device, the compiled kernel of this specialization
+    launched directly (its first call goes through Triton, which compiles and returns it)."""
+    if OPTIONS.launch != "cached" or device.type != "cuda":
+        kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
+        return
+    key = (kernel, device.index, tuple(_arg_key(a) for a in args), tuple(consts.items()),
+           warps, stages)
+    compiled = _COMPILED.get(key)
+    if compiled is not None:
+        try:
+            compiled[grid](*args, *consts.values())
+            return
+        except Exception as exc:  # this Triton's CompiledKernel launches differently
+            _COMPILED.clear()
+            _warn_once("cached-launch", f"itop_kernels.triton_conv: the cached launch failed "
+                                        f"({type(exc).__name__}: {exc}); launching through "
+                                        "kernel[grid](...) from now on")
+            globals()["OPTIONS"] = dataclasses.replace(OPTIONS, launch="plain")
+    compiled = kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
+    if hasattr(compiled, "result"):   # triton 3.6 may hand back a future of the compile
+        compiled = compiled.result()
+    if OPTIONS.launch == "cached" and hasattr(compiled, "__getitem__"):
+        _COMPILED[key] = compiled
+
+
 # --------------------------------------------------------------------------- wrappers
 def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                  col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
@@ -396,19 +688,24 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     KH, KW = values.shape[1:3]
     Ho = _out_size(H, KH, stride[0], padding[0], dilation[0])
     Wo = _out_size(W, KW, stride[1], padding[1], dilation[1])
-    y = _empty_nhwc((N, out_channels, Ho, Wo), x.dtype, x.device)
     M = N * Ho * Wo
+    if M and out_channels and _gemm_1x1((KH, KW), stride, padding, x.dtype):
+        x = _kernel_input(x, "x")
+        y = _linear().linear_forward(_pixels(x), values.view(-1, block_size, block_size),
+                                     row_ptr, col_idx, bias, block_size, out_channels)
+        return _in_format(_from_pixels(y, N, Ho, Wo), memory_format)
+    y = _empty_nhwc((N, out_channels, Ho, Wo), x.dtype, x.device)
     if M == 0 or out_channels == 0:
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
     values = _aligned(values)
-    grid = (triton.cdiv(M, cfg.BM) * (out_channels // block_size),)
-    _conv_fwd_kernel[grid](
-        x, values, bias if bias is not None else values, y, row_ptr, col_idx,
-        N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        HAS_BIAS=bias is not None, BS=block_size, BM=cfg.BM, BK=cfg.BK,
-        PRECISION=prec, num_warps=cfg.warps, num_stages=cfg.stages)
+    grid = (_cdiv(M, cfg.BM) * (out_channels // block_size),)
+    _launch(_conv_fwd_kernel, grid,
+            (x, values, bias if bias is not None else values, y, row_ptr, col_idx,
+             N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
+             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]),
+            {"HAS_BIAS": bias is not None, "BS": block_size, "BM": cfg.BM, "BK": cfg.BK,
+             "PRECISION": prec}, cfg.warps, cfg.stages, x.device)
     return _in_format(y, memory_format)
 
 
@@ -423,24 +720,52 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     N, Cin, H, W = input_size
     _, Cout, Ho, Wo = dy.shape
     KH, KW = values.shape[1:3]
-    dx = _empty_nhwc((N, Cin, H, W), dy.dtype, dy.device)
     M = N * H * W
+    if M and Cin and _gemm_1x1((KH, KW), stride, padding, dy.dtype):
+        dy = _kernel_input(dy, "dy")
+        dx = _linear().linear_grad_input(_pixels(dy), values.view(-1, block_size, block_size),
+                                         col_ptr, t_row_idx, t_block_idx, block_size, Cin)
+        return _in_format(_from_pixels(dx, N, H, W), memory_format)
+    dx = _empty_nhwc((N, Cin, H, W), dy.dtype, dy.device)
     if M == 0 or Cin == 0:
         return _in_format(dx, memory_format)
     dy = _kernel_input(dy, "dy")
     values = _aligned(values)
     # One pixel space per stride phase, sized for phase 0 (the largest).
     sh, sw = stride
-    mq = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)
-    grid = (sh * sw * triton.cdiv(mq, cfg.BM) * (Cin // block_size),)
-    _conv_dgrad_kernel[grid](
-        dy, values, dx, col_ptr, t_row_idx, t_block_idx,
-        N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
-        sh, sw, padding[0], padding[1], dilation[0], dilation[1],
-        sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw),
-        BS=block_size, BM=cfg.BM, BK=cfg.BK, PRECISION=prec,
-        num_warps=cfg.warps, num_stages=cfg.stages)
+    mq = N * _cdiv(H, sh) * _cdiv(W, sw)
+    grid = (sh * sw * _cdiv(mq, cfg.BM) * (Cin // block_size),)
+    _launch(_conv_dgrad_kernel, grid,
+            (dy, values, dx, col_ptr, t_row_idx, t_block_idx,
+             N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
+             sh, sw, padding[0], padding[1], dilation[0], dilation[1],
+             sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw)),
+            {"BS": block_size, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
+            cfg.warps, cfg.stages, dy.device)
     return _in_format(dx, memory_format)
+
+
+def _stacked_taps(block_size: int) -> int:
+    """Taps per program of the stacked-taps wgrad: ``OPTIONS.wgrad_taps``, at most
+    ``128 / block_size`` (an accumulator of at most 128 × BS rows: no spills)."""
+    return max(1, min(OPTIONS.wgrad_taps, 128 // block_size))
+
+
+def _taps_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
+    """``(BM, warps, stages)`` of the stacked-taps wgrad: 8 warps, 64 pixels per step for a
+    64-row accumulator and 32 for 128 rows (every group size compiles without spills for sm_80
+    and sm_90, with wgmma on sm_90)."""
+    return (64 if taps * block_size <= 64 else 32), 8, 3
+
+
+def wgrad_splits(tiles: int, pixels: int, cfg: ConvConfig, sm_count: int) -> tuple[int, int]:
+    """``(splits, pixels per split)`` of the wgrad reduction over ``pixels`` output pixels for
+    ``tiles`` (block, tap, out-slice) programs: about ``cfg.wsplit`` programs per SM, each
+    reducing at least 4 steps of ``WBM`` pixels; every split but the last a multiple of WBM."""
+    want = _cdiv(cfg.wsplit * sm_count, tiles)
+    splits = max(1, min(want, _cdiv(pixels, 4 * cfg.WBM)))
+    per_split = _cdiv(_cdiv(pixels, splits), cfg.WBM) * cfg.WBM
+    return _cdiv(pixels, per_split), per_split
 
 
 def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
@@ -460,22 +785,38 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     if nnz == 0 or M == 0:
         return torch.zeros((nnz, KH, KW, bs, bs), dtype=dy.dtype, device=dy.device)
     dy, x = _kernel_input(dy, "dy"), _kernel_input(x, "x")
-    tiles = nnz * KH * KW * (bs // cfg.WBO)
-    # Split the reduction over pixels so that about 4 programs run per SM, each reducing at
-    # least 4 steps of WBM pixels.
-    want = triton.cdiv(4 * _sm_count(dy.device), tiles)
-    splits = max(1, min(want, triton.cdiv(M, 4 * cfg.WBM)))
-    m_per_split = triton.cdiv(triton.cdiv(M, splits), cfg.WBM) * cfg.WBM
-    splits = triton.cdiv(M, m_per_split)
+    if _gemm_1x1((KH, KW), stride, padding, dy.dtype, wgrad=True):
+        dv = _linear().linear_grad_weight(_pixels(dy), _pixels(x), row_idx, col_idx, bs)
+        return dv.view(nnz, 1, 1, bs, bs)
+    tg = _stacked_taps(bs)
+    taps = OPTIONS.wgrad_kernel == "taps" and KH * KW > 1 and tg > 1
+    if taps:
+        tiles = nnz * _cdiv(KH * KW, tg)
+    else:
+        tiles = nnz * KH * KW * (bs // cfg.WBO)
+    splits, m_per_split = wgrad_splits(tiles, M, cfg, _sm_count(dy.device))
     ws = empty_output((splits, nnz, KH, KW, bs, bs), torch.float32, dy.device)
-    _conv_wgrad_kernel[(tiles, splits)](
-        dy, x, ws, row_idx, col_idx,
-        N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        BS=bs, BM=cfg.WBM, BO=cfg.WBO, PRECISION=prec,
-        num_warps=cfg.wwarps, num_stages=cfg.wstages)
-    dv = ws[0] if splits == 1 else ws.sum(0)
-    return dv.to(dy.dtype)
+    args = (dy, x, ws, row_idx, col_idx,
+            N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    if taps:
+        tbm, twarps, tstages = _taps_tiles(bs, tg)
+        _launch(_conv_wgrad_taps_kernel, (tiles, splits), args,
+                {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": prec}, twarps, tstages, dy.device)
+    else:
+        _launch(_conv_wgrad_kernel, (tiles, splits), args,
+                {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
+                cfg.wwarps, cfg.wstages, dy.device)
+    if splits == 1 and dy.dtype == torch.float32:
+        return ws[0]
+    if OPTIONS.wgrad_reduce == "torch":
+        dv = ws[0] if splits == 1 else ws.sum(0)
+        return dv if dv.dtype == dy.dtype else dv.to(dy.dtype)
+    dv = empty_output((nnz, KH, KW, bs, bs), dy.dtype, dy.device)
+    numel = dv.numel()
+    _launch(_wgrad_reduce_kernel, (_cdiv(numel, _REDUCE_BLOCK),), (ws, dv, numel, splits),
+            {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1, dy.device)
+    return dv
 
 
 # --------------------------------------------------------------------------- AOT cases
@@ -490,38 +831,68 @@ def _ints(names) -> dict:
     return {n: "i32" for n in names}
 
 
+def _kernel_cases(name: str, cfg: ConvConfig, bs: int, ptr: str, prec: str,
+                  biases=(True, False)) -> list:
+    """The forward (with and without bias), dgrad and wgrad compile cases of one config."""
+    from .compile_check import AotCase
+
+    cases = []
+    for has_bias in biases:
+        sig = {"x_ptr": ptr, "v_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
+               "row_ptr": "*i32", "col_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+               "HAS_BIAS": "constexpr", "BS": "constexpr", "BM": "constexpr",
+               "BK": "constexpr", "PRECISION": "constexpr"}
+        cases.append(AotCase(
+            name.format(kernel="fwd") + ("_bias" if has_bias else ""), _conv_fwd_kernel,
+            sig, {"HAS_BIAS": has_bias, "BS": bs, "BM": cfg.BM, "BK": cfg.BK,
+                  "PRECISION": prec},
+            cfg.warps, cfg.stages))
+    sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
+           "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+           **_ints(["step_h", "step_w"]),
+           "BS": "constexpr", "BM": "constexpr", "BK": "constexpr",
+           "PRECISION": "constexpr"}
+    cases.append(AotCase(name.format(kernel="dgrad"), _conv_dgrad_kernel, sig,
+                         {"BS": bs, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
+                         cfg.warps, cfg.stages))
+    sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
+           "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
+           **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr",
+           "PRECISION": "constexpr"}
+    cases.append(AotCase(name.format(kernel="wgrad"), _conv_wgrad_kernel, sig,
+                         {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
+                         cfg.wwarps, cfg.wstages))
+    return cases
+
+
 def aot_cases(arch: int) -> list:
     """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
-    (fp32 with TF32 and with IEEE dots; the forward with and without bias)."""
+    (fp32 with TF32 and with IEEE dots; the forward with and without bias), then every tuning
+    candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without bias),
+    and the wgrad reduction for each output dtype."""
     from .compile_check import AotCase
 
     cases = []
     for bs in SUPPORTED_BLOCK_SIZES:
         for dname, ptr, prec in _KINDS:
             cfg = (IEEE_CONFIGS if dname == "fp32_ieee" else CONFIGS)[arch][bs]
-            for has_bias in (True, False):
-                sig = {"x_ptr": ptr, "v_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
-                       "row_ptr": "*i32", "col_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
-                       "HAS_BIAS": "constexpr", "BS": "constexpr", "BM": "constexpr",
-                       "BK": "constexpr", "PRECISION": "constexpr"}
-                cases.append(AotCase(
-                    f"conv_fwd_bs{bs}_{dname}{'_bias' if has_bias else ''}", _conv_fwd_kernel,
-                    sig, {"HAS_BIAS": has_bias, "BS": bs, "BM": cfg.BM, "BK": cfg.BK,
-                          "PRECISION": prec},
-                    cfg.warps, cfg.stages))
-            sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
-                   "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
-                   **_ints(["step_h", "step_w"]),
-                   "BS": "constexpr", "BM": "constexpr", "BK": "constexpr",
-                   "PRECISION": "constexpr"}
-            cases.append(AotCase(f"conv_dgrad_bs{bs}_{dname}", _conv_dgrad_kernel, sig,
-                                 {"BS": bs, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
-                                 cfg.warps, cfg.stages))
-            sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
+            cases += _kernel_cases(f"conv_{{kernel}}_bs{bs}_{dname}", cfg, bs, ptr, prec)
+    for dname, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
+        cases.append(AotCase(f"conv_wgrad_reduce_{dname}", _wgrad_reduce_kernel,
+                             {"ws_ptr": "*fp32", "out_ptr": ptr, "numel": "i32", "splits": "i32",
+                              "BLOCK": "constexpr"}, {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1))
+    for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps wgrad, every group size it allows
+        for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+            tbm, twarps, tstages = _taps_tiles(bs, tg)
+            sig = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "ws_ptr": "*fp32", "row_idx": "*i32",
                    "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
-                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr",
+                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "TG": "constexpr",
                    "PRECISION": "constexpr"}
-            cases.append(AotCase(f"conv_wgrad_bs{bs}_{dname}", _conv_wgrad_kernel, sig,
-                                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
-                                 cfg.wwarps, cfg.wstages))
+            cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16", _conv_wgrad_taps_kernel,
+                                 sig, {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
+                                 twarps, tstages))
+    for bs, cands in CANDIDATES.items():
+        for cname, cfg in cands.items():
+            cases += _kernel_cases(f"conv_cand[{cname}]_{{kernel}}_bs{bs}_bf16", cfg, bs, "*bf16",
+                                   "ieee", biases=(False,))
     return cases

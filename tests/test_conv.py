@@ -539,3 +539,155 @@ def test_triton_gpu_larger(bs, dtype, guard_bands, poison):
                    layout_in="cl", id="gpu_s2"),
               Case(4 * bs, 2 * bs, (28, 28), (1, 1), bs=bs, batch=8, layout_in="cl", id="gpu_1x1")):
         check_case(c, dtype, "cuda")
+
+
+# --------------------------------------------------------------------------- 1×1 as a GEMM
+GEMM_CASES = [
+    Case(32, 48, (5, 7), (1, 1), layout_in="cl", id="1x1_cl"),
+    Case(32, 64, (3, 5), (1, 1), batch=1, mask="empty_rows", id="1x1_nchw_empty_rows"),
+    Case(48, 32, (4, 4), (1, 1), dilation=2, batch=1, layout_in="strided", bias=False,
+         id="1x1_dilated_strided_input"),
+]
+
+
+@pytest.mark.parametrize("route", ["gemm", "gemm_fwd_dx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", GEMM_CASES, ids=[c.id for c in GEMM_CASES])
+def test_triton_1x1_gemm_route(case, dtype, route, triton_device, tf32_switch, no_cpu_path,
+                               monkeypatch):
+    """A 1×1, stride-1, unpadded conv through the block-sparse linear kernels (``route_1x1``):
+    forward and dX always, dW too with ``"gemm"`` (the conv wgrad kernel with ``"gemm_fwd_dx"``),
+    against the float64 reference, outputs poisoned and inside guard bands. fp32 takes the route
+    only where torch's matmul and conv TF32 switches agree: the conv switch is set to IEEE here."""
+    from itop_kernels import triton_conv, triton_linear
+
+    tf32_switch("conv", "new", False)
+    lin = spy_launches(monkeypatch, triton_linear, ("_bsl_fwd_kernel", "_bsl_dx_kernel",
+                                                    "_bsl_dw_kernel"))
+    cnv = spy_launches(monkeypatch, triton_conv, ("_conv_fwd_kernel", "_conv_dgrad_kernel",
+                                                  "_conv_wgrad_kernel"))
+    with triton_conv.options(route_1x1=route):
+        check_case(case, dtype, triton_device)
+    wgrad_on_linear = route == "gemm"
+    assert [len(lin[n].calls) for n in lin] == [1, 1, int(wgrad_on_linear)]
+    assert [len(cnv[n].calls) for n in cnv] == [0, 0, int(not wgrad_on_linear)]
+
+
+def test_triton_1x1_gemm_route_keeps_the_conv_kernels_where_it_does_not_apply(
+        triton_device, tf32_switch, no_cpu_path, monkeypatch):
+    """Strided or padded 1×1 convs, and fp32 where the TF32 switches disagree (the default: cuDNN
+    TF32 on, matmul IEEE), stay on the conv kernels under ``route_1x1="gemm"``."""
+    from itop_kernels import triton_conv, triton_linear
+
+    lin = spy_launches(monkeypatch, triton_linear, ("_bsl_fwd_kernel",))
+    tf32_switch("conv", "new", False)
+    with triton_conv.options(route_1x1="gemm"):
+        check_case(Case(32, 32, (7, 7), (1, 1), stride=2, batch=1, id="1x1_s2"), torch.float32,
+                   triton_device)
+        check_case(Case(32, 32, (4, 4), (1, 1), padding=1, batch=1, id="1x1_pad"), torch.float32,
+                   triton_device)
+        tf32_switch("conv", "new", True)
+        check_case(Case(32, 32, (4, 4), (1, 1), batch=1, id="1x1_tf32"), torch.float32,
+                   triton_device)
+    assert lin["_bsl_fwd_kernel"].calls == []
+
+
+def test_conv_options_reject_bad_values():
+    from itop_kernels import triton_conv
+
+    with pytest.raises(ValueError, match="route_1x1"):
+        triton_conv.set_options(route_1x1="im2col")
+    with pytest.raises(ValueError, match="launch"):
+        triton_conv.set_options(launch="fast")
+    with pytest.raises(ValueError, match="unknown conv option"):
+        triton_conv.set_options(tiles=3)
+    with pytest.raises(TypeError, match="ConvConfig"):
+        triton_conv.set_options(config={"BM": 64})
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+def test_triton_tuning_candidates(bs, triton_device, no_cpu_path, monkeypatch):
+    """Every tuning candidate (``CANDIDATES``) is correct under the interpreter: forward, dgrad
+    (stride 2: two phases) and the wgrad split (16 SMs make several splits), fp16 and fp32."""
+    from itop_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
+    for i, (name, cfg) in enumerate(triton_conv.CANDIDATES[bs].items()):
+        dtype = (torch.float16, torch.float32)[i % 2]
+        with triton_conv.options(config=cfg):
+            check_case(Case(2 * bs, 2 * bs, (7, 6), (3, 3), stride=(2, 1), padding=1, bs=bs,
+                            batch=1, layout_in="cl", id=name), dtype, triton_device)
+
+
+@pytest.mark.parametrize("reduce", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_triton_wgrad_reduce(reduce, dtype, triton_device, no_cpu_path, monkeypatch):
+    """The wgrad's split partial sums become dW through one Triton kernel (sum and cast) or
+    through torch (``wgrad_reduce``): both correct, and only the first launches the kernel."""
+    from itop_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
+    spies = spy_launches(monkeypatch, triton_conv, ("_wgrad_reduce_kernel",))
+    with triton_conv.options(wgrad_reduce=reduce):
+        check_case(Case(32, 32, (16, 17), (1, 1), batch=2, id="reduce"), dtype, triton_device)
+    assert len(spies["_wgrad_reduce_kernel"].calls) == (reduce == "triton")
+
+
+@pytest.mark.parametrize("taps", [2, 4, 8])
+def test_triton_wgrad_stacked_taps(taps, triton_device, no_cpu_path, monkeypatch):
+    """``wgrad_kernel="taps"``: groups of taps stacked into one MMA, the last group ragged
+    (3×3 = 9 taps), with stride, padding and dilation, split over the pixels, fp32 and fp16."""
+    from itop_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
+    spies = spy_launches(monkeypatch, triton_conv, ("_conv_wgrad_taps_kernel",
+                                                    "_conv_wgrad_kernel"))
+    with triton_conv.options(wgrad_kernel="taps", wgrad_taps=taps):
+        check_case(Case(32, 48, (9, 7), (3, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2),
+                        batch=1, mask="empty_rows", id="taps"), torch.float32, triton_device)
+        check_case(Case(32, 32, (6, 6), (3, 3), padding=1, batch=1, layout_in="cl",
+                        id="taps_fp16"), torch.float16, triton_device)
+        check_case(Case(64, 64, (5, 5), (3, 3), padding=1, bs=32, batch=1, id="taps_bs32"),
+                   torch.float32, triton_device)
+    assert len(spies["_conv_wgrad_taps_kernel"].calls) == 3
+    assert spies["_conv_wgrad_kernel"].calls == []
+
+
+def _gpu_option_sets() -> list:
+    from itop_kernels import triton_conv
+
+    sets = [("launch_cached", 16, {"launch": "cached"}),
+            ("wgrad_torch_reduce", 16, {"wgrad_reduce": "torch"})]
+    for bs in (16, 32):
+        for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+            sets.append((f"taps{tg}_bs{bs}", bs, {"wgrad_kernel": "taps", "wgrad_taps": tg}))
+        for name, cfg in triton_conv.CANDIDATES[bs].items():
+            sets.append((f"cand_{name}_bs{bs}", bs, {"config": cfg}))
+    return sets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and real tiles need a GPU")
+@pytest.mark.parametrize("name,bs,opts", _gpu_option_sets() if torch.cuda.is_available() else [],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_triton_gpu_options_bf16(name, bs, opts, guard_bands, poison, monkeypatch):
+    """On a GPU, bf16: every option the benchmark measures (cached launch, torch reduce,
+    stacked-taps wgrad, each tuning candidate) at a ResNet-like 3×3 shape, stride 1 and 2."""
+    from itop_kernels import triton_conv
+
+    with triton_conv.options(**opts):
+        for c in (Case(4 * bs, 4 * bs, (14, 14), (3, 3), padding=1, bs=bs, batch=4,
+                       layout_in="cl", id="s1"),
+                  Case(2 * bs, 4 * bs, (15, 15), (3, 3), stride=2, padding=1, bs=bs, batch=4,
+                       layout_in="cl", id="s2")):
+            check_case(c, torch.bfloat16, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU")
+@pytest.mark.parametrize("route", ["gemm", "gemm_fwd_dx"])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_triton_gpu_1x1_gemm_bf16(route, bs, guard_bands, poison):
+    from itop_kernels import triton_conv
+
+    with triton_conv.options(route_1x1=route, launch="cached"):
+        check_case(Case(4 * bs, 8 * bs, (14, 14), (1, 1), bs=bs, batch=4, layout_in="cl",
+                        id="gemm_bf16"), torch.bfloat16, "cuda")
