@@ -204,6 +204,118 @@ def build_cases(x, W, mask, bs, layout, values, bias):
     return cases
 
 
+# --------------------------------------------------------------------------- host overhead
+HOST_SHAPE = dict(M=8, K=64, N=64, block=16, density=0.5)
+
+
+def _per_call_us(fn, device: torch.device, calls: int, rounds: int) -> float:
+    """Median over ``rounds`` of the mean wall µs per call of ``calls`` back-to-back calls
+    (no synchronization between calls: at a tiny shape this is the host's cost per call)."""
+    fn()
+    fn()
+    per = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(per)
+
+
+def host_overhead(device: torch.device, dtype: torch.dtype, calls: int = 200,
+                  rounds: int = 15) -> dict:
+    """Host µs per call of ``block_sparse_linear`` (forward under no_grad, and fwd+bwd through
+    autograd) at a tiny shape, next to ``F.linear``, the custom-op path and the eager
+    ``autograd.Function`` path (where this checkout has them), and the implementation functions
+    called directly (the floor of the Python path)."""
+    from itop_kernels import linear as lin
+    s = HOST_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    mask = exact_mask(s["N"] // s["block"], s["K"] // s["block"], s["density"], gen)
+    layout = BlockLayout.from_mask(mask.to(device), s["block"])
+    W = (torch.randn(s["N"], s["K"], generator=gen) / 8).to(device, dtype)
+    values = layout.gather(W)
+    x = torch.randn(s["M"], s["K"], generator=gen).to(device, dtype)
+    dy = torch.randn(s["M"], s["N"], generator=gen).to(device, dtype)
+    bias = torch.zeros(s["N"], device=device, dtype=dtype)
+    xg, vg, Wg = (t.detach().clone().requires_grad_() for t in (x, values, W))
+    bg = bias.detach().clone().requires_grad_()
+
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                f(x, values, layout, bias)
+        return run
+
+    def fwdbwd(f):
+        def run():
+            y = f(xg, vg, layout, bg)
+            torch.autograd.grad(y, (xg, vg, bg), dy)
+        return run
+
+    paths = {"public": block_sparse_linear}
+    for name, attr in (("custom_op", "_linear_custom_op"), ("eager", "_linear_eager")):
+        if hasattr(lin, attr):
+            paths[name] = getattr(lin, attr)
+    cases = {}
+    for name, f in paths.items():
+        cases[f"{name} fwd"] = fwd(f)
+        cases[f"{name} fwd+bwd"] = fwdbwd(f)
+
+    def dense_fwd():
+        with torch.no_grad():
+            F.linear(x, W, bias)
+
+    def dense_fwdbwd():
+        y = F.linear(xg, Wg, bg)
+        torch.autograd.grad(y, (xg, Wg, bg), dy)
+    cases["dense F.linear fwd"] = dense_fwd
+    cases["dense F.linear fwd+bwd"] = dense_fwdbwd
+    if hasattr(lin, "_forward_impl") and hasattr(lin, "_backward_impl"):
+        meta = (layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.t_row_idx,
+                layout.t_block_idx)
+
+        def impl_fwd():
+            lin._forward_impl(x, values, layout.row_ptr, layout.col_idx, bias, s["block"], s["N"])
+
+        def impl_fwdbwd():
+            impl_fwd()
+            lin._backward_impl(dy, x, values, *meta, s["block"], True, True)
+            dy.sum(0)
+        cases["impl direct fwd"] = impl_fwd
+        cases["impl direct fwd+bwd"] = impl_fwdbwd
+    us = {k: _per_call_us(fn, device, calls, rounds) for k, fn in cases.items()}
+    return {"shape": s, "dtype": str(dtype).replace("torch.", ""), "calls_per_round": calls,
+            "rounds": rounds, "us_per_call": us,
+            "timer": "median over rounds of the mean perf_counter µs per call"}
+
+
+def run_host_overhead(args) -> dict:
+    """``--host-overhead``: one labelled entry added to the JSON at ``args.out`` (entries from
+    earlier runs, e.g. the code before a change, are kept)."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads) if args.threads else None
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    entry = {"label": args.label, "git_commit": git_commit(), "device": device_name(device),
+             "versions": versions(), "threads": torch.get_num_threads(),
+             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+             **host_overhead(device, dtype)}
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    entries = [e for e in old.get("entries", []) if e.get("label") != args.label]
+    result = {"benchmark": "bench_linear --host-overhead", "entries": entries + [entry]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    for e in result["entries"]:
+        print(f"\n[{e['label']}] {e['device']} {e['dtype']} (commit {e['git_commit'][:10]})")
+        for k, v in e["us_per_call"].items():
+            print(f"  {k:28s} {v:9.1f} µs")
+    return result
+
+
 def run(args, checkpoint=None) -> dict:
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
@@ -363,7 +475,18 @@ def parse_args(argv=None):
     p.add_argument("--replot", type=Path, metavar="JSON",
                    help="no timing: recompute derived fields of an existing results JSON from its "
                         "raw times, rewrite it, re-plot it and print its table")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="host µs per call at a tiny shape (public, custom-op and eager paths, "
+                        "F.linear); adds an entry --label to the JSON (default "
+                        "benchmarks/results/host_overhead_linear_<device>.json)")
+    p.add_argument("--label", default="current", help="with --host-overhead: the entry's name")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.host_overhead:
+        if args.out is None:
+            dev = "gpu" if args.device.startswith("cuda") else "cpu"
+            args.out = results_path(f"host_overhead_linear_{dev}.json", args.out_dir)
+        return args
     if args.replot:
         return args
     gpu = args.device.startswith("cuda")
@@ -388,6 +511,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.host_overhead:
+        run_host_overhead(args)
+        return 0
     if args.replot:
         result = rederive(args.replot)
         args.replot.write_text(json.dumps(result, indent=1))
