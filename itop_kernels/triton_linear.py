@@ -166,7 +166,7 @@ def _bsl_dx_kernel(
                               m_ok, K, N, BS, BM, BK, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_per_split", "nnz"])
 def _bsl_dw_kernel(
     dy_ptr, x_ptr, dv_ptr, row_idx, col_idx,
     M, K, N, m_per_split, nnz,
@@ -209,7 +209,7 @@ def _bsl_dw_kernel(
         tl.store(out, acc.to(dv_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _sum_splits_kernel(ws_ptr, out_ptr, L, S, BLOCK: tl.constexpr):
     """``out[l] = Σ_s ws[s, l]`` in a fixed order (deterministic), fp32 → out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -283,7 +283,7 @@ def _sweep_table() -> dict:
              C(128, 16, 4, 3, group_m=8), C(64, 16, 2, 4)],
         32: [C(256, 32, 8, 3), C(128, 32, 4, 4), C(128, 32, 4, 3, wide=2), C(128, 32, 8, 3, wide=2),
              C(128, 32, 4, 3, group_m=8), C(64, 32, 4, 3)],
-        64: [C(128, 64, 4, 3), C(256, 64, 8, 3), C(128, 32, 4, 4), C(128, 64, 8, 4),
+        64: [C(128, 32, 8, 3), C(256, 32, 8, 3), C(128, 32, 4, 4), C(128, 64, 8, 4),
              C(128, 64, 8, 3, group_m=8), C(64, 64, 4, 3)],
         128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 4), C(64, 128, 8, 3),
               C(64, 64, 4, 3, group_m=8), C(128, 64, 8, 3, group_m=8)],
@@ -296,7 +296,12 @@ def _sweep_table() -> dict:
         128: [C(64, 64, 4, 3, split=0), C(64, 64, 8, 3, split=0), C(32, 128, 8, 3, split=0),
               C(64, 64, 4, 4, split=0)],
     }
-    common = {"fwd": fwd, "dx": fwd, "dw": dw}
+    dx = dict(fwd)   # the dX tile holds the same registers, but sm_80 spills on two of them
+    dx[64] = [C(128, 32, 8, 3), C(256, 32, 8, 3), C(128, 32, 8, 4), C(128, 64, 8, 4),
+              C(128, 64, 8, 3, group_m=8), C(64, 64, 4, 3)]
+    dx[128] = [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 4, 4), C(64, 128, 8, 3),
+               C(64, 64, 4, 3, group_m=8), C(128, 32, 8, 3, group_m=8)]
+    common = {"fwd": fwd, "dx": dx, "dw": dw}
     return {80: common, 90: common}
 
 
