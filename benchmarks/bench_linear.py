@@ -1,17 +1,32 @@
-"""Block-sparse linear vs dense, masked dense and torch BSR: forward, backward and fwd+bwd.
+"""Block-sparse linear vs dense, masked dense, torch BSR and stk: kernels, fwd+bwd, host cost.
 
-Sweeps density × block size × dtype on random data and writes the raw timings to JSON
-(device, versions, git commit) plus a PNG of fwd+bwd speedup over dense against density.
+Three modes:
 
-On a GPU it times with ``triton.testing.do_bench`` (median, after warm-up) at the design's
-target shape (docs/design.md: M = 16384, K = N = 4096) in bf16 and fp16, and reports each time
-as a fraction of the roofline floor max(FLOPs / peak, bytes / bandwidth), with the peaks
-measured in the same run.
-On the CPU it runs a smaller sweep (M = 512, K = N = 4096, fp32) with interleaved repetitions,
-timing the CPU implementation.
+- ``--sweep`` (the default on CUDA): the one-call GPU run of issue 13, under a hard
+  ``--budget-s`` (default 140 s; the JSON is rewritten after every case, sections that do not
+  fit are skipped and listed). bf16, M = 16384, K = N = 4096, blocks 16/32/64/128 × densities
+  0.5/0.2/0.1/0.05/0.02: the peaks (bf16 8192³ GEMM, device copy) measured in the run; every
+  kernel alone per candidate config (the shipped ``CONFIGS`` entry and the ``SWEEP`` list);
+  fwd+bwd through autograd eagerly and replayed from a CUDA graph, with the shipped and the
+  best configs; the sum of the best kernels; dense cuBLAS and masked dense (once), torch BSR
+  forward, stk at block 128; the roofline floor and fraction; speedup × density; fp16/bf16
+  correctness; host µs per call with plain and cached Triton launches; a ``torch.profiler``
+  table at block 64, density 0.02; fp32 (tf32) at block 64; a PNG. Kernels are compiled first
+  in ``--compile-workers`` processes. ``--device cpu --smoke`` runs the same code at a tiny
+  shape through Triton's interpreter (set ``TRITON_INTERPRET=1``).
+  ``benchmarks/pick_linear_configs.py`` turns its JSON into ``CONFIGS`` entries.
+- ``--host-overhead``: host µs per call at a tiny shape (public, custom-op and eager paths,
+  the implementations called directly, ``F.linear``), one labelled entry per run in
+  ``results/host_overhead_linear_<device>.json``.
+- otherwise (``--legacy`` on CUDA; the default on the CPU): density × block × dtype sweep of
+  fwd, bwd and fwd+bwd against dense, masked dense and torch BSR. On the CPU: M = 512,
+  K = N = 4096, fp32, interleaved repetitions.
 
-    python benchmarks/bench_linear.py            # full sweep on the default device
-    python benchmarks/bench_linear.py --quick    # a few points, for a smoke run
+    python benchmarks/bench_linear.py --budget-s 140 --out $OUT/linear_sweep_gpu.json  # GPU
+    TRITON_INTERPRET=1 python benchmarks/bench_linear.py --device cpu --sweep --smoke
+    python benchmarks/bench_linear.py --host-overhead --threads 1 --label after
+    python benchmarks/bench_linear.py            # CPU sweep
+    python benchmarks/bench_linear.py --quick    # a few points
 """
 from __future__ import annotations
 
@@ -595,8 +610,12 @@ def sweep_run(args, write) -> dict:
     peaks = res["peaks"]
     save()
     # 2. compile everything in parallel into Triton's cache
-    cells = [(bs, d) for bs in args.blocks for d in args.densities]
-    items = [(k, cfg, bs, d, dname, M, K, N) for bs, d in cells[:len(args.blocks)]
+    # block 64 first (the issue's targets), then 128 (stk), then the rest: a run cut short by
+    # its budget loses the least important cells
+    order = sorted(args.blocks, key=lambda b: (b != 64, b != 128, -b))
+    cells = [(bs, d) for bs in order for d in args.densities]
+    # one density per block: nothing a kernel is specialized on depends on the density
+    items = [(k, cfg, bs, args.densities[-1], dname, M, K, N) for bs in args.blocks
              for k in ("fwd", "dx", "dw") for _, cfg in _candidates(arch, k, bs, dtype)]
     if device.type == "cuda" and args.compile_workers > 1:
         res["precompile"] = _precompile(items, args.compile_workers)
@@ -777,6 +796,8 @@ def plot_sweep(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if not res["rows"]:
+        return  # nothing timed (budget spent): the JSON says why
     fig, ax = plt.subplots(figsize=(7, 4.8))
     dense = res.get("dense", {})
     for bs in sorted({r["block"] for r in res["rows"]}):
@@ -949,6 +970,8 @@ def parse_args(argv=None):
         args.sweep = True
     if args.sweep:
         gpu = args.device.startswith("cuda")
+        if args.quick:
+            args.blocks, args.densities = [64, 128], [0.1, 0.02]
         if args.smoke or not gpu:
             args.M = args.M or 64
             args.K, args.N = (128, 128) if args.K == 4096 else (args.K, args.N)
