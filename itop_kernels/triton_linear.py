@@ -345,6 +345,12 @@ def _precision(dtype: torch.dtype) -> str:
     return dot_precision(dtype, "matmul")
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints. ``triton.cdiv`` is a constexpr function on triton 3.8 whose
+    Python call costs several µs; the wrappers call this on every launch."""
+    return -(-a // b)
+
+
 def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.device) -> int:
     """M splits of the dW reduction: ``cfg.split`` when fixed, else (``split=0``) enough that
     about 4 programs run per SM, each reducing at least 4 steps of ``BKM`` rows, and at most
@@ -353,8 +359,8 @@ def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.devic
         want = cfg.split
     else:
         tiles = nnz * (block_size // cfg.tile_k) ** 2
-        want = triton.cdiv(4 * _sm_count(device), max(tiles, 1))
-    return max(1, min(want, 64, triton.cdiv(M, 4 * cfg.tile_m)))
+        want = _cdiv(4 * _sm_count(device), max(tiles, 1))
+    return max(1, min(want, 64, _cdiv(M, 4 * cfg.tile_m)))
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -374,7 +380,7 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     N = out_features
     cfg = config or _config("fwd", x.device, block_size, x.dtype)
     y = empty_output((M, N), x.dtype, x.device)
-    grid = _grid(triton.cdiv(N // block_size, cfg.wide), triton.cdiv(M, cfg.tile_m), cfg)
+    grid = _grid(_cdiv(N // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
     launch(_bsl_fwd_kernel, grid,
            (x, values, bias if bias is not None else y, y, row_ptr, col_idx, M, K, N),
            dict(HAS_BIAS=bias is not None, BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k,
@@ -394,7 +400,7 @@ def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Ten
     K = in_features
     cfg = config or _config("dx", dy.device, block_size, dy.dtype)
     dx = empty_output((M, K), dy.dtype, dy.device)
-    grid = _grid(triton.cdiv(K // block_size, cfg.wide), triton.cdiv(M, cfg.tile_m), cfg)
+    grid = _grid(_cdiv(K // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
     launch(_bsl_dx_kernel, grid,
            (dy, values, dx, col_ptr, t_row_idx, t_block_idx, M, K, N),
            dict(BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k, PRECISION=_precision(dy.dtype),
@@ -428,15 +434,15 @@ def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
         launch(_bsl_dw_kernel, (nnz * tiles, 1), (dy, x, dv, row_idx, col_idx, M, K, N, M, nnz),
                dict(consts, SPLIT=False), cfg.num_warps, cfg.num_stages)
         return dv
-    m_per_split = triton.cdiv(triton.cdiv(M, splits), cfg.tile_m) * cfg.tile_m
-    splits = triton.cdiv(M, m_per_split)
+    m_per_split = _cdiv(_cdiv(M, splits), cfg.tile_m) * cfg.tile_m
+    splits = _cdiv(M, m_per_split)
     ws = empty_output((splits, nnz, block_size, block_size), torch.float32, dy.device)
     launch(_bsl_dw_kernel, (nnz * tiles, splits),
            (dy, x, ws, row_idx, col_idx, M, K, N, m_per_split, nnz),
            dict(consts, SPLIT=True), cfg.num_warps, cfg.num_stages)
     dv = empty_output((nnz, block_size, block_size), dy.dtype, dy.device)
     L = nnz * block_size * block_size
-    launch(_sum_splits_kernel, (triton.cdiv(L, _SUM_BLOCK),), (ws, dv, L, splits),
+    launch(_sum_splits_kernel, (_cdiv(L, _SUM_BLOCK),), (ws, dv, L, splits),
            dict(BLOCK=_SUM_BLOCK), 4, 1)
     return dv
 
