@@ -21,7 +21,9 @@ ahead-of-time compile check (``python -m itop_kernels.compile_check``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -86,11 +88,14 @@ def _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok
 
 @triton.jit
 def _bsl_fwd_kernel(
-    x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx,
+    x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, order_ptr,
     M, K, N,
     HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_M: tl.constexpr = 1, WIDE: tl.constexpr = 1,
+    ORDERED: tl.constexpr = False,
 ):
+    # ORDERED: program slot g runs block-row order_ptr[g] (block-rows by nnz, largest first, so
+    # the longest programs start first); else block-row g.
     # Program = (group g of WIDE block-rows of W = column blocks of Y, row tile of X and Y).
     # GROUP_M == 1: a 2-D grid, g fastest. Else a 1-D grid in grouped order (_tile_ids).
     if GROUP_M == 1:
@@ -101,12 +106,18 @@ def _bsl_fwd_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)  # rows of X / Y owned by this program
     m_ok = offs_m < M
     if WIDE == 1:
-        _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, g, offs_m, m_ok, K, N,
+        r = g
+        if ORDERED:
+            r = tl.load(order_ptr + g)
+        _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok, K, N,
                        HAS_BIAS, BS, BM, BK, PRECISION)
     else:
         for w in tl.static_range(WIDE):
-            r = g * WIDE + w
-            if r < N // BS:
+            slot = g * WIDE + w
+            if slot < N // BS:
+                r = slot
+                if ORDERED:
+                    r = tl.load(order_ptr + slot)
                 _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok,
                                K, N, HAS_BIAS, BS, BM, BK, PRECISION)
 
@@ -141,10 +152,10 @@ def _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, off
 
 @triton.jit
 def _bsl_dx_kernel(
-    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
+    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, order_ptr,
     M, K, N,
     BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-    GROUP_M: tl.constexpr = 1, WIDE: tl.constexpr = 1,
+    GROUP_M: tl.constexpr = 1, WIDE: tl.constexpr = 1, ORDERED: tl.constexpr = False,
 ):
     # Program = (group g of WIDE block-columns of W = column blocks of dX, row tile of dY/dX),
     # ordered as in the forward.
@@ -156,12 +167,18 @@ def _bsl_dx_kernel(
     offs_m = pid_m * BM + tl.arange(0, BM)  # rows of dY / dX
     m_ok = offs_m < M
     if WIDE == 1:
-        _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, g, offs_m, m_ok,
+        c = g
+        if ORDERED:
+            c = tl.load(order_ptr + g)
+        _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m, m_ok,
                       K, N, BS, BM, BK, PRECISION)
     else:
         for w in tl.static_range(WIDE):
-            c = g * WIDE + w
-            if c < K // BS:
+            slot = g * WIDE + w
+            if slot < K // BS:
+                c = slot
+                if ORDERED:
+                    c = tl.load(order_ptr + slot)
                 _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m,
                               m_ok, K, N, BS, BM, BK, PRECISION)
 
@@ -231,6 +248,7 @@ class _Cfg:
     group_m: int = 1   # fwd/dx: row tiles per program group (1: column block fastest)
     wide: int = 1      # fwd: block-rows per program; dx: block-columns per program
     split: int = 1     # dw: M splits (1: none, dV written directly; 0: from SM count and nnz)
+    ordered: bool = False  # fwd/dx: block-rows (columns) by nnz, largest first
 
     def tag(self) -> str:
         """A short name for benchmark rows: ``bm128 bk64 w8 s3 [g8] [x2] [split:auto]``."""
@@ -238,6 +256,7 @@ class _Cfg:
         t += f" g{self.group_m}" if self.group_m != 1 else ""
         t += f" x{self.wide}" if self.wide != 1 else ""
         t += (f" split:{self.split or 'auto'}") if self.split != 1 else ""
+        t += " nnz-ordered" if self.ordered else ""
         return t
 
 
@@ -288,6 +307,9 @@ def _sweep_table() -> dict:
         128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 4), C(64, 128, 8, 3),
               C(64, 64, 4, 3, group_m=8), C(128, 64, 8, 3, group_m=8)],
     }
+    shipped = {bs: CONFIGS[90]["fwd"][(bs, "16bit")] for bs in fwd}
+    for bs in fwd:   # the shipped tiles with block-rows ordered by nnz (load balance)
+        fwd[bs] = fwd[bs] + [dataclasses.replace(shipped[bs], ordered=True)]
     dw = {
         16: [C(128, 16, 4, 3, split=0), C(256, 16, 4, 3, split=0), C(64, 16, 4, 4, split=0)],
         32: [C(128, 32, 4, 3, split=0), C(64, 32, 4, 4, split=0), C(256, 32, 8, 3, split=0)],
@@ -300,7 +322,9 @@ def _sweep_table() -> dict:
     dx[64] = [C(128, 32, 8, 3), C(256, 32, 8, 3), C(128, 32, 8, 4), C(128, 64, 8, 4),
               C(128, 64, 8, 3, group_m=8), C(64, 64, 4, 3)]
     dx[128] = [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 4, 4), C(64, 128, 8, 3),
-               C(64, 64, 4, 3, group_m=8), C(128, 32, 8, 3, group_m=8)]
+               C(64, 64, 4, 3, group_m=8), C(128, 32, 8, 3, group_m=8),
+               dataclasses.replace(shipped[128], ordered=True)]
+    dx[64] = dx[64] + [dataclasses.replace(shipped[64], ordered=True)]
     common = {"fwd": fwd, "dx": dx, "dw": dw}
     return {80: common, 90: common}
 
@@ -345,6 +369,25 @@ def _precision(dtype: torch.dtype) -> str:
     return dot_precision(dtype, "matmul")
 
 
+_ORDERS: dict = {}     # id(ptr) -> (weakref to ptr, ptr._version, order)
+
+
+def _by_nnz(ptr: torch.Tensor) -> torch.Tensor:
+    """Block-rows (or columns) of a CSR pointer array by block count, largest first (int32, on
+    ptr's device), computed once per layout tensor (an in-place rewrite is seen through the
+    version counter); no host sync."""
+    hit = _ORDERS.get(id(ptr))
+    if hit is not None and hit[0]() is ptr and hit[1] == ptr._version:
+        return hit[2]
+    counts = ptr[1:] - ptr[:-1]
+    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    if len(_ORDERS) >= 512:
+        for k in [k for k, v in _ORDERS.items() if v[0]() is None] or list(_ORDERS):
+            del _ORDERS[k]
+    _ORDERS[id(ptr)] = (weakref.ref(ptr), ptr._version, order)
+    return order
+
+
 def _cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints. ``triton.cdiv`` is a constexpr function on triton 3.8 whose
     Python call costs several µs; the wrappers call this on every launch."""
@@ -381,10 +424,12 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     cfg = config or _config("fwd", x.device, block_size, x.dtype)
     y = empty_output((M, N), x.dtype, x.device)
     grid = _grid(_cdiv(N // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
+    order = _by_nnz(row_ptr) if cfg.ordered else row_ptr
     launch(_bsl_fwd_kernel, grid,
-           (x, values, bias if bias is not None else y, y, row_ptr, col_idx, M, K, N),
+           (x, values, bias if bias is not None else y, y, row_ptr, col_idx, order, M, K, N),
            dict(HAS_BIAS=bias is not None, BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k,
-                PRECISION=_precision(x.dtype), GROUP_M=cfg.group_m, WIDE=cfg.wide),
+                PRECISION=_precision(x.dtype), GROUP_M=cfg.group_m, WIDE=cfg.wide,
+                ORDERED=cfg.ordered),
            cfg.num_warps, cfg.num_stages)
     return y
 
@@ -401,10 +446,11 @@ def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Ten
     cfg = config or _config("dx", dy.device, block_size, dy.dtype)
     dx = empty_output((M, K), dy.dtype, dy.device)
     grid = _grid(_cdiv(K // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
+    order = _by_nnz(col_ptr) if cfg.ordered else col_ptr
     launch(_bsl_dx_kernel, grid,
-           (dy, values, dx, col_ptr, t_row_idx, t_block_idx, M, K, N),
+           (dy, values, dx, col_ptr, t_row_idx, t_block_idx, order, M, K, N),
            dict(BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k, PRECISION=_precision(dy.dtype),
-                GROUP_M=cfg.group_m, WIDE=cfg.wide),
+                GROUP_M=cfg.group_m, WIDE=cfg.wide, ORDERED=cfg.ordered),
            cfg.num_warps, cfg.num_stages)
     return dx
 
@@ -465,14 +511,17 @@ def _aot_specs() -> dict:
     return {
         "fwd": (_bsl_fwd_kernel,
                 lambda dt: {**ptrs(dt, "x_ptr", "v_ptr", "b_ptr", "y_ptr"),
-                            "row_ptr": "*i32", "col_idx": "*i32", **ints},
+                            "row_ptr": "*i32", "col_idx": "*i32", "order_ptr": "*i32", **ints},
                 lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k,
-                                 "GROUP_M": cfg.group_m, "WIDE": cfg.wide}),
+                                 "GROUP_M": cfg.group_m, "WIDE": cfg.wide,
+                                 "ORDERED": cfg.ordered}),
         "dx": (_bsl_dx_kernel,
                lambda dt: {**ptrs(dt, "dy_ptr", "v_ptr", "dx_ptr"), "col_ptr": "*i32",
-                           "t_row_idx": "*i32", "t_block_idx": "*i32", **ints},
+                           "t_row_idx": "*i32", "t_block_idx": "*i32", "order_ptr": "*i32",
+                           **ints},
                lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k,
-                                "GROUP_M": cfg.group_m, "WIDE": cfg.wide}),
+                                "GROUP_M": cfg.group_m, "WIDE": cfg.wide,
+                                "ORDERED": cfg.ordered}),
         "dw": (_bsl_dw_kernel,
                lambda dt: {**ptrs(dt, "dy_ptr", "x_ptr"), "dv_ptr": f"*{dt}",
                            "row_idx": "*i32", "col_idx": "*i32", **ints,

@@ -70,6 +70,8 @@ C = tl_mod._Cfg
     ("fwd", C(16, 16, 4, 2, group_m=3)), ("dx", C(16, 16, 4, 2, group_m=3)),
     ("fwd", C(16, 16, 4, 2, wide=2)), ("dx", C(16, 16, 4, 2, wide=2)),
     ("fwd", C(16, 16, 4, 2, wide=4, group_m=2)), ("dx", C(16, 8, 4, 2, wide=4, group_m=2)),
+    ("fwd", C(16, 16, 4, 2, ordered=True)), ("dx", C(16, 16, 4, 2, wide=2, ordered=True)),
+    ("fwd", C(16, 8, 4, 2, wide=2, group_m=3, ordered=True)),
     ("dw", C(16, 16, 4, 2, split=0)), ("dw", C(16, 8, 4, 2, split=5)),
     ("dw", C(32, 16, 4, 2, split=2)),
 ], ids=lambda v: v if isinstance(v, str) else v.tag())
@@ -100,6 +102,14 @@ def test_split_dw_really_splits_and_is_deterministic(triton_device, gen, monkeyp
     one = tl_mod.linear_grad_weight(dy, x, lay.row_idx, lay.col_idx, 16, config=cfg)
     two = tl_mod.linear_grad_weight(dy, x, lay.row_idx, lay.col_idx, 16, config=cfg)
     assert torch.equal(one, two) and a.shape[1:] == (16, 16)
+
+
+def test_nnz_order_is_largest_first_and_follows_in_place_rewrites():
+    ptr = torch.tensor([0, 1, 4, 4, 6], dtype=torch.int32)      # counts 1, 3, 0, 2
+    assert tl_mod._by_nnz(ptr).tolist() == [1, 3, 0, 2]
+    assert tl_mod._by_nnz(ptr).dtype == torch.int32
+    ptr.copy_(torch.tensor([0, 2, 2, 3, 6], dtype=torch.int32))  # counts 2, 0, 1, 3
+    assert tl_mod._by_nnz(ptr).tolist() == [3, 0, 2, 1]
 
 
 def test_dw_split_count_follows_sm_count_and_nnz():
