@@ -6,7 +6,8 @@ Three modes:
   ``--budget-s`` (default 130 s, so that a 150 s timeout leaves room to start and plot; the
   JSON is rewritten after every case, sections that do not fit are skipped and listed).
   bf16, M = 16384, K = N = 4096, blocks 16/32/64/128 × densities 0.5/0.2/0.1/0.05/0.02:
-  the peaks (bf16 8192³ GEMM, device copy) measured in the run; every kernel alone per candidate config (the shipped ``CONFIGS`` entry and the ``SWEEP`` list);
+  the peaks (bf16 8192³ GEMM, device copy) measured in the run; every kernel alone per
+  candidate config (the shipped ``CONFIGS`` entry and the ``SWEEP`` list);
   fwd+bwd through autograd eagerly and replayed from a CUDA graph, with the shipped and the
   best configs; the sum of the best kernels; dense cuBLAS and masked dense (once), torch BSR
   forward, stk at block 128; the roofline floor and fraction; speedup × density; fp16/bf16
