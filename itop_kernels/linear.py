@@ -44,14 +44,47 @@ def _new_output(like: Tensor, rows: int, cols: int, block_size: int) -> Tensor:
     return like.new_empty((rows, cols))
 
 
+# --------------------------------------------------------------------------- implementations
+# One implementation of each computation, called by the custom ops (``torch.compile``, export)
+# and by the eager ``autograd.Function`` alike.
+def _forward_impl(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                  bias: Optional[Tensor], block_size: int, out_features: int) -> Tensor:
+    """``Y = X·Wᵀ (+ bias)``, ``x [M, K]`` -> ``[M, N]``: the Triton kernels or the CPU path."""
+    if use_triton(x):
+        return _triton().linear_forward(x, values, row_ptr, col_idx, bias, block_size, out_features)
+    return cpu_linear.linear_forward(x, values, row_ptr, col_idx, bias, block_size, out_features)
+
+
+def _backward_impl(dy: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                   row_idx: Tensor, col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
+                   block_size: int, need_dx: bool, need_dv: bool) -> Tuple[Tensor, Tensor]:
+    """``(dX, dV)``; a gradient that is not needed comes back as an empty tensor. The CPU path
+    computes both from one gather of ``dY`` (one pass over the block-columns)."""
+    if use_triton(dy):
+        t = _triton()
+        dx = (t.linear_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size,
+                                  x.shape[1]) if need_dx else dy.new_empty(0))
+        dv = (t.linear_grad_weight(dy, x, row_idx, col_idx, block_size) if need_dv
+              else dy.new_empty(0))
+        return dx, dv
+    dx, dv = cpu_linear.linear_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx,
+                                        t_block_idx, block_size, need_dx, need_dv)
+    return (dx if dx is not None else dy.new_empty(0),
+            dv if dv is not None else dy.new_empty(0))
+
+
+def _bias_grad(dy: Tensor) -> Tensor:
+    """``dbias = Σ_m dY[m]``, accumulated in fp32 (fp64 for fp64) and rounded once."""
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    return dy.sum(0, dtype=acc).to(dy.dtype)
+
+
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("itop_kernels::bsl_forward", mutates_args=())
 def _bsl_forward(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, row_idx: Tensor,
                  col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
                  bias: Optional[Tensor], block_size: int, out_features: int) -> Tensor:
-    if use_triton(x):
-        return _triton().linear_forward(x, values, row_ptr, col_idx, bias, block_size, out_features)
-    return cpu_linear.linear_forward(x, values, row_ptr, col_idx, bias, block_size, out_features)
+    return _forward_impl(x, values, row_ptr, col_idx, bias, block_size, out_features)
 
 
 @_bsl_forward.register_fake
@@ -97,20 +130,9 @@ def _(dy, x, row_idx, col_idx, col_ptr, t_row_idx, t_block_idx, block_size):
 def _bsl_backward(dy: Tensor, x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor,
                   row_idx: Tensor, col_ptr: Tensor, t_row_idx: Tensor, t_block_idx: Tensor,
                   block_size: int, need_dx: bool, need_dv: bool) -> Tuple[Tensor, Tensor]:
-    """``(dX, dV)`` together; a gradient that is not needed comes back as an empty tensor.
-
-    The CPU path computes both from one gather of ``dY`` (one pass over the block-columns)."""
-    if use_triton(dy):
-        t = _triton()
-        dx = (t.linear_grad_input(dy, values, col_ptr, t_row_idx, t_block_idx, block_size,
-                                  x.shape[1]) if need_dx else dy.new_empty(0))
-        dv = (t.linear_grad_weight(dy, x, row_idx, col_idx, block_size) if need_dv
-              else dy.new_empty(0))
-        return dx, dv
-    dx, dv = cpu_linear.linear_backward(dy, x, values, row_ptr, col_idx, col_ptr, t_row_idx,
-                                        t_block_idx, block_size, need_dx, need_dv)
-    return (dx if dx is not None else dy.new_empty(0),
-            dv if dv is not None else dy.new_empty(0))
+    """``(dX, dV)`` together (:func:`_backward_impl`)."""
+    return _backward_impl(dy, x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx,
+                          t_block_idx, block_size, need_dx, need_dv)
 
 
 @_bsl_backward.register_fake
@@ -142,8 +164,7 @@ def _backward(ctx, dy):
         dx = gx if need_dx else None
         dv = gv if need_dv else None
     if ctx.has_bias and ctx.needs_input_grad[8]:
-        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-        db = dy.sum(0, dtype=acc).to(dy.dtype)
+        db = _bias_grad(dy)
     return dx, dv, None, None, None, None, None, None, db, None, None
 
 
@@ -159,7 +180,7 @@ def _bsl_forward_csr(xt: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tenso
     reads) and returns ``Y`` ``[M, N]`` as a transposed view; its gradient for ``xt`` is
     ``dXᵀ``, row-major. :func:`block_sparse_linear` forms ``xt`` with autograd-visible ops
     (free when ``x`` already is a transposed view), so the backward reuses it for ``dW``."""
-    return cpu_linear.linear_forward(xt.t(), values, row_ptr, col_idx, bias, 1, out_features)
+    return _forward_impl(xt.t(), values, row_ptr, col_idx, bias, 1, out_features)
 
 
 @_bsl_forward_csr.register_fake
@@ -184,12 +205,53 @@ def _backward_csr(ctx, dy):
         dxt = gx.t() if need_dx else None                 # dXᵀ, row-major like xt
         dv = gv if need_dv else None
     if ctx.has_bias and ctx.needs_input_grad[8]:
-        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-        db = dy.sum(0, dtype=acc).to(dy.dtype)
+        db = _bias_grad(dy)
     return dxt, dv, None, None, None, None, None, None, db, None
 
 
 _bsl_forward_csr.register_autograd(_backward_csr, setup_context=_setup_context_csr)
+
+
+# --------------------------------------------------------------------------- eager path
+class _EagerLinear(torch.autograd.Function):
+    """The eager (not compiling) path: the same implementations as the custom ops, without the
+    ``torch.library`` dispatch (about 55 µs a call, 125 µs with autograd, on a CPU; the host
+    cost that dominated small and sparse GPU steps). Saves and returns exactly what the
+    custom ops' autograd does.
+
+    ``csr=True`` is block size 1 on the CPU: the first input is ``Xᵀ`` (row-major ``[K, M]``)
+    and its gradient is ``dXᵀ``, as for ``itop_kernels::bsl_forward_csr``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, bias: Optional[Tensor], row_ptr: Tensor,
+                col_idx: Tensor, row_idx: Tensor, col_ptr: Tensor, t_row_idx: Tensor,
+                t_block_idx: Tensor, block_size: int, out_features: int, csr: bool) -> Tensor:
+        ctx.save_for_backward(x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx,
+                              t_block_idx)
+        ctx.block_size = block_size
+        ctx.csr = csr
+        ctx.has_bias = bias is not None
+        return _forward_impl(x.t() if csr else x, values, row_ptr, col_idx, bias, block_size,
+                             out_features)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, values, row_ptr, col_idx, row_idx, col_ptr, t_row_idx, t_block_idx = ctx.saved_tensors
+        bs = ctx.block_size
+        if bs != 1:  # block size 1 takes dY in either layout (a transposed dY is read in place)
+            dy = dy.contiguous()
+        dx = dv = db = None
+        need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_dx or need_dv:
+            gx, gv = _backward_impl(dy, x.t() if ctx.csr else x, values, row_ptr, col_idx,
+                                    row_idx, col_ptr, t_row_idx, t_block_idx, bs, need_dx,
+                                    need_dv)
+            if need_dx:
+                dx = gx.t() if ctx.csr else gx      # dXᵀ, row-major like xt, on the CSR path
+            dv = gv if need_dv else None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = _bias_grad(dy)
+        return dx, dv, db, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public function
@@ -199,10 +261,49 @@ def _check_args(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[T
         raise ValueError(f"x must have shape [..., in_features={layout.shape[1]}], "
                          f"got {tuple(x.shape)}")
     bs = layout.block_size
-    if tuple(values.shape) != (layout.nnz, bs, bs):
+    if values.dim() != 3 or values.shape[0] != layout.nnz or values.shape[1] != bs \
+            or values.shape[2] != bs:
         raise ValueError(f"values must have shape [nnz, bs, bs] = {[layout.nnz, bs, bs]}, "
                          f"got {list(values.shape)}")
     check_bias(bias, x, layout.shape[0], "out_features")
+
+
+def _linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor],
+            custom_ops: bool) -> Tensor:
+    """:func:`block_sparse_linear` through the custom ops (``custom_ops=True``: what
+    ``torch.compile`` and ``torch.export`` trace) or the eager ``autograd.Function``."""
+    _check_args(x, values, layout, bias)
+    N = layout.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    meta = (layout.row_ptr, layout.col_idx, layout.row_idx, layout.col_ptr, layout.t_row_idx,
+            layout.t_block_idx)
+    if layout.block_size == 1 and not use_triton(x2):
+        # block size 1 reads Xᵀ row-major: free when x already is a transposed view, else one
+        # copy, which the backward reuses (autograd routes dXᵀ back through the transpose)
+        xt = x2.t().contiguous()
+        if custom_ops:
+            y = _bsl_forward_csr(xt, values.contiguous(), *meta, bias, N)
+        else:
+            y = _EagerLinear.apply(xt, values.contiguous(), bias, *meta, 1, N, True)
+    elif custom_ops:
+        y = _bsl_forward(x2.contiguous(), values.contiguous(), *meta, bias, layout.block_size, N)
+    else:
+        y = _EagerLinear.apply(x2.contiguous(), values.contiguous(), bias, *meta,
+                               layout.block_size, N, False)
+    return y.reshape(*lead, N) if len(lead) != 1 else y
+
+
+def _linear_custom_op(x: Tensor, values: Tensor, layout: BlockLayout,
+                      bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`block_sparse_linear` through the ``torch.library`` custom ops (tests, benchmarks)."""
+    return _linear(x, values, layout, bias, True)
+
+
+def _linear_eager(x: Tensor, values: Tensor, layout: BlockLayout,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """:func:`block_sparse_linear` through the eager ``autograd.Function`` (tests, benchmarks)."""
+    return _linear(x, values, layout, bias, False)
 
 
 def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout,
@@ -226,20 +327,9 @@ def block_sparse_linear(x: Tensor, values: Tensor, layout: BlockLayout,
     output (and ``dX``) are transposed views of row-major ``[out, M]`` buffers, which the next
     block-size-1 layer reads without a copy. The Triton kernels have no block size 1: on CUDA
     tensors it raises ``ValueError`` (the ``itop`` layers run block size 1 there as masked dense).
+
+    Eagerly it runs an ``autograd.Function`` that calls the kernels directly (little host
+    cost per call); under ``torch.compile``/``torch.export`` it is the ``itop_kernels::bsl_*``
+    custom ops, which trace without a graph break. Both give bit-identical results.
     """
-    _check_args(x, values, layout, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if layout.block_size == 1 and not use_triton(x2):
-        # block size 1 reads Xᵀ row-major: free when x already is a transposed view, else one
-        # copy, which the backward reuses (autograd routes dXᵀ back through the transpose)
-        xt = x2.t().contiguous()
-        y = _bsl_forward_csr(xt, values.contiguous(), layout.row_ptr, layout.col_idx,
-                             layout.row_idx, layout.col_ptr, layout.t_row_idx,
-                             layout.t_block_idx, bias, layout.shape[0])
-        return y.reshape(*lead, layout.shape[0])
-    x2 = x2.contiguous()
-    y = _bsl_forward(x2, values.contiguous(), layout.row_ptr, layout.col_idx, layout.row_idx,
-                     layout.col_ptr, layout.t_row_idx, layout.t_block_idx, bias,
-                     layout.block_size, layout.shape[0])
-    return y.reshape(*lead, layout.shape[0])
+    return _linear(x, values, layout, bias, torch.compiler.is_compiling())

@@ -21,6 +21,9 @@ ahead-of-time compile check (``python -m itop_kernels.compile_check``).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,27 +33,37 @@ import triton.language as tl
 
 from .dispatch import empty_output
 from .dot_precision import dot_precision
+from .triton_launch import launch
 
 __all__ = ["linear_forward", "linear_grad_input", "linear_grad_weight", "aot_cases",
-           "SUPPORTED_BLOCK_SIZES"]
+           "sweep_cases", "CONFIGS", "SWEEP", "SUPPORTED_BLOCK_SIZES"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _bsl_fwd_kernel(
-    x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx,
-    M, K, N,
-    HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    r = tl.program_id(0)                    # block-row of W = column block of Y
-    pid_m = tl.program_id(1)                # row tile of X and Y
-    offs_m = pid_m * BM + tl.arange(0, BM)  # rows of X / Y owned by this program
+def _tile_ids(pid, NT, NM, GROUP_M: tl.constexpr):
+    """``(t, pid_m)`` of program ``pid`` over ``NT`` output column groups × ``NM`` row tiles in
+    grouped order: groups of ``GROUP_M`` row tiles, row tile fastest within a group (the
+    classic swizzle: the X/dY tiles and the weight blocks of a group both stay in L2).
+    ``GROUP_M == 1`` runs a 2-D grid instead: column group fastest, so the programs that run
+    together share one row tile."""
+    per_group = GROUP_M * NT
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(NM - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    t = (pid % per_group) // size_m
+    return t, pid_m
+
+
+@triton.jit
+def _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok, K, N,
+                   HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr,
+                   BK: tl.constexpr, PRECISION: tl.constexpr):
+    """``Y[offs_m, r-th column block] = X[offs_m] · (block-row r of W)ᵀ (+ b)``."""
     offs_n = tl.arange(0, BS)               # columns of Y within block-row r
     offs_k = tl.arange(0, BK)               # columns within one BK-wide slice of a block
-    m_ok = offs_m < M
     NK: tl.constexpr = BS // BK             # slices per block
     start = tl.load(row_ptr + r)
     end = tl.load(row_ptr + r + 1)
@@ -74,17 +87,48 @@ def _bsl_fwd_kernel(
 
 
 @triton.jit
-def _bsl_dx_kernel(
-    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
+def _bsl_fwd_kernel(
+    x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, order_ptr,
     M, K, N,
-    BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_M: tl.constexpr = 1, WIDE: tl.constexpr = 1,
+    ORDERED: tl.constexpr = False,
 ):
-    c = tl.program_id(0)                    # block-column of W = column block of dX
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)  # rows of dY / dX
+    # ORDERED: program slot g runs block-row order_ptr[g] (block-rows by nnz, largest first, so
+    # the longest programs start first); else block-row g.
+    # Program = (group g of WIDE block-rows of W = column blocks of Y, row tile of X and Y).
+    # GROUP_M == 1: a 2-D grid, g fastest. Else a 1-D grid in grouped order (_tile_ids).
+    if GROUP_M == 1:
+        g = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        g, pid_m = _tile_ids(tl.program_id(0), tl.cdiv(N // BS, WIDE), tl.cdiv(M, BM), GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)  # rows of X / Y owned by this program
+    m_ok = offs_m < M
+    if WIDE == 1:
+        r = g
+        if ORDERED:
+            r = tl.load(order_ptr + g)
+        _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok, K, N,
+                       HAS_BIAS, BS, BM, BK, PRECISION)
+    else:
+        for w in tl.static_range(WIDE):
+            slot = g * WIDE + w
+            if slot < N // BS:
+                r = slot
+                if ORDERED:
+                    r = tl.load(order_ptr + slot)
+                _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok,
+                               K, N, HAS_BIAS, BS, BM, BK, PRECISION)
+
+
+@triton.jit
+def _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m, m_ok,
+                  K, N, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """``dX[offs_m, c-th column block] = dY[offs_m] · (block-column c of W)``."""
     offs_n = tl.arange(0, BK)               # slice of the block-row's BS outputs
     offs_k = tl.arange(0, BS)               # columns of dX within block-column c
-    m_ok = offs_m < M
     NK: tl.constexpr = BS // BK
     start = tl.load(col_ptr + c)
     end = tl.load(col_ptr + c + 1)
@@ -107,13 +151,51 @@ def _bsl_dx_kernel(
 
 
 @triton.jit
+def _bsl_dx_kernel(
+    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, order_ptr,
+    M, K, N,
+    BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr = 1, WIDE: tl.constexpr = 1, ORDERED: tl.constexpr = False,
+):
+    # Program = (group g of WIDE block-columns of W = column blocks of dX, row tile of dY/dX),
+    # ordered as in the forward.
+    if GROUP_M == 1:
+        g = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        g, pid_m = _tile_ids(tl.program_id(0), tl.cdiv(K // BS, WIDE), tl.cdiv(M, BM), GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)  # rows of dY / dX
+    m_ok = offs_m < M
+    if WIDE == 1:
+        c = g
+        if ORDERED:
+            c = tl.load(order_ptr + g)
+        _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m, m_ok,
+                      K, N, BS, BM, BK, PRECISION)
+    else:
+        for w in tl.static_range(WIDE):
+            slot = g * WIDE + w
+            if slot < K // BS:
+                c = slot
+                if ORDERED:
+                    c = tl.load(order_ptr + slot)
+                _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m,
+                              m_ok, K, N, BS, BM, BK, PRECISION)
+
+
+@triton.jit(do_not_specialize=["m_per_split", "nnz"])
 def _bsl_dw_kernel(
     dy_ptr, x_ptr, dv_ptr, row_idx, col_idx,
-    M, K, N,
+    M, K, N, m_per_split, nnz,
     BS: tl.constexpr, BT: tl.constexpr, BKM: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
+    # Program = (active block i, BT×BT sub-tile) on axis 0 and a range of M on axis 1.
+    # SPLIT=False: one range (all of M), dV written in its dtype. SPLIT=True: dv_ptr is an fp32
+    # workspace [splits, nnz, BS, BS] of partial sums, reduced afterwards in a fixed order.
     TILES: tl.constexpr = BS // BT          # sub-tiles per block side
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     i = pid // (TILES * TILES)              # active block
     sub = pid % (TILES * TILES)
     n0 = (sub // TILES) * BT                # first output row of the sub-tile within the block
@@ -123,10 +205,12 @@ def _bsl_dw_kernel(
     offs_n = n0 + tl.arange(0, BT)
     offs_k = k0 + tl.arange(0, BT)
     offs_mm = tl.arange(0, BKM)             # rows of the M slice being reduced
+    m_lo = split * m_per_split
+    m_hi = tl.minimum(m_lo + m_per_split, M)
     acc = tl.zeros((BT, BT), dtype=tl.float32)
-    for m0 in range(0, M, BKM):
+    for m0 in range(m_lo, m_hi, BKM):
         rows = m0 + offs_mm
-        m_ok = rows < M
+        m_ok = rows < m_hi
         # dYᵀ slice [BT, BKM]: dY[m, r*BS + n] at m*N + r*BS + n.
         dy_t = tl.load(dy_ptr + rows[None, :] * N + (r * BS + offs_n)[:, None],
                        mask=m_ok[None, :], other=0.0)
@@ -134,9 +218,23 @@ def _bsl_dw_kernel(
         x = tl.load(x_ptr + rows[:, None] * K + (c * BS + offs_k)[None, :],
                     mask=m_ok[:, None], other=0.0)
         acc = tl.dot(dy_t, x, acc, input_precision=PRECISION)
-    # dV[i, n, k] at i*BS*BS + n*BS + k.
-    tl.store(dv_ptr + i * BS * BS + offs_n[:, None] * BS + offs_k[None, :],
-             acc.to(dv_ptr.dtype.element_ty))
+    # dV[i, n, k] at i*BS*BS + n*BS + k (plus split*nnz*BS*BS in the workspace).
+    out = dv_ptr + split * nnz * BS * BS + i * BS * BS + offs_n[:, None] * BS + offs_k[None, :]
+    if SPLIT:
+        tl.store(out, acc)
+    else:
+        tl.store(out, acc.to(dv_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["S"])
+def _sum_splits_kernel(ws_ptr, out_ptr, L, S, BLOCK: tl.constexpr):
+    """``out[l] = Σ_s ws[s, l]`` in a fixed order (deterministic), fp32 → out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(ws_ptr + s * L + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -147,6 +245,19 @@ class _Cfg:
     tile_k: int        # BK (fwd/dx): slice of a block per step, or BT (dw): output sub-tile
     num_warps: int
     num_stages: int
+    group_m: int = 1   # fwd/dx: row tiles per program group (1: column block fastest)
+    wide: int = 1      # fwd: block-rows per program; dx: block-columns per program
+    split: int = 1     # dw: M splits (1: none, dV written directly; 0: from SM count and nnz)
+    ordered: bool = False  # fwd/dx: block-rows (columns) by nnz, largest first
+
+    def tag(self) -> str:
+        """A short name for benchmark rows: ``bm128 bk64 w8 s3 [g8] [x2] [split:auto]``."""
+        t = f"bm{self.tile_m} bk{self.tile_k} w{self.num_warps} s{self.num_stages}"
+        t += f" g{self.group_m}" if self.group_m != 1 else ""
+        t += f" x{self.wide}" if self.wide != 1 else ""
+        t += (f" split:{self.split or 'auto'}") if self.split != 1 else ""
+        t += " nnz-ordered" if self.ordered else ""
+        return t
 
 
 def _table() -> dict:
@@ -180,12 +291,69 @@ def _table() -> dict:
 CONFIGS = _table()
 
 
+def _sweep_table() -> dict:
+    """``SWEEP[arch][kernel][block_size] -> [_Cfg, ...]``: 16-bit candidates the GPU benchmark
+    times next to the shipped ``CONFIGS`` entry (each compiled ahead of time by the AOT test).
+    Each is one idea: a larger ``BM``, grouped program order (``group_m``), wider programs
+    (``wide``), other warps/stages, and for dW the split-M reduction (``split``)."""
+    C = _Cfg
+    fwd = {
+        16: [C(256, 16, 4, 3), C(128, 16, 4, 4), C(128, 16, 4, 3, wide=2), C(128, 16, 4, 3, wide=4),
+             C(128, 16, 4, 3, group_m=8), C(64, 16, 2, 4)],
+        32: [C(256, 32, 8, 3), C(128, 32, 4, 4), C(128, 32, 4, 3, wide=2), C(128, 32, 8, 3, wide=2),
+             C(128, 32, 4, 3, group_m=8), C(64, 32, 4, 3)],
+        64: [C(128, 32, 8, 3), C(256, 32, 8, 3), C(128, 32, 4, 4), C(128, 64, 8, 4),
+             C(128, 64, 8, 3, group_m=8), C(64, 64, 4, 3)],
+        128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 4), C(64, 128, 8, 3),
+              C(64, 64, 4, 3, group_m=8), C(128, 64, 8, 3, group_m=8)],
+    }
+    shipped = {bs: CONFIGS[90]["fwd"][(bs, "16bit")] for bs in fwd}
+    for bs in fwd:   # the shipped tiles with block-rows ordered by nnz (load balance)
+        fwd[bs] = fwd[bs] + [dataclasses.replace(shipped[bs], ordered=True)]
+    dw = {
+        16: [C(128, 16, 4, 3, split=0), C(256, 16, 4, 3, split=0), C(64, 16, 4, 4, split=0)],
+        32: [C(128, 32, 4, 3, split=0), C(64, 32, 4, 4, split=0), C(256, 32, 8, 3, split=0)],
+        64: [C(64, 64, 4, 3, split=0), C(128, 64, 8, 3, split=0), C(64, 64, 4, 4, split=0),
+             C(32, 64, 4, 3, split=0)],
+        128: [C(64, 64, 4, 3, split=0), C(64, 64, 8, 3, split=0), C(32, 128, 8, 3, split=0),
+              C(64, 64, 4, 4, split=0)],
+    }
+    dx = dict(fwd)   # the dX tile holds the same registers, but sm_80 spills on two of them
+    dx[64] = [C(128, 32, 8, 3), C(256, 32, 8, 3), C(128, 32, 8, 4), C(128, 64, 8, 4),
+              C(128, 64, 8, 3, group_m=8), C(64, 64, 4, 3)]
+    dx[128] = [C(128, 32, 8, 3), C(64, 32, 4, 3), C(64, 64, 4, 4), C(64, 128, 8, 3),
+               C(64, 64, 4, 3, group_m=8), C(128, 32, 8, 3, group_m=8),
+               dataclasses.replace(shipped[128], ordered=True)]
+    dx[64] = dx[64] + [dataclasses.replace(shipped[64], ordered=True)]
+    common = {"fwd": fwd, "dx": dx, "dw": dw}
+    return {80: common, 90: common}
+
+
+SWEEP = _sweep_table()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_facts(index: int) -> tuple:
+    """``(config arch, SM count)`` of CUDA device ``index``, looked up once (host overhead)."""
+    props = torch.cuda.get_device_properties(index)
+    return (90 if props.major >= 9 else 80), props.multi_processor_count
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _arch(device: torch.device) -> int:
     """The config-table architecture for ``device``: 90 for Hopper and newer, else 80."""
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return 90 if major >= 9 else 80
+        return _cuda_facts(_device_index(device))[0]
     return 80  # the interpreter: any table works, sm_80's is the smaller
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_facts(_device_index(device))[1]
+    return 2  # the interpreter: a small count still exercises the split path
 
 
 def _config(kernel: str, device: torch.device, block_size: int, dtype: torch.dtype) -> _Cfg:
@@ -201,61 +369,131 @@ def _precision(dtype: torch.dtype) -> str:
     return dot_precision(dtype, "matmul")
 
 
+_ORDERS: dict = {}     # id(ptr) -> (weakref to ptr, ptr._version, order)
+
+
+def _by_nnz(ptr: torch.Tensor) -> torch.Tensor:
+    """Block-rows (or columns) of a CSR pointer array by block count, largest first (int32, on
+    ptr's device), computed once per layout tensor (an in-place rewrite is seen through the
+    version counter); no host sync."""
+    hit = _ORDERS.get(id(ptr))
+    if hit is not None and hit[0]() is ptr and hit[1] == ptr._version:
+        return hit[2]
+    counts = ptr[1:] - ptr[:-1]
+    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    if len(_ORDERS) >= 512:
+        for k in [k for k, v in _ORDERS.items() if v[0]() is None] or list(_ORDERS):
+            del _ORDERS[k]
+    _ORDERS[id(ptr)] = (weakref.ref(ptr), ptr._version, order)
+    return order
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints. ``triton.cdiv`` is a constexpr function on triton 3.8 whose
+    Python call costs several µs; the wrappers call this on every launch."""
+    return -(-a // b)
+
+
+def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.device) -> int:
+    """M splits of the dW reduction: ``cfg.split`` when fixed, else (``split=0``) enough that
+    about 4 programs run per SM, each reducing at least 4 steps of ``BKM`` rows, and at most
+    64 (the fp32 workspace is ``splits × nnz × bs²``)."""
+    if cfg.split >= 1:
+        want = cfg.split
+    else:
+        tiles = nnz * (block_size // cfg.tile_k) ** 2
+        want = _cdiv(4 * _sm_count(device), max(tiles, 1))
+    return max(1, min(want, 64, _cdiv(M, 4 * cfg.tile_m)))
+
+
 # --------------------------------------------------------------------------- wrappers
+def _grid(groups: int, m_tiles: int, cfg: _Cfg) -> tuple:
+    """fwd/dx grid: 2-D ``(groups, m_tiles)``, or 1-D in grouped order when ``group_m > 1``."""
+    return (groups, m_tiles) if cfg.group_m == 1 else (groups * m_tiles,)
+
+
 def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                    col_idx: torch.Tensor, bias: Optional[torch.Tensor], block_size: int,
-                   out_features: int) -> torch.Tensor:
-    """``Y = X·Wᵀ (+ bias)``: ``x [M, K]``, ``values [nnz, bs, bs]`` -> ``[M, N]``, x's dtype."""
+                   out_features: int, *, config: Optional[_Cfg] = None) -> torch.Tensor:
+    """``Y = X·Wᵀ (+ bias)``: ``x [M, K]``, ``values [nnz, bs, bs]`` -> ``[M, N]``, x's dtype.
+    ``config`` overrides the table (benchmarks)."""
     x = x.contiguous()
     values = values.contiguous()
     M, K = x.shape
     N = out_features
-    cfg = _config("fwd", x.device, block_size, x.dtype)
+    cfg = config or _config("fwd", x.device, block_size, x.dtype)
     y = empty_output((M, N), x.dtype, x.device)
-    grid = (N // block_size, triton.cdiv(M, cfg.tile_m))
-    _bsl_fwd_kernel[grid](
-        x, values, bias if bias is not None else y, y, row_ptr, col_idx, M, K, N,
-        HAS_BIAS=bias is not None, BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k,
-        PRECISION=_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = _grid(_cdiv(N // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
+    order = _by_nnz(row_ptr) if cfg.ordered else row_ptr
+    launch(_bsl_fwd_kernel, grid,
+           (x, values, bias if bias is not None else y, y, row_ptr, col_idx, order, M, K, N),
+           dict(HAS_BIAS=bias is not None, BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k,
+                PRECISION=_precision(x.dtype), GROUP_M=cfg.group_m, WIDE=cfg.wide,
+                ORDERED=cfg.ordered),
+           cfg.num_warps, cfg.num_stages)
     return y
 
 
 def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tensor,
                       t_row_idx: torch.Tensor, t_block_idx: torch.Tensor, block_size: int,
-                      in_features: int) -> torch.Tensor:
-    """``dX = dY·W``: ``dy [M, N]`` -> ``[M, K]`` in dy's dtype, via the transpose metadata."""
+                      in_features: int, *, config: Optional[_Cfg] = None) -> torch.Tensor:
+    """``dX = dY·W``: ``dy [M, N]`` -> ``[M, K]`` in dy's dtype, via the transpose metadata.
+    ``config`` overrides the table (benchmarks)."""
     dy = dy.contiguous()
     values = values.contiguous()
     M, N = dy.shape
     K = in_features
-    cfg = _config("dx", dy.device, block_size, dy.dtype)
+    cfg = config or _config("dx", dy.device, block_size, dy.dtype)
     dx = empty_output((M, K), dy.dtype, dy.device)
-    grid = (K // block_size, triton.cdiv(M, cfg.tile_m))
-    _bsl_dx_kernel[grid](
-        dy, values, dx, col_ptr, t_row_idx, t_block_idx, M, K, N,
-        BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k, PRECISION=_precision(dy.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = _grid(_cdiv(K // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
+    order = _by_nnz(col_ptr) if cfg.ordered else col_ptr
+    launch(_bsl_dx_kernel, grid,
+           (dy, values, dx, col_ptr, t_row_idx, t_block_idx, order, M, K, N),
+           dict(BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k, PRECISION=_precision(dy.dtype),
+                GROUP_M=cfg.group_m, WIDE=cfg.wide, ORDERED=cfg.ordered),
+           cfg.num_warps, cfg.num_stages)
     return dx
 
 
 def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
-                       col_idx: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``dV[i] = dY[:, r_i]ᵀ · X[:, c_i]`` at the active blocks: -> ``[nnz, bs, bs]``."""
+                       col_idx: torch.Tensor, block_size: int, *,
+                       config: Optional[_Cfg] = None) -> torch.Tensor:
+    """``dV[i] = dY[:, r_i]ᵀ · X[:, c_i]`` at the active blocks: -> ``[nnz, bs, bs]``.
+
+    With a split config the reduction over M runs in ``splits`` parallel ranges into an fp32
+    workspace, summed afterwards in a fixed order (deterministic, one rounding).
+    ``config`` overrides the table (benchmarks)."""
     dy = dy.contiguous()
     x = x.contiguous()
     M, N = dy.shape
     K = x.shape[1]
     nnz = row_idx.numel()
-    cfg = _config("dw", dy.device, block_size, dy.dtype)
-    dv = empty_output((nnz, block_size, block_size), dy.dtype, dy.device)
+    cfg = config or _config("dw", dy.device, block_size, dy.dtype)
     tiles = (block_size // cfg.tile_k) ** 2
+    prec = _precision(dy.dtype)
+    splits = _dw_splits(cfg, M, nnz, block_size, dy.device) if nnz else 1
     if nnz == 0:
+        return empty_output((0, block_size, block_size), dy.dtype, dy.device)
+    consts = dict(BS=block_size, BT=cfg.tile_k, BKM=cfg.tile_m, PRECISION=prec)
+    if splits == 1:
+        dv = empty_output((nnz, block_size, block_size), dy.dtype, dy.device)
+        launch(_bsl_dw_kernel, (nnz * tiles, 1), (dy, x, dv, row_idx, col_idx, M, K, N, M, nnz),
+               dict(consts, SPLIT=False), cfg.num_warps, cfg.num_stages)
         return dv
-    _bsl_dw_kernel[(nnz * tiles,)](
-        dy, x, dv, row_idx, col_idx, M, K, N,
-        BS=block_size, BT=cfg.tile_k, BKM=cfg.tile_m, PRECISION=_precision(dy.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    m_per_split = _cdiv(_cdiv(M, splits), cfg.tile_m) * cfg.tile_m
+    splits = _cdiv(M, m_per_split)
+    ws = empty_output((splits, nnz, block_size, block_size), torch.float32, dy.device)
+    launch(_bsl_dw_kernel, (nnz * tiles, splits),
+           (dy, x, ws, row_idx, col_idx, M, K, N, m_per_split, nnz),
+           dict(consts, SPLIT=True), cfg.num_warps, cfg.num_stages)
+    dv = empty_output((nnz, block_size, block_size), dy.dtype, dy.device)
+    L = nnz * block_size * block_size
+    launch(_sum_splits_kernel, (_cdiv(L, _SUM_BLOCK),), (ws, dv, L, splits),
+           dict(BLOCK=_SUM_BLOCK), 4, 1)
     return dv
+
+
+_SUM_BLOCK = 1024
 
 
 # --------------------------------------------------------------------------- AOT cases
@@ -264,39 +502,73 @@ _KIND_TYPES = {"16bit": (("fp16", "bf16"), "ieee"), "tf32": (("fp32",), "tf32"),
                "ieee": (("fp32",), "ieee")}
 
 
-def aot_cases(arch: int) -> list:
-    """Every shipped (kernel, block size, dtype, precision) config for ``sm_<arch>``."""
-    from .compile_check import AotCase
-
+def _aot_specs() -> dict:
+    """kernel -> (JIT fn, signature builder, constexpr builder)."""
     def ptrs(dt: str, *names: str) -> dict:
         return {n: f"*{dt}" for n in names}
 
     ints = {"M": "i32", "K": "i32", "N": "i32"}
-    specs = {  # kernel -> (JIT fn, signature builder, constexpr builder)
+    return {
         "fwd": (_bsl_fwd_kernel,
                 lambda dt: {**ptrs(dt, "x_ptr", "v_ptr", "b_ptr", "y_ptr"),
-                            "row_ptr": "*i32", "col_idx": "*i32", **ints},
-                lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k}),
+                            "row_ptr": "*i32", "col_idx": "*i32", "order_ptr": "*i32", **ints},
+                lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k,
+                                 "GROUP_M": cfg.group_m, "WIDE": cfg.wide,
+                                 "ORDERED": cfg.ordered}),
         "dx": (_bsl_dx_kernel,
                lambda dt: {**ptrs(dt, "dy_ptr", "v_ptr", "dx_ptr"), "col_ptr": "*i32",
-                           "t_row_idx": "*i32", "t_block_idx": "*i32", **ints},
-               lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k}),
+                           "t_row_idx": "*i32", "t_block_idx": "*i32", "order_ptr": "*i32",
+                           **ints},
+               lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k,
+                                "GROUP_M": cfg.group_m, "WIDE": cfg.wide,
+                                "ORDERED": cfg.ordered}),
         "dw": (_bsl_dw_kernel,
-               lambda dt: {**ptrs(dt, "dy_ptr", "x_ptr", "dv_ptr"), "row_idx": "*i32",
-                           "col_idx": "*i32", **ints},
-               lambda bs, cfg: {"BS": bs, "BT": cfg.tile_k, "BKM": cfg.tile_m}),
+               lambda dt: {**ptrs(dt, "dy_ptr", "x_ptr"), "dv_ptr": f"*{dt}",
+                           "row_idx": "*i32", "col_idx": "*i32", **ints,
+                           "m_per_split": "i32", "nnz": "i32"},
+               lambda bs, cfg: {"BS": bs, "BT": cfg.tile_k, "BKM": cfg.tile_m,
+                                "SPLIT": cfg.split != 1}),
     }
+
+
+def _case(kernel: str, bs: int, cfg: _Cfg, dt: str, prec: str, has_bias, prefix: str):
+    from .compile_check import AotCase
+
+    fn, signature, constexprs = _aot_specs()[kernel]
+    const = {**constexprs(bs, cfg), "PRECISION": prec}
+    if has_bias is not None:
+        const["HAS_BIAS"] = has_bias
+    sig = {**signature(dt), **{k: "constexpr" for k in const}}
+    if kernel == "dw" and const["SPLIT"]:
+        sig["dv_ptr"] = "*fp32"   # the split kernel writes an fp32 workspace
+    name = f"{prefix}_{kernel} bs={bs} {dt} {prec}"
+    name += f" bias={has_bias}" if has_bias is not None else ""
+    name += f" [{cfg.tag()}]"
+    return AotCase(name, fn, sig, const, cfg.num_warps, cfg.num_stages)
+
+
+def aot_cases(arch: int) -> list:
+    """Every shipped (kernel, block size, dtype, precision) config for ``sm_<arch>``, every
+    sweep candidate (bf16: fp16 compiles to the same code), and the split-sum kernel."""
+    from .compile_check import AotCase
+
     cases = []
-    for kernel, (fn, signature, constexprs) in specs.items():
+    for kernel in ("fwd", "dx", "dw"):
         for (bs, kind), cfg in CONFIGS[arch][kernel].items():
             dtypes, prec = _KIND_TYPES[kind]
             for dt in dtypes:
                 for has_bias in ((False, True) if kernel == "fwd" else (None,)):
-                    const = {**constexprs(bs, cfg), "PRECISION": prec}
-                    if has_bias is not None:
-                        const["HAS_BIAS"] = has_bias
-                    sig = {**signature(dt), **{k: "constexpr" for k in const}}
-                    name = f"linear_{kernel} bs={bs} {dt} {prec}"
-                    name += f" bias={has_bias}" if has_bias is not None else ""
-                    cases.append(AotCase(name, fn, sig, const, cfg.num_warps, cfg.num_stages))
+                    cases.append(_case(kernel, bs, cfg, dt, prec, has_bias, "linear"))
+    cases += sweep_cases(arch)
+    for dt in ("fp16", "bf16", "fp32"):
+        cases.append(AotCase(f"linear_sum_splits {dt}", _sum_splits_kernel,
+                             {"ws_ptr": "*fp32", "out_ptr": f"*{dt}", "L": "i32", "S": "i32",
+                              "BLOCK": "constexpr"}, {"BLOCK": _SUM_BLOCK}, 4, 1))
     return cases
+
+
+def sweep_cases(arch: int) -> list:
+    """The ``SWEEP`` candidates for ``sm_<arch>``, bf16 (the GPU benchmark's dtype)."""
+    return [_case(kernel, bs, cfg, "bf16", "ieee", False if kernel == "fwd" else None, "linear_sweep")
+            for kernel in ("fwd", "dx", "dw") for bs, cfgs in SWEEP[arch][kernel].items()
+            for cfg in cfgs]

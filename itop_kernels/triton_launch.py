@@ -1,0 +1,118 @@
+"""Launching a Triton kernel with little host work: replaying a cached compiled handle.
+
+``kernel[grid](*args, **constexprs)`` re-derives the kernel's specialization from every argument
+on each call (the binder, a cache-key string, device and stream look-ups), several µs of host
+time per launch; the block-sparse linear makes three launches per fwd+bwd. :func:`launch` keys
+its own cache on what Triton specializes on (the constexprs and launch options, each pointer's
+16-byte alignment and dtype, each int's divisibility by 16 and equality to 1), lets Triton
+compile and launch the first call of every key the ordinary way, and afterwards calls the
+compiled kernel's launcher directly.
+
+Selectable, so the GPU benchmark measures it against the plain launch: ``ITOP_TRITON_LAUNCH``
+(``cached``, the default, or ``plain``), read once at import, or :func:`set_launch_mode`. The
+interpreter (``TRITON_INTERPRET=1``) always launches plainly. If the cached path fails, it
+warns once and launches plainly from then on; with a Triton launch hook installed (a profiler)
+it launches plainly too, so the hook sees every launch. Works with triton 3.6 and 3.8, whose
+compiled kernels share ``run(grid0, grid1, grid2, stream, function, packed_metadata,
+launch_metadata, enter_hook, exit_hook, *all_arguments)``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Dict, Tuple
+
+import torch
+
+__all__ = ["LAUNCH_MODES", "launch", "launch_mode", "set_launch_mode"]
+
+LAUNCH_MODES = ("cached", "plain")
+_mode = os.environ.get("ITOP_TRITON_LAUNCH", "cached")
+if _mode not in LAUNCH_MODES:
+    warnings.warn(f"ITOP_TRITON_LAUNCH={_mode!r} is not one of {LAUNCH_MODES}; using 'plain'")
+    _mode = "plain"
+_handles: Dict[tuple, Tuple[Any, tuple]] = {}   # key -> (compiled kernel, constexpr tail)
+_failed = False
+
+
+def launch_mode() -> str:
+    """``"cached"`` or ``"plain"``: how :func:`launch` starts kernels now."""
+    return "plain" if _failed else _mode
+
+
+def set_launch_mode(mode: str) -> None:
+    """Choose ``"cached"`` (replay compiled handles) or ``"plain"`` (``kernel[grid](...)``)."""
+    global _mode
+    if mode not in LAUNCH_MODES:
+        raise ValueError(f"mode must be one of {LAUNCH_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def _arg_key(a: Any) -> Any:
+    """What Triton specializes a runtime argument on."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        return (a % 16 == 0, a == 1)
+    return type(a)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(kernel: Any, grid: tuple, args: tuple, constexprs: dict, num_warps: int,
+           num_stages: int) -> None:
+    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``, replaying the
+    compiled handle after the first call of each specialization (see the module docstring).
+    ``args`` are the kernel's runtime arguments in order; its constexprs follow them in its
+    signature."""
+    global _failed
+    t0 = args[0]
+    if (_mode != "cached" or _failed or not isinstance(t0, torch.Tensor) or not t0.is_cuda
+            or _interpreting() or _hooked()):
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    dev = t0.device.index if t0.device.index is not None else torch.cuda.current_device()
+    key = (id(kernel), dev, tuple(constexprs.items()), num_warps, num_stages,
+           tuple(_arg_key(a) for a in args))
+    hit = _handles.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        names = list(kernel.arg_names)
+        tail_names = names[len(args):]
+        if compiled is None or set(tail_names) != set(constexprs):
+            _fail(f"cannot replay {getattr(kernel, '__name__', kernel)}: constexprs "
+                  f"{sorted(constexprs)} are not the trailing parameters {tail_names}")
+            return
+        _handles[key] = (compiled, tuple(constexprs[n] for n in tail_names))
+        return
+    compiled, tail = hit
+    g0 = grid[0]
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    try:
+        compiled.run(g0, g1, g2, torch._C._cuda_getCurrentRawStream(dev), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *tail)
+    except Exception as exc:  # never hide it: say so once, then launch plainly
+        _fail(f"{type(exc).__name__}: {exc}")
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+def _hooked() -> bool:
+    try:
+        from triton import knobs
+        return (knobs.runtime.launch_enter_hook is not None
+                or knobs.runtime.launch_exit_hook is not None)
+    except (ImportError, AttributeError):
+        return True  # a Triton without knobs: do not replay
+
+
+def _fail(why: str) -> None:
+    global _failed
+    if not _failed:
+        warnings.warn(f"itop_kernels: cached Triton launches disabled, launching plainly ({why})",
+                      RuntimeWarning, stacklevel=3)
+    _failed = True
