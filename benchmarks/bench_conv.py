@@ -552,7 +552,7 @@ def measure_row(layer: Layer, bs: int, density: float, timer: Timer, device, dty
                 dense: dict, peaks) -> dict:
     """One (layer, block, density): ours eager (plain and cached launches) and from a CUDA graph,
     the 1×1 GEMM routes where they apply, masked dense eager."""
-    from itop_kernels import triton_conv
+    from itop_kernels import triton_conv, triton_launch
     x, w, layout = _operands(layer, bs, density, device, dtype, gen)
     x.requires_grad_()
     values = layout.gather(w).requires_grad_()
@@ -566,7 +566,7 @@ def measure_row(layer: Layer, bs: int, density: float, timer: Timer, device, dty
         fwd = timer.eager(ours)
     eager = {}
     for launch in ("plain", "cached"):
-        with triton_conv.options(launch=launch):
+        with triton_launch.launching(launch):
             eager[launch] = timer.eager(_fwd_bwd(ours, dy), leaves)
     graph = timer.graph(_fwd_bwd(ours, dy), leaves)
     masked = timer.eager(_fwd_bwd(lambda: F.conv2d(x, layout.scatter(values), **conv), dy),
@@ -576,7 +576,7 @@ def measure_row(layer: Layer, bs: int, density: float, timer: Timer, device, dty
     if _is_gemm_1x1(layer):
         routes = {}
         for route in ("gemm", "gemm_fwd_dx"):
-            with triton_conv.options(route_1x1=route, launch="cached"):
+            with triton_conv.options(route_1x1=route), triton_launch.launching("cached"):
                 routes[route] = {"eager_fwd_bwd_s": timer.eager(_fwd_bwd(ours, dy), leaves),
                                  "graph_fwd_bwd": timer.graph(_fwd_bwd(ours, dy), leaves)}
         row["routes_1x1"] = routes
@@ -611,7 +611,7 @@ def measure_candidates(layer: Layer, bs: int, density: float, timer: Timer, devi
                        gen) -> list[dict]:
     """Each kernel (forward, dgrad, wgrad) of the shipped config and of every candidate, timed
     alone (CUDA graph on a GPU), so that each kernel's config can be chosen offline."""
-    from itop_kernels import triton_conv
+    from itop_kernels import triton_conv, triton_launch
     x, w, layout = _operands(layer, bs, density, device, dtype, gen)
     values = layout.gather(w)
     s, p, d = [layer.stride] * 2, [layer.padding] * 2, [1, 1]
@@ -633,7 +633,7 @@ def measure_candidates(layer: Layer, bs: int, density: float, timer: Timer, devi
     rows = []
     for name, cfg in configs.items():
         times = {}
-        with triton_conv.options(config=cfg, launch="cached"):
+        with triton_conv.options(config=cfg), triton_launch.launching("cached"):
             for kname, fn in kernels.items():
                 res = timer.graph(fn)
                 times[kname] = res if device.type == "cuda" else {"s": timer.eager(fn)}
@@ -776,7 +776,7 @@ def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200
     ``calls`` calls are issued without a sync in between (host time per call, as long as the
     host is slower than the device)."""
     from itop_kernels import conv as conv_mod
-    from itop_kernels import triton_conv, triton_linear
+    from itop_kernels import triton_conv, triton_launch, triton_linear
     saved = {}
     if stub:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -808,7 +808,7 @@ def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200
             for rep in range(6):   # the variants interleaved in each round (a shared machine)
                 for name, (make, setting) in variants.items():
                     conv_mod.EAGER_FAST_PATH = setting is None or setting[0] == "eager"
-                    with triton_conv.options(launch=setting[1] if setting else "plain"):
+                    with triton_launch.launching(setting[1] if setting else "plain"):
                         for mode in ("fwd", "fwd+bwd"):
                             fn = make if mode == "fwd" else _fwd_bwd(make, dy)
                             for _ in range(3 if rep else 10):   # warm-up

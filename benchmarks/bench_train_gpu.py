@@ -57,7 +57,6 @@ speedups next to it, in ``--out-dir`` (default ``benchmarks/results/``), and pri
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math

@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -54,6 +53,8 @@ import triton
 import triton.language as tl
 
 from .dispatch import empty_output
+from . import triton_launch
+from .triton_launch import cdiv, cuda_facts
 from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
@@ -428,7 +429,6 @@ del _C
 
 # --------------------------------------------------------------------------- run-time options
 ROUTES_1X1 = ("conv", "gemm", "gemm_fwd_dx")
-LAUNCHES = ("plain", "cached")
 WGRAD_REDUCES = ("triton", "torch")
 WGRAD_KERNELS = ("per_tap", "taps")
 
@@ -443,11 +443,6 @@ class ConvOptions:
       linear kernels for the forward and dX and the conv wgrad kernel (split over the pixels)
       for dW. fp32 takes the GEMM route only where torch's matmul and cuDNN TF32 switches agree
       (the linear kernels follow the matmul switch).
-    - ``launch``: ``"plain"`` launches through ``kernel[grid](...)`` (Triton binds and
-      specializes every argument on each call); ``"cached"`` keeps the compiled kernel of each
-      specialization and launches it directly (CUDA tensors only; the interpreter launches
-      plainly). It falls back to the plain launch, with one warning, if this Triton's compiled
-      kernel cannot be launched that way.
     - ``config``: a :class:`ConvConfig` used instead of ``CONFIGS`` for 16-bit and TF32 dots
       (IEEE fp32 keeps ``IEEE_CONFIGS``), e.g. one of ``CANDIDATES``.
     - ``wgrad_kernel``: ``"per_tap"`` (a program per (block, tap, out-slice), ``WBM``/``WBO``
@@ -460,7 +455,6 @@ class ConvOptions:
     """
 
     route_1x1: str = "conv"
-    launch: str = "plain"
     config: Optional[ConvConfig] = None
     wgrad_reduce: str = "triton"
     wgrad_kernel: str = "per_tap"
@@ -492,8 +486,6 @@ def set_options(**changes) -> ConvOptions:
     new = dataclasses.replace(OPTIONS, **changes)
     if new.route_1x1 not in ROUTES_1X1:
         raise ValueError(f"route_1x1 must be one of {ROUTES_1X1}, got {new.route_1x1!r}")
-    if new.launch not in LAUNCHES:
-        raise ValueError(f"launch must be one of {LAUNCHES}, got {new.launch!r}")
     if new.wgrad_kernel not in WGRAD_KERNELS:
         raise ValueError(f"wgrad_kernel must be one of {WGRAD_KERNELS}, got {new.wgrad_kernel!r}")
     if new.wgrad_taps not in (1, 2, 4, 8):
@@ -505,19 +497,11 @@ def set_options(**changes) -> ConvOptions:
     return new
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_facts(index: int) -> tuple:
-    """``(config arch, SM count)`` of CUDA device ``index``, looked up once (host overhead)."""
-    props = torch.cuda.get_device_properties(index)
-    return (90 if props.major >= 9 else 80), props.multi_processor_count
-
-
 def _arch(device: torch.device) -> int:
     """The config table for ``device``: sm_90 for Hopper and newer, sm_80 otherwise (and for
     the CPU interpreter)."""
     if device.type == "cuda":
-        return _cuda_facts(device.index if device.index is not None
-                           else torch.cuda.current_device())[0]
+        return cuda_facts(device)[0]
     return 80
 
 
@@ -543,8 +527,7 @@ def _config(block_size: int, device: torch.device, dtype: torch.dtype,
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return _cuda_facts(device.index if device.index is not None
-                           else torch.cuda.current_device())[1]
+        return cuda_facts(device)[1]
     return 1  # the interpreter runs programs one after another: fewer, longer ones
 
 
@@ -553,12 +536,6 @@ def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> in
 
 
 _INT32_MAX = 2**31 - 1
-
-
-def _cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ints (``triton.cdiv`` is a constexpr function: several µs per host
-    call in triton 3.x, and the wrappers call it up to four times per launch)."""
-    return -(-a // b)
 
 
 def _kernel_input(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -624,54 +601,11 @@ def _linear():
 
 
 # --------------------------------------------------------------------------- launches
-_warned: set = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-# (kernel, device, argument specialization, constexprs, warps, stages) -> compiled kernel
-_COMPILED: dict = {}
-
-
-def _arg_key(a) -> object:
-    """What Triton specializes a kernel on, for one argument: a tensor's dtype and 16-byte
-    alignment, an int's value (geometry repeats call after call; the value covers Triton's
-    divisibility and ``== 1`` specializations)."""
-    if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
-    return a
-
-
-def _launch(kernel, grid: tuple, args: tuple, consts: dict, warps: int, stages: int,
-            device: torch.device) -> None:
-    """``kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)``, or with
-    ``OPTIONS.launch == "cached"`` on a CUDA device, the compiled kernel of this specialization
-    launched directly (its first call goes through Triton, which compiles and returns it)."""
-    if OPTIONS.launch != "cached" or device.type != "cuda":
-        kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
-        return
-    key = (kernel, device.index, tuple(_arg_key(a) for a in args), tuple(consts.items()),
-           warps, stages)
-    compiled = _COMPILED.get(key)
-    if compiled is not None:
-        try:
-            compiled[grid](*args, *consts.values())
-            return
-        except Exception as exc:  # this Triton's CompiledKernel launches differently
-            _COMPILED.clear()
-            _warn_once("cached-launch", f"itop_kernels.triton_conv: the cached launch failed "
-                                        f"({type(exc).__name__}: {exc}); launching through "
-                                        "kernel[grid](...) from now on")
-            globals()["OPTIONS"] = dataclasses.replace(OPTIONS, launch="plain")
-    compiled = kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)
-    if hasattr(compiled, "result"):   # triton 3.6 may hand back a future of the compile
-        compiled = compiled.result()
-    if OPTIONS.launch == "cached" and hasattr(compiled, "__getitem__"):
-        _COMPILED[key] = compiled
+def _launch(kernel, grid: tuple, args: tuple, consts: dict, warps: int, stages: int) -> None:
+    """``kernel[grid](*args, **consts, num_warps=warps, num_stages=stages)``, through
+    :func:`itop_kernels.triton_launch.launch` (which replays the compiled handle of each
+    specialization in its ``"cached"`` mode)."""
+    triton_launch.launch(kernel, grid, args, consts, warps, stages)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -699,13 +633,13 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
     values = _aligned(values)
-    grid = (_cdiv(M, cfg.BM) * (out_channels // block_size),)
+    grid = (cdiv(M, cfg.BM) * (out_channels // block_size),)
     _launch(_conv_fwd_kernel, grid,
             (x, values, bias if bias is not None else values, y, row_ptr, col_idx,
              N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
              stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]),
             {"HAS_BIAS": bias is not None, "BS": block_size, "BM": cfg.BM, "BK": cfg.BK,
-             "PRECISION": prec}, cfg.warps, cfg.stages, x.device)
+             "PRECISION": prec}, cfg.warps, cfg.stages)
     return _in_format(y, memory_format)
 
 
@@ -733,15 +667,15 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     values = _aligned(values)
     # One pixel space per stride phase, sized for phase 0 (the largest).
     sh, sw = stride
-    mq = N * _cdiv(H, sh) * _cdiv(W, sw)
-    grid = (sh * sw * _cdiv(mq, cfg.BM) * (Cin // block_size),)
+    mq = N * cdiv(H, sh) * cdiv(W, sw)
+    grid = (sh * sw * cdiv(mq, cfg.BM) * (Cin // block_size),)
     _launch(_conv_dgrad_kernel, grid,
             (dy, values, dx, col_ptr, t_row_idx, t_block_idx,
              N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
              sh, sw, padding[0], padding[1], dilation[0], dilation[1],
              sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw)),
             {"BS": block_size, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
-            cfg.warps, cfg.stages, dy.device)
+            cfg.warps, cfg.stages)
     return _in_format(dx, memory_format)
 
 
@@ -762,10 +696,10 @@ def wgrad_splits(tiles: int, pixels: int, cfg: ConvConfig, sm_count: int) -> tup
     """``(splits, pixels per split)`` of the wgrad reduction over ``pixels`` output pixels for
     ``tiles`` (block, tap, out-slice) programs: about ``cfg.wsplit`` programs per SM, each
     reducing at least 4 steps of ``WBM`` pixels; every split but the last a multiple of WBM."""
-    want = _cdiv(cfg.wsplit * sm_count, tiles)
-    splits = max(1, min(want, _cdiv(pixels, 4 * cfg.WBM)))
-    per_split = _cdiv(_cdiv(pixels, splits), cfg.WBM) * cfg.WBM
-    return _cdiv(pixels, per_split), per_split
+    want = cdiv(cfg.wsplit * sm_count, tiles)
+    splits = max(1, min(want, cdiv(pixels, 4 * cfg.WBM)))
+    per_split = cdiv(cdiv(pixels, splits), cfg.WBM) * cfg.WBM
+    return cdiv(pixels, per_split), per_split
 
 
 def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
@@ -791,7 +725,7 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     tg = _stacked_taps(bs)
     taps = OPTIONS.wgrad_kernel == "taps" and KH * KW > 1 and tg > 1
     if taps:
-        tiles = nnz * _cdiv(KH * KW, tg)
+        tiles = nnz * cdiv(KH * KW, tg)
     else:
         tiles = nnz * KH * KW * (bs // cfg.WBO)
     splits, m_per_split = wgrad_splits(tiles, M, cfg, _sm_count(dy.device))
@@ -802,11 +736,11 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     if taps:
         tbm, twarps, tstages = _taps_tiles(bs, tg)
         _launch(_conv_wgrad_taps_kernel, (tiles, splits), args,
-                {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": prec}, twarps, tstages, dy.device)
+                {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": prec}, twarps, tstages)
     else:
         _launch(_conv_wgrad_kernel, (tiles, splits), args,
                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
-                cfg.wwarps, cfg.wstages, dy.device)
+                cfg.wwarps, cfg.wstages)
     if splits == 1 and dy.dtype == torch.float32:
         return ws[0]
     if OPTIONS.wgrad_reduce == "torch":
@@ -814,8 +748,8 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
         return dv if dv.dtype == dy.dtype else dv.to(dy.dtype)
     dv = empty_output((nnz, KH, KW, bs, bs), dy.dtype, dy.device)
     numel = dv.numel()
-    _launch(_wgrad_reduce_kernel, (_cdiv(numel, _REDUCE_BLOCK),), (ws, dv, numel, splits),
-            {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1, dy.device)
+    _launch(_wgrad_reduce_kernel, (cdiv(numel, _REDUCE_BLOCK),), (ws, dv, numel, splits),
+            {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1)
     return dv
 
 

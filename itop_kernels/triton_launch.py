@@ -18,13 +18,16 @@ launch_metadata, enter_hook, exit_hook, *all_arguments)``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import warnings
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 
-__all__ = ["LAUNCH_MODES", "launch", "launch_mode", "set_launch_mode"]
+__all__ = ["LAUNCH_MODES", "launch", "launch_mode", "set_launch_mode", "launching", "cdiv",
+           "cuda_facts"]
 
 LAUNCH_MODES = ("cached", "plain")
 _mode = os.environ.get("ITOP_TRITON_LAUNCH", "cached")
@@ -33,6 +36,24 @@ if _mode not in LAUNCH_MODES:
     _mode = "plain"
 _handles: Dict[tuple, Tuple[Any, tuple]] = {}   # key -> (compiled kernel, constexpr tail)
 _failed = False
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for Python ints, for grid sizes (``triton.cdiv`` is a constexpr function:
+    several µs per host call in triton 3.8, and a fwd+bwd sizes several grids)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _facts(index: int) -> Tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return (90 if props.major >= 9 else 80), props.multi_processor_count
+
+
+def cuda_facts(device: torch.device) -> Tuple[int, int]:
+    """``(config-table arch, SM count)`` of a CUDA ``device``, looked up once per device: the
+    arch is 90 for Hopper and newer, else 80."""
+    return _facts(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_mode() -> str:
@@ -48,14 +69,28 @@ def set_launch_mode(mode: str) -> None:
     _mode = mode
 
 
+@contextlib.contextmanager
+def launching(mode: str) -> Iterator[None]:
+    """Within the block, :func:`launch` uses ``mode`` (``"cached"`` or ``"plain"``)."""
+    global _mode
+    old = _mode
+    set_launch_mode(mode)
+    try:
+        yield
+    finally:
+        _mode = old
+
+
 def _arg_key(a: Any) -> Any:
-    """What Triton specializes a runtime argument on."""
+    """What Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment;
+    an int's type (i32, i64 or u64, from its range), divisibility by 16 and equality to 1."""
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
     if isinstance(a, bool) or a is None:
         return a
     if isinstance(a, int):
-        return (a % 16 == 0, a == 1)
+        width = 0 if -2**31 <= a < 2**31 else (1 if -2**63 <= a < 2**63 else 2)
+        return (width, a % 16 == 0, a == 1)
     return type(a)
 
 
@@ -69,7 +104,6 @@ def launch(kernel: Any, grid: tuple, args: tuple, constexprs: dict, num_warps: i
     compiled handle after the first call of each specialization (see the module docstring).
     ``args`` are the kernel's runtime arguments in order; its constexprs follow them in its
     signature."""
-    global _failed
     t0 = args[0]
     if (_mode != "cached" or _failed or not isinstance(t0, torch.Tensor) or not t0.is_cuda
             or _interpreting() or _hooked()):
@@ -81,6 +115,8 @@ def launch(kernel: Any, grid: tuple, args: tuple, constexprs: dict, num_warps: i
     hit = _handles.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if hasattr(compiled, "result"):   # triton 3.6 may hand back a future of the compile
+            compiled = compiled.result()
         names = list(kernel.arg_names)
         tail_names = names[len(args):]
         if compiled is None or set(tail_names) != set(constexprs):

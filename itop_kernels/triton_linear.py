@@ -22,7 +22,6 @@ ahead-of-time compile check (``python -m itop_kernels.compile_check``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -33,7 +32,7 @@ import triton.language as tl
 
 from .dispatch import empty_output
 from .dot_precision import dot_precision
-from .triton_launch import launch
+from .triton_launch import cdiv, cuda_facts, launch
 
 __all__ = ["linear_forward", "linear_grad_input", "linear_grad_weight", "aot_cases",
            "sweep_cases", "CONFIGS", "SWEEP", "SUPPORTED_BLOCK_SIZES"]
@@ -332,27 +331,16 @@ def _sweep_table() -> dict:
 SWEEP = _sweep_table()
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_facts(index: int) -> tuple:
-    """``(config arch, SM count)`` of CUDA device ``index``, looked up once (host overhead)."""
-    props = torch.cuda.get_device_properties(index)
-    return (90 if props.major >= 9 else 80), props.multi_processor_count
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def _arch(device: torch.device) -> int:
     """The config-table architecture for ``device``: 90 for Hopper and newer, else 80."""
     if device.type == "cuda":
-        return _cuda_facts(_device_index(device))[0]
+        return cuda_facts(device)[0]
     return 80  # the interpreter: any table works, sm_80's is the smaller
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return _cuda_facts(_device_index(device))[1]
+        return cuda_facts(device)[1]
     return 2  # the interpreter: a small count still exercises the split path
 
 
@@ -375,23 +363,21 @@ _ORDERS: dict = {}     # id(ptr) -> (weakref to ptr, ptr._version, order)
 def _by_nnz(ptr: torch.Tensor) -> torch.Tensor:
     """Block-rows (or columns) of a CSR pointer array by block count, largest first (int32, on
     ptr's device), computed once per layout tensor (an in-place rewrite is seen through the
-    version counter); no host sync."""
+    version counter); no host sync. A rewritten layout's order is written into the same tensor,
+    so a CUDA graph captured before a topology update reads the new order when replayed."""
     hit = _ORDERS.get(id(ptr))
-    if hit is not None and hit[0]() is ptr and hit[1] == ptr._version:
+    same = hit is not None and hit[0]() is ptr
+    if same and hit[1] == ptr._version:
         return hit[2]
     counts = ptr[1:] - ptr[:-1]
     order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    if same:
+        order = hit[2].copy_(order)
     if len(_ORDERS) >= 512:
         for k in [k for k, v in _ORDERS.items() if v[0]() is None] or list(_ORDERS):
             del _ORDERS[k]
     _ORDERS[id(ptr)] = (weakref.ref(ptr), ptr._version, order)
     return order
-
-
-def _cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ints. ``triton.cdiv`` is a constexpr function on triton 3.8 whose
-    Python call costs several µs; the wrappers call this on every launch."""
-    return -(-a // b)
 
 
 def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.device) -> int:
@@ -402,8 +388,8 @@ def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.devic
         want = cfg.split
     else:
         tiles = nnz * (block_size // cfg.tile_k) ** 2
-        want = _cdiv(4 * _sm_count(device), max(tiles, 1))
-    return max(1, min(want, 64, _cdiv(M, 4 * cfg.tile_m)))
+        want = cdiv(4 * _sm_count(device), max(tiles, 1))
+    return max(1, min(want, 64, cdiv(M, 4 * cfg.tile_m)))
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -423,7 +409,7 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     N = out_features
     cfg = config or _config("fwd", x.device, block_size, x.dtype)
     y = empty_output((M, N), x.dtype, x.device)
-    grid = _grid(_cdiv(N // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
+    grid = _grid(cdiv(N // block_size, cfg.wide), cdiv(M, cfg.tile_m), cfg)
     order = _by_nnz(row_ptr) if cfg.ordered else row_ptr
     launch(_bsl_fwd_kernel, grid,
            (x, values, bias if bias is not None else y, y, row_ptr, col_idx, order, M, K, N),
@@ -445,7 +431,7 @@ def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Ten
     K = in_features
     cfg = config or _config("dx", dy.device, block_size, dy.dtype)
     dx = empty_output((M, K), dy.dtype, dy.device)
-    grid = _grid(_cdiv(K // block_size, cfg.wide), _cdiv(M, cfg.tile_m), cfg)
+    grid = _grid(cdiv(K // block_size, cfg.wide), cdiv(M, cfg.tile_m), cfg)
     order = _by_nnz(col_ptr) if cfg.ordered else col_ptr
     launch(_bsl_dx_kernel, grid,
            (dy, values, dx, col_ptr, t_row_idx, t_block_idx, order, M, K, N),
@@ -480,15 +466,15 @@ def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
         launch(_bsl_dw_kernel, (nnz * tiles, 1), (dy, x, dv, row_idx, col_idx, M, K, N, M, nnz),
                dict(consts, SPLIT=False), cfg.num_warps, cfg.num_stages)
         return dv
-    m_per_split = _cdiv(_cdiv(M, splits), cfg.tile_m) * cfg.tile_m
-    splits = _cdiv(M, m_per_split)
+    m_per_split = cdiv(cdiv(M, splits), cfg.tile_m) * cfg.tile_m
+    splits = cdiv(M, m_per_split)
     ws = empty_output((splits, nnz, block_size, block_size), torch.float32, dy.device)
     launch(_bsl_dw_kernel, (nnz * tiles, splits),
            (dy, x, ws, row_idx, col_idx, M, K, N, m_per_split, nnz),
            dict(consts, SPLIT=True), cfg.num_warps, cfg.num_stages)
     dv = empty_output((nnz, block_size, block_size), dy.dtype, dy.device)
     L = nnz * block_size * block_size
-    launch(_sum_splits_kernel, (_cdiv(L, _SUM_BLOCK),), (ws, dv, L, splits),
+    launch(_sum_splits_kernel, (cdiv(L, _SUM_BLOCK),), (ws, dv, L, splits),
            dict(BLOCK=_SUM_BLOCK), 4, 1)
     return dv
 

@@ -2,7 +2,6 @@
 (``bench_linear.py --sweep --smoke``), and the offline config picker on its JSON."""
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -597,8 +597,6 @@ def test_conv_options_reject_bad_values():
 
     with pytest.raises(ValueError, match="route_1x1"):
         triton_conv.set_options(route_1x1="im2col")
-    with pytest.raises(ValueError, match="launch"):
-        triton_conv.set_options(launch="fast")
     with pytest.raises(ValueError, match="unknown conv option"):
         triton_conv.set_options(tiles=3)
     with pytest.raises(TypeError, match="ConvConfig"):
@@ -688,6 +686,8 @@ def test_triton_gpu_options_bf16(name, bs, opts, guard_bands, poison, monkeypatc
 def test_triton_gpu_1x1_gemm_bf16(route, bs, guard_bands, poison):
     from itop_kernels import triton_conv
 
-    with triton_conv.options(route_1x1=route, launch="cached"):
+    from itop_kernels import triton_launch
+
+    with triton_conv.options(route_1x1=route), triton_launch.launching("cached"):
         check_case(Case(4 * bs, 8 * bs, (14, 14), (1, 1), bs=bs, batch=4, layout_in="cl",
                         id="gemm_bf16"), torch.bfloat16, "cuda")

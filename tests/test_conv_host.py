@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from itop_kernels import BlockLayout, block_sparse_conv2d, conv, triton_conv, triton_linear
+from itop_kernels import (BlockLayout, block_sparse_conv2d, conv, triton_conv, triton_launch,
+                          triton_linear)
 
 CL = torch.channels_last
 
@@ -222,67 +223,6 @@ def test_conv_arguments_cache_keeps_types():
 
 
 # --------------------------------------------------------------------------- cached launches
-class _FakeCompiled:
-    def __init__(self, fail=False):
-        self.calls, self.fail = [], fail
-
-    def __getitem__(self, grid):
-        def run(*args):
-            if self.fail:
-                raise TypeError("launcher signature changed")
-            self.calls.append((grid, args))
-        return run
-
-
-class _FakeKernel:
-    """``kernel[grid](*args, **kwargs)`` records the call and returns a compiled handle, as
-    Triton's JITFunction does."""
-
-    def __init__(self, fail=False):
-        self.calls, self.compiled = [], _FakeCompiled(fail)
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.calls.append((grid, args, kwargs))
-            return self.compiled
-        return run
-
-
-def test_cached_launch_reuses_the_compiled_kernel():
-    """``launch="cached"``: the first call per specialization goes through ``kernel[grid]``, later
-    ones launch the compiled handle with every argument (constexprs last, in order); a new
-    geometry or a misaligned tensor is a new specialization."""
-    k = _FakeKernel()
-    dev = torch.device("cuda", 0)   # _launch reads only the device's type and index
-    t = torch.zeros(8)
-    consts = {"BS": 16, "BM": 64}
-    with triton_conv.options(launch="cached"):
-        triton_conv._launch(k, (3,), (t, 5, 7), consts, 4, 3, dev)
-        triton_conv._launch(k, (4,), (t, 5, 7), consts, 4, 3, dev)
-        assert len(k.calls) == 1 and k.compiled.calls == [((4,), (t, 5, 7, 16, 64))]
-        triton_conv._launch(k, (4,), (t, 6, 7), consts, 4, 3, dev)
-        triton_conv._launch(k, (4,), (t[1:], 5, 7), consts, 4, 3, dev)
-        assert len(k.calls) == 3
-    triton_conv._launch(k, (4,), (t, 5, 7), consts, 4, 3, dev)   # plain: always kernel[grid]
-    assert len(k.calls) == 4 and k.calls[-1][2] == {**consts, "num_warps": 4, "num_stages": 3}
-    triton_conv._COMPILED.clear()
-
-
-def test_cached_launch_falls_back_with_one_warning():
-    k = _FakeKernel(fail=True)
-    dev = torch.device("cuda", 0)
-    t = torch.zeros(8)
-    triton_conv._warned.discard("cached-launch")
-    with triton_conv.options(launch="cached"):
-        triton_conv._launch(k, (1,), (t,), {}, 4, 3, dev)
-        with pytest.warns(RuntimeWarning, match="cached launch failed"):
-            triton_conv._launch(k, (1,), (t,), {}, 4, 3, dev)
-        assert len(k.calls) == 2          # the failed cached launch was redone plainly
-        triton_conv._launch(k, (1,), (t,), {}, 4, 3, dev)
-        assert len(k.calls) == 3
-    triton_conv._COMPILED.clear()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cached launches run on CUDA only")
 def test_cached_launch_matches_plain_on_gpu(recwarn):
     """On a GPU: the cached launch gives bit-identical results and needs no fallback."""
@@ -290,11 +230,11 @@ def test_cached_launch_matches_plain_on_gpu(recwarn):
     x, values, b = (t.detach().cuda().requires_grad_() for t in (x, values, b))
     x = x.detach().contiguous(memory_format=CL).requires_grad_()
     layout = layout.to("cuda")
-    with triton_conv.options(launch="plain"):
+    with triton_launch.launching("plain"):
         plain = _grads(x, values, layout, b, padding=1)
-    with triton_conv.options(launch="cached"):
+    with triton_launch.launching("cached"):
         for _ in range(2):
             cached = _grads(x, values, layout, b, padding=1)
     assert all(torch.equal(p, c) for p, c in zip(plain, cached))
-    assert triton_conv._COMPILED
-    assert not [w for w in recwarn if "cached launch" in str(w.message)]
+    assert triton_launch._handles and triton_launch.launch_mode() == "cached"
+    assert not [w for w in recwarn if "cached Triton launches" in str(w.message)]

@@ -5,7 +5,6 @@ Outputs start as NaN inside NaN guard bands (the ``triton_device`` fixture), so 
 config forgets to write, or writes out of bounds, fails. Masks have empty block-rows and a
 transpose that is a real permutation (:mod:`block_masks`).
 """
-import dataclasses
 import warnings
 
 import pytest
@@ -106,10 +105,14 @@ def test_split_dw_really_splits_and_is_deterministic(triton_device, gen, monkeyp
 
 def test_nnz_order_is_largest_first_and_follows_in_place_rewrites():
     ptr = torch.tensor([0, 1, 4, 4, 6], dtype=torch.int32)      # counts 1, 3, 0, 2
-    assert tl_mod._by_nnz(ptr).tolist() == [1, 3, 0, 2]
-    assert tl_mod._by_nnz(ptr).dtype == torch.int32
+    first = tl_mod._by_nnz(ptr)
+    assert first.tolist() == [1, 3, 0, 2]
+    assert first.dtype == torch.int32
     ptr.copy_(torch.tensor([0, 2, 2, 3, 6], dtype=torch.int32))  # counts 2, 0, 1, 3
-    assert tl_mod._by_nnz(ptr).tolist() == [3, 0, 2, 1]
+    second = tl_mod._by_nnz(ptr)
+    assert second.tolist() == [3, 0, 2, 1]
+    # the same storage, rewritten: a CUDA graph captured before the update reads the new order
+    assert second.data_ptr() == first.data_ptr() and first.tolist() == [3, 0, 2, 1]
 
 
 def test_dw_split_count_follows_sm_count_and_nnz():

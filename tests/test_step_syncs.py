@@ -55,7 +55,11 @@ def test_steps_between_updates_make_no_host_sync(gpu_code_path, growth):
         _steps_between_updates(model, opt, mgr, x, y)
         layers_armed = [m._capturing for _, m in mgr.layers]
     assert rec.ops, "the recorder saw no op at all"
-    assert any(op.startswith("itop_kernels::") or "bsl" in op or "bsc" in op for op in rec.ops)
+    # the block-sparse kernels ran inside the recording (on the CPU: interpreted launches; on a
+    # GPU the sync debug mode test below covers the real launches)
+    launched = {op for op in rec.ops if op.startswith("triton:")}
+    if gpu_code_path == "cpu":
+        assert {"triton:_bsl_fwd_kernel", "triton:_conv_fwd_kernel"} <= launched, sorted(launched)
     if growth in ("gradient", "momentum"):   # the capture ops ran inside the recording
         assert all(layers_armed) and any("capture" in op for op in rec.ops)
     assert not rec.syncs, "host syncs between updates:\n" + rec.report()
