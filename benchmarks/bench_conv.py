@@ -46,6 +46,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from itop_kernels import BlockLayout, block_sparse_conv2d  # noqa: E402
+from budget import Budget  # noqa: E402
 from provenance import OUT_DIR_HELP, results_path  # noqa: E402
 
 
@@ -436,23 +437,6 @@ QUICK_DENSITIES = (0.5, 0.1)
 EST_S = {"eager": 0.02, "graph": 0.05, "compile": 0.8, "startup": 12.0}
 
 
-class Budget:
-    """A hard wall-clock budget: ``left()`` seconds remain; ``spent()`` is True when none do."""
-
-    def __init__(self, seconds: float):
-        self.t0 = time.perf_counter()
-        self.seconds = seconds
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def left(self) -> float:
-        return self.seconds - self.elapsed()
-
-    def spent(self) -> bool:
-        return self.left() <= 0
-
-
 def _is_gemm_1x1(layer: Layer) -> bool:
     return layer.k == 1 and layer.stride == 1
 
@@ -762,9 +746,9 @@ class _StubKernel:
         return lambda *args, **kwargs: None
 
 
-_KERNEL_NAMES = {"triton_conv": ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
-                                  "_wgrad_reduce_kernel"),
-                 "triton_linear": ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel")}
+_KERNEL_NAMES = {"triton_conv": ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"),
+                 "triton_linear": ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel"),
+                 "triton_split_sum": ("_sum_splits_kernel",)}
 
 
 def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200) -> list[dict]:
@@ -776,11 +760,11 @@ def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200
     ``calls`` calls are issued without a sync in between (host time per call, as long as the
     host is slower than the device)."""
     from itop_kernels import conv as conv_mod
-    from itop_kernels import triton_conv, triton_launch, triton_linear
+    from itop_kernels import triton_conv, triton_launch, triton_linear, triton_split_sum
     saved = {}
     if stub:
         os.environ["TRITON_INTERPRET"] = "1"
-        for mod in (triton_conv, triton_linear):
+        for mod in (triton_conv, triton_linear, triton_split_sum):
             for name in _KERNEL_NAMES[mod.__name__.rsplit(".", 1)[1]]:
                 saved[(mod, name)] = getattr(mod, name)
                 setattr(mod, name, _StubKernel())

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from itop_kernels import BlockLayout, block_sparse_linear  # noqa: E402
+from budget import Budget  # noqa: E402
 from provenance import OUT_DIR_HELP, results_path  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -414,24 +415,6 @@ def _result(device: torch.device, reps: int, peaks: dict, rows: list, complete: 
 # profiler table, fp16/bf16 correctness and fp32 timing, with a hard wall-clock budget; the JSON
 # is rewritten after every case. ``--device cpu --smoke`` runs the same code at a tiny shape
 # through Triton's interpreter (timings meaningless; every branch that needs no CUDA runs).
-class Budget:
-    """Wall-clock budget: ``left()`` seconds remain; ``spent`` once it is used up."""
-
-    def __init__(self, seconds: float) -> None:
-        self.t0 = time.perf_counter()
-        self.seconds = seconds
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def left(self) -> float:
-        return self.seconds - self.elapsed()
-
-    @property
-    def spent(self) -> bool:
-        return self.left() <= 0
-
-
 def _bench_ms(fn, device: torch.device, rep_ms: int) -> float:
     """Median ms of ``fn``: ``do_bench`` on a GPU; on the CPU one warm-up and one timed call."""
     if device.type == "cuda":

@@ -25,7 +25,8 @@ from typing import Any, Iterable
 __all__ = ["AotCase", "CompileReport", "KERNEL_MODULES", "SMEM_LIMIT", "all_cases", "check_case", "main"]
 
 # Modules whose ``aot_cases(arch: int) -> list[AotCase]`` lists their shipped configs.
-KERNEL_MODULES = ["itop_kernels.triton_linear", "itop_kernels.triton_conv"]
+KERNEL_MODULES = ["itop_kernels.triton_linear", "itop_kernels.triton_conv",
+                  "itop_kernels.triton_split_sum"]
 
 # Largest shared memory one block may use (opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

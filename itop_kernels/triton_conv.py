@@ -55,6 +55,7 @@ import triton.language as tl
 from .dispatch import empty_output
 from . import triton_launch
 from .triton_launch import cdiv, cuda_facts
+from .triton_split_sum import sum_splits
 from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
@@ -330,22 +331,6 @@ def _conv_wgrad_taps_kernel(
     # ws[split, i, tap, o, k] at ((split*nnz + i)*KHW + tap)*BS*BS + o*BS + k  (acc[row, o])
     ws_off = ((split * nnz + i) * KHW + tap) * (BS * BS) + k
     tl.store(ws_ptr + ws_off[:, None] + offs_o[None, :] * BS, acc, mask=tap_ok[:, None])
-
-
-@triton.jit(do_not_specialize=["numel", "splits"])
-def _wgrad_reduce_kernel(ws_ptr, out_ptr, numel, splits, BLOCK: tl.constexpr):
-    # out[e] = sum over s of ws[s, e] (fp32), rounded once to out's dtype: the wgrad's split
-    # partial sums and the cast in one pass (``torch`` would take two: sum, then cast).
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(ws_ptr + s * numel + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-_REDUCE_BLOCK = 1024
-_REDUCE_WARPS = 4
 
 
 # --------------------------------------------------------------------------- configs
@@ -747,9 +732,7 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
         dv = ws[0] if splits == 1 else ws.sum(0)
         return dv if dv.dtype == dy.dtype else dv.to(dy.dtype)
     dv = empty_output((nnz, KH, KW, bs, bs), dy.dtype, dy.device)
-    numel = dv.numel()
-    _launch(_wgrad_reduce_kernel, (cdiv(numel, _REDUCE_BLOCK),), (ws, dv, numel, splits),
-            {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1)
+    sum_splits(ws, dv)
     return dv
 
 
@@ -811,10 +794,6 @@ def aot_cases(arch: int) -> list:
         for dname, ptr, prec in _KINDS:
             cfg = (IEEE_CONFIGS if dname == "fp32_ieee" else CONFIGS)[arch][bs]
             cases += _kernel_cases(f"conv_{{kernel}}_bs{bs}_{dname}", cfg, bs, ptr, prec)
-    for dname, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
-        cases.append(AotCase(f"conv_wgrad_reduce_{dname}", _wgrad_reduce_kernel,
-                             {"ws_ptr": "*fp32", "out_ptr": ptr, "numel": "i32", "splits": "i32",
-                              "BLOCK": "constexpr"}, {"BLOCK": _REDUCE_BLOCK}, _REDUCE_WARPS, 1))
     for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps wgrad, every group size it allows
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
             tbm, twarps, tstages = _taps_tiles(bs, tg)

@@ -33,6 +33,7 @@ import triton.language as tl
 from .dispatch import empty_output
 from .dot_precision import dot_precision
 from .triton_launch import cdiv, cuda_facts, launch
+from .triton_split_sum import sum_splits
 
 __all__ = ["linear_forward", "linear_grad_input", "linear_grad_weight", "aot_cases",
            "sweep_cases", "CONFIGS", "SWEEP", "SUPPORTED_BLOCK_SIZES"]
@@ -223,17 +224,6 @@ def _bsl_dw_kernel(
         tl.store(out, acc)
     else:
         tl.store(out, acc.to(dv_ptr.dtype.element_ty))
-
-
-@triton.jit(do_not_specialize=["S"])
-def _sum_splits_kernel(ws_ptr, out_ptr, L, S, BLOCK: tl.constexpr):
-    """``out[l] = Σ_s ws[s, l]`` in a fixed order (deterministic), fp32 → out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < L
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(ws_ptr + s * L + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------- configs
@@ -472,14 +462,7 @@ def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     launch(_bsl_dw_kernel, (nnz * tiles, splits),
            (dy, x, ws, row_idx, col_idx, M, K, N, m_per_split, nnz),
            dict(consts, SPLIT=True), cfg.num_warps, cfg.num_stages)
-    dv = empty_output((nnz, block_size, block_size), dy.dtype, dy.device)
-    L = nnz * block_size * block_size
-    launch(_sum_splits_kernel, (cdiv(L, _SUM_BLOCK),), (ws, dv, L, splits),
-           dict(BLOCK=_SUM_BLOCK), 4, 1)
-    return dv
-
-
-_SUM_BLOCK = 1024
+    return sum_splits(ws, empty_output((nnz, block_size, block_size), dy.dtype, dy.device))
 
 
 # --------------------------------------------------------------------------- AOT cases
@@ -535,9 +518,8 @@ def _case(kernel: str, bs: int, cfg: _Cfg, dt: str, prec: str, has_bias, prefix:
 
 def aot_cases(arch: int) -> list:
     """Every shipped (kernel, block size, dtype, precision) config for ``sm_<arch>``, every
-    sweep candidate (bf16: fp16 compiles to the same code), and the split-sum kernel."""
-    from .compile_check import AotCase
-
+    sweep candidate (bf16: fp16 compiles to the same code). The split-sum kernel that the split
+    ``dW`` uses has its own cases (:mod:`itop_kernels.triton_split_sum`)."""
     cases = []
     for kernel in ("fwd", "dx", "dw"):
         for (bs, kind), cfg in CONFIGS[arch][kernel].items():
@@ -546,10 +528,6 @@ def aot_cases(arch: int) -> list:
                 for has_bias in ((False, True) if kernel == "fwd" else (None,)):
                     cases.append(_case(kernel, bs, cfg, dt, prec, has_bias, "linear"))
     cases += sweep_cases(arch)
-    for dt in ("fp16", "bf16", "fp32"):
-        cases.append(AotCase(f"linear_sum_splits {dt}", _sum_splits_kernel,
-                             {"ws_ptr": "*fp32", "out_ptr": f"*{dt}", "L": "i32", "S": "i32",
-                              "BLOCK": "constexpr"}, {"BLOCK": _SUM_BLOCK}, 4, 1))
     return cases
 
 

@@ -625,10 +625,12 @@ def test_triton_wgrad_reduce(reduce, dtype, triton_device, no_cpu_path, monkeypa
     from itop_kernels import triton_conv
 
     monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
-    spies = spy_launches(monkeypatch, triton_conv, ("_wgrad_reduce_kernel",))
+    from itop_kernels import triton_split_sum
+
+    spies = spy_launches(monkeypatch, triton_split_sum, ("_sum_splits_kernel",))
     with triton_conv.options(wgrad_reduce=reduce):
         check_case(Case(32, 32, (16, 17), (1, 1), batch=2, id="reduce"), dtype, triton_device)
-    assert len(spies["_wgrad_reduce_kernel"].calls) == (reduce == "triton")
+    assert len(spies["_sum_splits_kernel"].calls) == (reduce == "triton")
 
 
 @pytest.mark.parametrize("taps", [2, 4, 8])

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from itop_kernels import (BlockLayout, block_sparse_conv2d, conv, triton_conv, triton_launch,
-                          triton_linear)
+                          triton_linear, triton_split_sum)
 
 CL = torch.channels_last
 
@@ -63,8 +63,9 @@ def stub_launches(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     stubs = {}
     for mod, names in ((triton_conv, ("_conv_fwd_kernel", "_conv_dgrad_kernel",
-                                      "_conv_wgrad_kernel", "_wgrad_reduce_kernel")),
-                       (triton_linear, ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel"))):
+                                      "_conv_wgrad_kernel")),
+                       (triton_linear, ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel")),
+                       (triton_split_sum, ("_sum_splits_kernel",))):
         for name in names:
             stubs[name] = _StubKernel()
             monkeypatch.setattr(mod, name, stubs[name])

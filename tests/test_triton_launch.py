@@ -23,7 +23,8 @@ def _is_constexpr(param: inspect.Parameter) -> bool:
     return "constexpr" in str(param.annotation)   # tl.constexpr, or its string annotation
 
 
-@pytest.mark.parametrize("module_name", ["itop_kernels.triton_linear", "itop_kernels.triton_conv"])
+@pytest.mark.parametrize("module_name", ["itop_kernels.triton_linear", "itop_kernels.triton_conv",
+                                         "itop_kernels.triton_split_sum"])
 def test_constexprs_are_trailing(module_name):
     kernels = _kernels(module_name)
     assert kernels, f"no Triton kernels found in {module_name}"
