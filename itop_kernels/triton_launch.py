@@ -138,12 +138,21 @@ def launch(kernel: Any, grid: tuple, args: tuple, constexprs: dict, num_warps: i
 
 
 def _hooked() -> bool:
+    """True when a Triton launch hook is installed (a profiler such as proton): such hooks must
+    see every launch, so :func:`launch` then launches plainly. Triton 3.6 and 3.8 keep each hook
+    as a ``HookChain``, never ``None``: an empty chain means no hook."""
     try:
         from triton import knobs
-        return (knobs.runtime.launch_enter_hook is not None
-                or knobs.runtime.launch_exit_hook is not None)
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
     except (ImportError, AttributeError):
         return True  # a Triton without knobs: do not replay
+    for hook in hooks:
+        if hook is None:
+            continue
+        calls = getattr(hook, "calls", None)
+        if calls is None or len(calls) > 0:   # a plain callable, or a chain with hooks in it
+            return True
+    return False
 
 
 def _fail(why: str) -> None:

@@ -179,7 +179,7 @@ def test_cached_launch_replays_the_compiled_handle(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(L, "_handles", {})
     monkeypatch.setattr(L, "_failed", False)
-    L.set_launch_mode("cached")
+    monkeypatch.setattr(L, "_mode", "cached")
     L.launch(k, (3,), (t, 32), {"HAS": True, "BS": 16}, 4, 3)
     L.launch(k, (5, 2), (t, 48), {"HAS": True, "BS": 16}, 4, 3)
     assert len(k.plain) == 1 and k.plain[0][2] == {"HAS": True, "BS": 16, "num_warps": 4,

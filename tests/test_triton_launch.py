@@ -71,3 +71,31 @@ def test_cached_linear_launch_matches_plain_on_gpu(rows, recwarn):
         assert all(torch.equal(a, b) for a, b in zip(p, c))
     assert triton_launch._handles and triton_launch.launch_mode() == "cached"
     assert not [w for w in recwarn if "cached Triton launches" in str(w.message)]
+
+
+def test_no_launch_hook_means_replay():
+    """Triton keeps its launch hooks as chains that are never ``None``: with none installed the
+    cached launch must replay, and with one installed (a profiler) it must launch plainly."""
+    from triton import knobs
+
+    from itop_kernels import triton_launch
+
+    assert not triton_launch._hooked()
+    chain = knobs.runtime.launch_enter_hook
+
+    def hook(metadata):
+        pass
+
+    if hasattr(chain, "add"):
+        chain.add(hook)
+        try:
+            assert triton_launch._hooked()
+        finally:
+            chain.remove(hook)
+    else:   # a Triton whose hook is a plain attribute
+        knobs.runtime.launch_enter_hook = hook
+        try:
+            assert triton_launch._hooked()
+        finally:
+            knobs.runtime.launch_enter_hook = chain
+    assert not triton_launch._hooked()
