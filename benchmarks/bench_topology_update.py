@@ -19,6 +19,13 @@ in rounds (``--rounds``) so that machine noise hits all of them.
 
     python benchmarks/bench_topology_update.py [--device cpu|cuda] [--threads 1 2] [--out PATH]
     python benchmarks/bench_topology_update.py --quick   # width 512 (CPU), 1 thread, 2 rounds
+    python benchmarks/bench_topology_update.py --tiny    # host-bound: 12 × 256², batch 32
+
+``--tiny`` is the host-bound case: 12 small layers (256², density 0.1, block 32: 6 blocks of 64
+per layer move), one thread, where an update costs what its ops cost on the host, as on a GPU
+(where each op is a kernel launch). Its ``mgr_update_per_layer_s`` is the figure to compare
+before/after a change of the update path. Every run also records the aten ops per layer of
+one update (``update_ops``, from ``benchmarks/update_ops.py``).
 
 Writes raw timings with the device, versions and git commit to
 ``benchmarks/results/topology_update_<device>[_quick].json`` (or ``--out-dir``) and a bar chart
@@ -81,6 +88,7 @@ class Case:
                      "score_precision_resolved": (resolve_precision(precision, dtype, device)
                                                   if growth == "gradient" else None),
                      "dtype": str(dtype)}
+        self.depth = depth
         self.plain, self.update, self.mgr_update = [], [], []
 
     def step(self, record: bool) -> None:
@@ -104,6 +112,7 @@ class Case:
         p, u = statistics.median(self.plain), statistics.median(self.update)
         return {**self.info, "plain_step_s": self.plain, "update_step_s": self.update,
                 "mgr_update_s": self.mgr_update, "plain_step_median_s": p,
+                "mgr_update_per_layer_s": statistics.median(self.mgr_update) / self.depth,
                 "update_step_median_s": u, "mgr_update_median_s": statistics.median(
                     self.mgr_update), "update_extra_s": u - p,
                 "overhead_at_update_every_100": (u - p) / (100 * p)}
@@ -129,9 +138,17 @@ def run(device, dtype, threads, args) -> list:
               f"{(res['score_precision_resolved'] or '-'):5s}: step "
               f"{res['plain_step_median_s'] * 1e3:7.2f} ms, update step "
               f"{res['update_step_median_s'] * 1e3:7.2f} ms (mgr.step "
-              f"{res['mgr_update_median_s'] * 1e3:6.2f} ms), overhead at update_every=100: "
+              f"{res['mgr_update_median_s'] * 1e3:6.2f} ms, "
+              f"{res['mgr_update_per_layer_s'] * 1e6:6.0f} µs per layer), overhead at update_every=100: "
               f"{100 * res['overhead_at_update_every_100']:.2f} %", flush=True)
     return out
+
+
+def _update_ops() -> list:
+    """aten ops per layer of one update (CPU tensors; the same ops a GPU launches)."""
+    import update_ops
+    torch.set_num_threads(1)
+    return [{k: v for k, v in r.items() if k != "by_op"} for r in update_ops.all_counts()]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -188,9 +205,14 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: half the width, 2 pairs, 2 rounds, one thread count")
+    ap.add_argument("--tiny", action="store_true",
+                    help="host-bound: depth 12, width 256, batch 32, density 0.1, 1 thread")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if args.tiny:
+        args.width, args.depth, args.batch, args.density = 256, 12, 32, 0.1
+        args.threads = args.threads or [1]
     if args.quick:
         args.width = args.width or (2048 if gpu else 512)
         args.pairs, args.rounds = 2, 2
@@ -211,10 +233,11 @@ def main(argv=None):
         "git": git_state("itop", "itop_kernels", "benchmarks/bench_topology_update.py"),
         "argv": sys.argv[1:], "load_avg": list(os.getloadavg()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
-        "cases": cases,
+        "cases": cases, "update_ops": _update_ops(),
     }
-    out = Path(args.out or results_path(
-        f"topology_update_{device.type}{'_quick' if args.quick else ''}.json", args.out_dir))
+    suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
+    out = Path(args.out or results_path(f"topology_update_{device.type}{suffix}.json",
+                                        args.out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))

@@ -273,8 +273,7 @@ class SparseLayer(nn.Module):
         with zero state. ``values`` stays the same Parameter with the same shape. No host sync.
         """
         self._sync_layout()
-        new_mask = self._storage.apply_topology(self, drop, add, optimizer)
-        self.block_mask.copy_(new_mask)
+        self._storage.apply_topology(self, drop, add, optimizer)   # block_mask too, in place
         self._mask_version = self.block_mask._version
 
     def _copy_dense(self, w: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],

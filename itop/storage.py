@@ -22,7 +22,7 @@ A storage object is stateless; it reads and writes the layer's ``values``, ``blo
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ __all__ = ["BlockStorage", "CsrStorage", "MaskedDenseStorage", "storage_for", "i
 def _state_tensors(layer, optimizer) -> Iterator[Tensor]:
     """``values``, its gradient, and every optimizer state tensor shaped like ``values``."""
     p = layer.values
-    yield p.data
+    yield p            # (callers run under no_grad: no alias needed)
     if p.grad is not None:
         yield p.grad
     if optimizer is not None:
@@ -50,6 +50,48 @@ def _state_tensors(layer, optimizer) -> Iterator[Tensor]:
 # the same nnz, so captured CUDA graphs stay valid. Tests switch it off to compare with
 # installing a new layout object.
 _INPLACE_LAYOUT = True
+
+
+# How apply_topology moves the rows of values, its gradient and optimizer state: "stacked"
+# (all tensors of one dtype in one gather: about half the device ops, plus a copy of them) or
+# "per_tensor" (two ops per tensor, no extra copy: less memory traffic, what a large layer on the
+# CPU wants); "auto" stacks on accelerators and, on the CPU, for small layers (at most
+# _STACK_MAX_CPU elements per tensor), where the update is bound by per-op host cost.
+_STATE_MOVE = "auto"
+_STACK_MAX_CPU = 1 << 16
+# the zero of the new rows: a CPU scalar works with tensors on any device, made once
+_ZERO = torch.zeros(())
+
+
+def _move_rows(tensors: List[Tensor], order: Tensor, keep: Tensor) -> None:
+    """``t[i] = t[order[i]] if keep[i] else 0`` for every tensor (``[nnz, ...]``), in place.
+
+    Args:
+        tensors: same first dimension ``nnz``; values, its gradient, optimizer state.
+        order: int64 ``[nnz]``, the old row each new row comes from.
+        keep: bool ``[nnz]``, False where the new row starts at zero.
+    """
+    nnz = order.numel()
+    mode = _STATE_MOVE
+    if mode == "auto":
+        small = tensors[0].numel() <= _STACK_MAX_CPU
+        mode = "stacked" if order.device.type != "cpu" or small else "per_tensor"
+    t0 = tensors[0]
+    if mode == "stacked" and len(tensors) > 1 and all(
+            t.is_contiguous() and t.dtype == t0.dtype and t.shape == t0.shape for t in tensors):
+        moved = torch.stack(tensors).index_select(1, order)
+        torch.where(keep.view(-1, *([1] * (t0.dim() - 1))), moved, _ZERO, out=moved)
+        torch._foreach_copy_(tensors, moved.unbind(0))
+        return
+    keep2 = keep.view(-1, 1)
+    for t in tensors:
+        if not t.is_contiguous():
+            rows, k = t, keep.view(-1, *([1] * (t.dim() - 1)))
+        elif t.numel() == nnz:   # one weight per row (block size 1): index_select on [nnz, 1, 1]
+            rows, k = t.view(-1), keep   # is several times slower than on [nnz]
+        else:
+            rows, k = t.view(nnz, -1), keep2
+        torch.where(k, rows.index_select(0, order), _ZERO, out=rows)
 
 
 def install_layout(layer, layout: Optional[BlockLayout]) -> None:
@@ -116,51 +158,44 @@ class BlockStorage:
     def active_units(layer, p: int) -> Tuple[Tensor, Tensor]:
         """``(positions, norms)`` of the active blocks, in ``values`` order: int64 ascending
         flat grid positions ``r*C + c`` and the float32 Lp norm of each block's values."""
-        v = layer.values.detach()
-        flat = v.reshape(v.shape[0], -1).float()
-        s = flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()
+        with torch.no_grad():
+            v = layer.values
+            flat = v.reshape(v.shape[0], -1).float()
+            s = flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()
         return layer.layout.flat_positions(), s
 
     @staticmethod
-    def apply_topology(layer, drop: Tensor, add: Tensor, optimizer) -> Tensor:
+    def apply_topology(layer, drop: Tensor, add: Tensor, optimizer) -> None:
         """Drop the active blocks in slots ``drop`` (rows of ``values``, the order of
         :meth:`active_units`) and activate the blocks at flat positions ``add`` (``[k]``
         each): rows of ``values``, its gradient and its optimizer state move to the new layout's
-        order in place, rows of new blocks become zero. Time proportional to ``nnz`` (plus a
-        copy of the mask), no host sync. Returns the new mask."""
-        pos = layer.layout.flat_positions()
-        mask = layer.block_mask.clone()
-        flat = mask.view(-1)
-        flat[pos.index_select(0, drop)] = False
-        flat[add] = True
+        order in place, rows of new blocks become zero, and ``layer.block_mask`` and the layout
+        are rewritten in place. Time proportional to ``nnz``, no host sync, about 20 device ops
+        (``benchmarks/NOTES.md``, "Update cost")."""
+        layout = layer.layout
+        pos = layout.flat_positions()
+        mask = layer.block_mask.view(-1)
         # The arriving blocks take over the dropped blocks' slots, so sorting the positions
-        # gives the new row-major order and, through `src`, where each new row comes from
-        # (-1: a new block). Positions that fit int32 sort faster (a radix sort on the CPU).
-        it = torch.int32 if mask.numel() < 2 ** 31 else torch.int64
-        new_pos = pos.to(it, copy=True)                   # pos is the old layout's own
-        new_pos[drop] = add.to(it)
-        src = torch.arange(pos.numel(), device=pos.device)
-        src[drop] = -1
-        new_pos, order = torch.sort(new_pos, stable=True)
-        src = src.index_select(0, order)
-        new_layout = BlockLayout.from_positions(new_pos, mask.shape, layer.block_size,
-                                                block_mask=mask, check=False)
-        fresh = src < 0
-        idx = src.clamp(min=0)
-        for t in _state_tensors(layer, optimizer):
-            # rows as a 2-D view, 1-D for one weight per row (block size 1): index_select on
-            # [nnz, 1, 1] is several times slower than on [nnz]
-            if not t.is_contiguous():
-                rows = t
-            elif t.numel() == t.shape[0]:
-                rows = t.view(-1)
-            else:
-                rows = t.view(t.shape[0], -1)
-            moved = rows.index_select(0, idx)
-            moved.masked_fill_(fresh.view(-1, *([1] * (rows.dim() - 1))), 0)
-            rows.copy_(moved)
-        install_layout(layer, new_layout)
-        return mask
+        # gives the new row-major order and, through `order`, where each new row comes from.
+        new_pos = pos.clone()
+        new_pos.index_copy_(0, drop, add)
+        gone = pos.index_select(0, drop)
+        inplace = _INPLACE_LAYOUT
+        if inplace:    # sorted straight into the layout's own positions
+            order = torch.empty(pos.shape, dtype=torch.int64, device=pos.device)
+            sorted_pos = torch.sort(new_pos, stable=True, out=(pos, order))[0]
+        else:
+            sorted_pos, order = torch.sort(new_pos, stable=True)
+        keep = mask.index_select(0, sorted_pos)       # False: a new block (the old mask)
+        mask.index_fill_(0, gone, False).index_fill_(0, add, True)
+        _move_rows(list(_state_tensors(layer, optimizer)), order, keep)
+        if inplace:
+            layout.block_mask.copy_(layer.block_mask)
+            layout.rewrite_sorted_positions_()
+        else:
+            install_layout(layer, BlockLayout.from_positions(
+                sorted_pos, layer.block_mask.shape, layer.block_size,
+                block_mask=layer.block_mask.clone(), check=False))
 
     @staticmethod
     def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -246,10 +281,10 @@ class MaskedDenseStorage:
         return pos, layer.values.detach().reshape(-1)[pos].abs().float()
 
     @staticmethod
-    def apply_topology(layer, drop: Tensor, add: Tensor, optimizer) -> Tensor:
+    def apply_topology(layer, drop: Tensor, add: Tensor, optimizer) -> None:
         """Zero the weights, gradient and optimizer state of the dropped weights (slots ``drop``
-        in the order of :meth:`active_units`) and of the new ones (``add``, flat positions).
-        Returns the new mask."""
+        in the order of :meth:`active_units`) and of the new ones (``add``, flat positions), and
+        write the new mask into ``layer.block_mask``."""
         mask = layer.block_mask.clone()
         flat = mask.view(-1)
         flat[flat.nonzero().squeeze(1)[drop]] = False
@@ -257,7 +292,7 @@ class MaskedDenseStorage:
         gone = ~(layer.block_mask & mask)
         for t in _state_tensors(layer, optimizer):
             t.masked_fill_(gone, 0)
-        return mask
+        layer.block_mask.copy_(mask)
 
     @staticmethod
     def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -474,7 +474,7 @@ class TopologyManager:
                                       num_active=m.nnz)
             else:
                 key = _finite(grow, inplace=owned).reshape(-1).to(active.device)
-                key[active] = float("-inf")
+                key.index_fill_(0, active, float("-inf"))
                 add = topk_indices(key, k)
             moves.append((drop, add))
         if comm is not None:
@@ -491,7 +491,7 @@ class TopologyManager:
             if mv is None:
                 continue
             m._apply_topology(mv[0], mv[1], self.optimizer)
-            self.fired[name].view(-1)[mv[1]] = True
+            self.fired[name].view(-1).index_fill_(0, mv[1], True)
         return True
 
     def _prune_scores(self, name: str, m: SparseLayer, p: int) -> Tuple[Tensor, Tensor]:

@@ -66,6 +66,7 @@ class BlockLayout:
     __slots__ = (
         "block_mask", "block_size", "nnz", "row_ptr", "col_idx", "row_idx",
         "col_ptr", "t_row_idx", "t_block_idx", "_host_cache", "_positions", "version",
+        "_starts",
     )
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - guard against misuse
@@ -160,23 +161,64 @@ class BlockLayout:
         self = object.__new__(cls)
         self.block_mask = mask
         self.block_size = block_size
-        self.nnz = pos.numel()
+        self.nnz = nnz = pos.numel()
         self.version = 0
         self._host_cache = None
+        self._starts = None
         self._positions = pos
-        row = torch.div(pos, C, rounding_mode="floor")
-        self.row_idx = row.to(torch.int32)
-        self.col_idx = (pos - row * C).to(torch.int32)
+        dev = pos.device
+        self.row_idx = torch.empty(nnz, dtype=torch.int32, device=dev)
+        self.col_idx = torch.empty(nnz, dtype=torch.int32, device=dev)
+        self.row_ptr = torch.empty(R + 1, dtype=torch.int32, device=dev)
+        self.t_block_idx = torch.empty(nnz, dtype=torch.int32, device=dev)
+        self.t_row_idx = torch.empty(nnz, dtype=torch.int32, device=dev)
+        self.col_ptr = torch.empty(C + 1, dtype=torch.int32, device=dev)
+        self._derive_index()
+        return self
+
+    def _grid_starts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r·C for r in 0..R, int64 [R+1]; c for c in 0..C, int32 [C+1])``: the first flat
+        position of every block-row and the block-columns, what the CSR pointers are binary
+        searches of. Fixed for a grid, so built once per layout (an update reuses them)."""
+        if self._starts is None:
+            R, C = self.block_mask.shape
+            dev = self.block_mask.device
+            self._starts = (torch.arange(R + 1, dtype=torch.int64, device=dev) * C,
+                            torch.arange(C + 1, dtype=torch.int32, device=dev))
+        return self._starts
+
+    def _derive_index(self) -> None:
+        """Write every index tensor but ``block_mask`` from ``_positions`` (int64, ascending
+        row-major ``r*C + c``), into the tensors this layout already holds (``out=``): seven
+        device ops, no allocation that outlives the call, no host sync. Time proportional to
+        ``nnz`` (a sort of ``nnz`` ints) plus ``R + C`` binary searches."""
+        pos = self._positions
+        C = self.block_mask.shape[1]
+        row_starts, col_starts = self._grid_starts()
+        torch.div(pos, C, rounding_mode="floor", out=self.row_idx)
+        torch.remainder(pos, C, out=self.col_idx)
         # row r's entries start at the first position >= r*C (R+1 binary searches)
-        starts = torch.arange(R + 1, device=pos.device, dtype=torch.int64) * C
-        self.row_ptr = torch.searchsorted(pos, starts).to(torch.int32)
+        torch.searchsorted(pos, row_starts, out_int32=True, out=self.row_ptr)
         # Column-major order = the row-major entries stably sorted by column (each column's
         # entries are already in row order); the sort permutation is t_block_idx itself.
         t_col, perm = torch.sort(self.col_idx, stable=True)
-        self.t_block_idx = perm.to(torch.int32)
-        self.t_row_idx = self.row_idx.index_select(0, perm)
-        self.col_ptr = torch.searchsorted(
-            t_col, torch.arange(C + 1, dtype=torch.int32, device=pos.device)).to(torch.int32)
+        self.t_block_idx.copy_(perm)
+        torch.index_select(self.row_idx, 0, perm, out=self.t_row_idx)
+        torch.searchsorted(t_col, col_starts, out_int32=True, out=self.col_ptr)
+
+    def rewrite_sorted_positions_(self) -> "BlockLayout":
+        """Rebuild the layout in place after ``flat_positions()`` was overwritten with the new
+        active blocks (ascending, same ``nnz``; a topology update sorts straight into it with
+        ``torch.sort(..., out=)``), and ``block_mask`` with the matching mask. Every index tensor
+        keeps its identity and address (a CUDA graph captured before stays valid), ``version``
+        goes up by one, and nothing waits on the device. The positions are not checked.
+
+        Returns:
+            ``self``.
+        """
+        self._derive_index()
+        self._host_cache = None
+        self.version += 1
         return self
 
     def flat_positions(self) -> torch.Tensor:
@@ -273,6 +315,7 @@ class BlockLayout:
             val = getattr(self, name)
             setattr(out, name, val.to(device) if isinstance(val, torch.Tensor) else val)
         out._host_cache = self._host_cache
+        out._starts = None
         return out
 
     def values_shape(self, kernel_size: Sequence[int] = ()) -> tuple[int, ...]:

@@ -1,0 +1,169 @@
+"""Count the aten ops one topology update runs, per sparse layer, and attribute them to the code
+that issues them (issue 14: on a GPU an update is a chain of small kernels launched from
+Python, so its cost is roughly ops × the host time of one op).
+
+:func:`count_update_ops` builds ``layers`` identical sparse layers (linear 256→256 at block 32,
+or conv 3×3 64→64 at block 16; density 0.25), trains two steps, and records every aten op
+dispatched inside ``mgr.step()`` on the update step (a ``TorchDispatchMode``; custom ops such
+as ``itop_kernels::block_grad_norms`` count as one). Each op is attributed to the innermost
+frame of this repository's code and from there to a category (:data:`CATEGORIES`).
+
+    python benchmarks/update_ops.py            # the table, every layer kind/growth/optimizer
+
+``tests/test_update_op_budget.py`` holds the counts under a ceiling, and
+``bench_topology_update.py`` writes them into its JSON.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import itop  # noqa: E402
+
+# ops that launch no kernel on a GPU (metadata, aliases, host-side scalars and allocations)
+HOST_ONLY = ("aten.view", "aten._unsafe_view", "aten.detach", "aten.alias", "aten.unbind",
+             "aten.lift_fresh", "aten.empty", "aten.scalar_tensor", "aten.select", "aten.slice",
+             "aten.reshape", "aten.squeeze", "aten.unsqueeze", "aten.expand", "aten.t.")
+
+CATEGORIES = ("prune scores", "finite keys", "top-k (prune + growth)", "growth scores",
+              "new order + masks", "move values/grad/optimizer state", "layout rebuild",
+              "fired mask", "other")
+
+# (file, function) -> category; functions not listed are attributed by their caller's line
+_BY_FUNCTION = {
+    ("storage.py", "active_units"): "prune scores",
+    ("topology.py", "_finite"): "finite keys",
+    ("unit_selection.py", "topk_indices"): "top-k (prune + growth)",
+    ("unit_selection.py", "random_inactive"): "growth scores",
+    ("unit_selection.py", "_first_distinct_inactive"): "growth scores",
+    ("layers.py", "_grad_scores"): "growth scores",
+    ("layers.py", "<listcomp>"): "growth scores",
+    ("block_norms.py", "block_grad_norms"): "growth scores",
+    ("topology.py", "_grad_scores"): "growth scores",
+    ("topology.py", "_random_scores"): "growth scores",
+    ("storage.py", "_move_rows"): "move values/grad/optimizer state",
+    ("storage.py", "_state_tensors"): "move values/grad/optimizer state",
+    ("layout.py", None): "layout rebuild",
+}
+
+
+def _category(stack) -> str:
+    for fr in reversed(stack):
+        fname = fr.filename.rsplit("/", 1)[-1]
+        if "/itop" not in fr.filename or fname == "update_ops.py":
+            continue
+        cat = _BY_FUNCTION.get((fname, fr.name)) or _BY_FUNCTION.get((fname, None))
+        if cat:
+            return cat
+        line = fr.line or ""
+        if fname == "topology.py" and "fired" in line:
+            return "fired mask"
+        if fname == "topology.py" and "key" in line:
+            return "growth scores"
+        if fname == "storage.py" and fr.name == "apply_topology":
+            return "layout rebuild" if "layout" in line else "new order + masks"
+        if fname == "layers.py" and fr.name == "_apply_topology":
+            return "new order + masks"
+        return f"other ({fname}:{fr.lineno} {fr.name})"
+    return "other"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops by ``(category, op)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[(_category(traceback.extract_stack()[:-1]), str(func))] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(kind: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(layers)])
+        x = torch.randn(32, 256)
+        bs = 32
+    elif kind == "conv":
+        model = nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(layers)])
+        x = torch.randn(2, 64, 6, 6)
+        bs = 16
+    else:
+        raise ValueError(f"kind must be 'linear' or 'conv', got {kind!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return itop.sparsify(model, 0.25, block_size=bs, distribution="uniform"), x
+
+
+def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: str = "adamw",
+                     layers: int = 3) -> dict:
+    """Ops of one update (``mgr.step()`` on an update step, gradients present, as in a loop of
+    ``zero_grad, forward, backward, opt.step(), mgr.step()``).
+
+    Returns:
+        ``{"total", "per_layer", "launching_per_layer", "by_category": {category: per-layer
+        count}, "by_op": {op: per-layer count}}``; ``launching`` leaves out the ops in
+        :data:`HOST_ONLY`.
+    """
+    model, x = _model(kind, layers)
+    opt = (torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=100, growth=growth,
+                               prune_rate=0.3)
+    counter = OpCounter()
+    for step in (1, 2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        if step == 2:
+            with counter:
+                changed = mgr.step()
+            assert changed, "no update happened"
+        else:
+            mgr.step()
+    total = sum(counter.counts.values())
+    by_cat: collections.Counter = collections.Counter()
+    by_op: collections.Counter = collections.Counter()
+    launching = 0
+    for (cat, op), n in counter.counts.items():
+        by_cat[cat] += n
+        by_op[op] += n
+        if not op.startswith(HOST_ONLY):
+            launching += n
+    return {"kind": kind, "growth": growth, "optimizer": optimizer, "layers": layers,
+            "total": total, "per_layer": total / layers, "launching_per_layer": launching / layers,
+            "by_category": {c: n / layers for c, n in sorted(by_cat.items())},
+            "by_op": {o: n / layers for o, n in by_op.most_common()}}
+
+
+def all_counts() -> list:
+    return [count_update_ops(k, g, o) for k in ("linear", "conv") for g in ("random", "gradient")
+            for o in ("sgd", "adamw")]
+
+
+def main() -> None:
+    rows = all_counts()
+    cats = [c for c in CATEGORIES if any(c in r["by_category"] for r in rows)]
+    cats += sorted({c for r in rows for c in r["by_category"]} - set(cats))
+    print("| category | " + " | ".join(f"{r['kind']} {r['growth']} {r['optimizer']}"
+                                       for r in rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    for c in cats:
+        print(f"| {c} | " + " | ".join(f"{r['by_category'].get(c, 0):g}" for r in rows) + " |")
+    print("| **all ops** | " + " | ".join(f"**{r['per_layer']:g}**" for r in rows) + " |")
+    print("| launching a kernel | " + " | ".join(f"{r['launching_per_layer']:g}" for r in rows)
+          + " |")
+
+
+if __name__ == "__main__":
+    main()
