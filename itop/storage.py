@@ -22,7 +22,7 @@ A storage object is stateless; it reads and writes the layer's ``values``, ``blo
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +59,18 @@ _INPLACE_LAYOUT = True
 # _STACK_MAX_CPU elements per tensor), where the update is bound by per-op host cost.
 _STATE_MOVE = "auto"
 _STACK_MAX_CPU = 1 << 16
-# the zero of the new rows: a CPU scalar works with tensors on any device, made once
-_ZERO = torch.zeros(())
+# the zero of the new rows, one 0-dim tensor per device, made once (torch.where does not take a
+# Python scalar with out=, and a CPU scalar beside CUDA tensors is not accepted by every torch
+# build's torch.where)
+_ZEROS: Dict[torch.device, Tensor] = {}
+
+
+def _zero(device: torch.device) -> Tensor:
+    """A cached float32 0-dim zero on ``device`` (it promotes to the other operand's dtype)."""
+    z = _ZEROS.get(device)
+    if z is None:
+        z = _ZEROS[device] = torch.zeros((), device=device)
+    return z
 
 
 def _move_rows(tensors: List[Tensor], order: Tensor, keep: Tensor) -> None:
@@ -80,7 +90,8 @@ def _move_rows(tensors: List[Tensor], order: Tensor, keep: Tensor) -> None:
     if mode == "stacked" and len(tensors) > 1 and all(
             t.is_contiguous() and t.dtype == t0.dtype and t.shape == t0.shape for t in tensors):
         moved = torch.stack(tensors).index_select(1, order)
-        torch.where(keep.view(-1, *([1] * (t0.dim() - 1))), moved, _ZERO, out=moved)
+        torch.where(keep.view(-1, *([1] * (t0.dim() - 1))), moved, _zero(t0.device),
+                    out=moved)
         torch._foreach_copy_(tensors, moved.unbind(0))
         return
     keep2 = keep.view(-1, 1)
@@ -91,7 +102,7 @@ def _move_rows(tensors: List[Tensor], order: Tensor, keep: Tensor) -> None:
             rows, k = t.view(-1), keep   # is several times slower than on [nnz]
         else:
             rows, k = t.view(nnz, -1), keep2
-        torch.where(k, rows.index_select(0, order), _ZERO, out=rows)
+        torch.where(k, rows.index_select(0, order), _zero(t.device), out=rows)
 
 
 def install_layout(layer, layout: Optional[BlockLayout]) -> None:
