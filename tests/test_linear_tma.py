@@ -208,6 +208,20 @@ def test_cached_launch_keys_and_replays_descriptors(monkeypatch):
     assert k.plain == 2
 
 
+def test_picker_writes_the_tma_field(monkeypatch):
+    """A winning TMA config comes out of the offline picker as an entry that keeps ``tma``
+    (and ``ordered``), so pasting it into ``CONFIGS`` ships what was measured."""
+    import dataclasses
+    import importlib
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    pick = importlib.import_module("pick_linear_configs")
+    cfg = C(128, 64, 4, 3, ordered=True, tma=True)
+    src = pick.config_source(dataclasses.asdict(cfg))
+    assert src == "C(128, 64, 4, 3, ordered=True, tma=True)"
+    assert eval(src, {"C": C}) == cfg
+
+
 GPU = pytest.mark.skipif(not torch.cuda.is_available(),
                          reason="bf16 TMA kernels need a CUDA GPU (bf16 is wrong in the "
                                 "interpreter; TMA needs sm_90)")
