@@ -76,12 +76,17 @@ def test_empty_layout_takes_the_pointer_kernel_quietly(triton_device, gen, descs
     cfg = C(16, 16, 4, 2, tma=True)
     mask = random_mask(3, 2, 0.5, "empty", gen)
     lay, x, dy, b, values, ref = _operands(mask, 16, 20, torch.float32, triton_device, gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         out = _run(kernel, cfg, lay, x, dy, b, values, 16)
-    assert descs == []
+    assert not _fallback_warnings(seen) and descs == []
     assert out.shape == ref[kernel].shape
     assert torch.equal(out.double().cpu(), ref[kernel].cpu())
+
+
+def _fallback_warnings(seen: list) -> list:
+    """The TMA fallback warnings among ``seen`` (triton 3.6's interpreter warns on its own)."""
+    return [w for w in seen if "falls back to pointer loads" in str(w.message)]
 
 
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -109,9 +114,10 @@ def test_misaligned_operand_falls_back_with_one_warning(triton_device, gen, desc
         out = _run(kernel, cfg, lay, ops["x"], ops["dy"], b, ops["values"], 16)
     assert rel_err(out, ref[kernel]) <= tol_for(torch.float16, triton_device)
     assert descs == []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")      # the second fallback is quiet
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         again = _run(kernel, cfg, lay, ops["x"], ops["dy"], b, ops["values"], 16)
+    assert not _fallback_warnings(seen), "the second fallback must be quiet"
     assert torch.equal(again, out)
 
 
