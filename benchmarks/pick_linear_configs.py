@@ -44,9 +44,11 @@ def scores(result: dict, densities=None) -> dict:
 
 
 def config_source(cfg: dict) -> str:
-    """``C(128, 64, 8, 3, split=0)``: the entry as written in ``triton_linear._table``."""
+    """``C(128, 64, 8, 3, split=0)``: the entry as written in ``triton_linear._table``, with
+    every field that differs from its default (``ordered=True``, ``tma=True`` included)."""
     s = f"C({cfg['tile_m']}, {cfg['tile_k']}, {cfg['num_warps']}, {cfg['num_stages']}"
-    for field, default in (("group_m", 1), ("wide", 1), ("split", 1)):
+    for field, default in (("group_m", 1), ("wide", 1), ("split", 1), ("ordered", False),
+                           ("tma", False)):
         if cfg.get(field, default) != default:
             s += f", {field}={cfg[field]}"
     return s + ")"

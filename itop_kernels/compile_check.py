@@ -8,6 +8,9 @@ that ships inside Triton, and fails on
 - register spills (``spill stores``/``spill loads`` > 0 in ``ptxas -v``) or a stack frame,
 - shared memory above the architecture's per-block limit.
 
+Each report also says which MMA the PTX uses and whether it loads through TMA
+(``cp.async.bulk.tensor``), so a test can assert that a TMA config really is one.
+
 Run by hand: ``python -m itop_kernels.compile_check [--arch 80 90] [--filter NAME]``.
 """
 from __future__ import annotations
@@ -56,6 +59,7 @@ class CompileReport:
     shared_bytes: int = 0
     error: str = ""
     mma: str = ""
+    tma: bool = False   # the PTX loads through TMA descriptors (``cp.async.bulk.tensor``)
 
     @property
     def ok(self) -> bool:
@@ -65,7 +69,8 @@ class CompileReport:
     def line(self) -> str:
         status = "ok" if self.ok else "FAIL"
         detail = self.error or (f"regs={self.registers} spill={self.spill_bytes}B "
-                                f"stack={self.stack_bytes}B smem={self.shared_bytes}B {self.mma}")
+                                f"stack={self.stack_bytes}B smem={self.shared_bytes}B {self.mma}"
+                                + (" tma" if self.tma else ""))
         return f"[{status}] sm_{self.arch} {self.case.name}: {detail}"
 
 
@@ -91,6 +96,7 @@ def check_case(case: AotCase, arch: int) -> CompileReport:
     rep.shared_bytes = int(ck.metadata.shared)
     ptx = ck.asm["ptx"]
     rep.mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "no-mma")
+    rep.tma = "cp.async.bulk.tensor" in ptx
     gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")

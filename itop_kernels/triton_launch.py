@@ -14,7 +14,10 @@ interpreter (``TRITON_INTERPRET=1``) always launches plainly. If the cached path
 warns once and launches plainly from then on; with a Triton launch hook installed (a profiler)
 it launches plainly too, so the hook sees every launch. Works with triton 3.6 and 3.8, whose
 compiled kernels share ``run(grid0, grid1, grid2, stream, function, packed_metadata,
-launch_metadata, enter_hook, exit_hook, *all_arguments)``.
+launch_metadata, enter_hook, exit_hook, *all_arguments)``. Host-side TMA descriptors
+(``triton.tools.tensor_descriptor.TensorDescriptor``) may be arguments: the compiled launcher
+encodes them on every call, as Triton's own launch does, and the key holds what Triton
+specializes them on (the base's dtype, the block shape, the padding).
 """
 from __future__ import annotations
 
@@ -25,6 +28,11 @@ import warnings
 from typing import Any, Dict, Iterator, Tuple
 
 import torch
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # no Triton (a CPU-only install): no descriptors can be passed
+    TensorDescriptor = None
 
 __all__ = ["LAUNCH_MODES", "launch", "launch_mode", "set_launch_mode", "launching", "cdiv",
            "cuda_facts"]
@@ -86,6 +94,8 @@ def _arg_key(a: Any) -> Any:
     an int's type (i32, i64 or u64, from its range), divisibility by 16 and equality to 1."""
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
+    if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+        return ("desc", a.base.dtype, tuple(a.block_shape), a.padding)
     if isinstance(a, bool) or a is None:
         return a
     if isinstance(a, int):
@@ -105,6 +115,8 @@ def launch(kernel: Any, grid: tuple, args: tuple, constexprs: dict, num_warps: i
     ``args`` are the kernel's runtime arguments in order; its constexprs follow them in its
     signature."""
     t0 = args[0]
+    if TensorDescriptor is not None and isinstance(t0, TensorDescriptor):
+        t0 = t0.base
     if (_mode != "cached" or _failed or not isinstance(t0, torch.Tensor) or not t0.is_cuda
             or _interpreting() or _hooked()):
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)

@@ -22,6 +22,7 @@ ahead-of-time compile check (``python -m itop_kernels.compile_check``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dispatch import empty_output
 from .dot_precision import dot_precision
@@ -58,10 +60,12 @@ def _tile_ids(pid, NT, NM, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok, K, N,
+def _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, m0, offs_m, m_ok, K, N,
                    HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr,
-                   BK: tl.constexpr, PRECISION: tl.constexpr):
-    """``Y[offs_m, r-th column block] = X[offs_m] · (block-row r of W)ᵀ (+ b)``."""
+                   BK: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """``Y[offs_m, r-th column block] = X[offs_m] · (block-row r of W)ᵀ (+ b)``. With ``TMA``,
+    ``x_ptr`` is a descriptor of ``X [M, K]`` (block ``[BM, BK]``) and ``v_ptr`` one of the
+    values as ``[nnz·BS, BS]`` (block ``[BS, BK]``): TMA loads, rows past ``M`` read as zero."""
     offs_n = tl.arange(0, BS)               # columns of Y within block-row r
     offs_k = tl.arange(0, BK)               # columns within one BK-wide slice of a block
     NK: tl.constexpr = BS // BK             # slices per block
@@ -73,11 +77,15 @@ def _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok
         i = t // NK
         k0 = (t % NK) * BK
         c = tl.load(col_idx + i)
-        # X[m, c*BS + k0 + k]: row m of X starts at m*K.
-        x = tl.load(x_ptr + offs_m[:, None] * K + (c * BS + k0 + offs_k)[None, :],
-                    mask=m_ok[:, None], other=0.0)
-        # Wᵀ slice [BK, BS]: values[i, n, k0 + k] sits at i*BS*BS + n*BS + k0 + k.
-        w_t = tl.load(v_ptr + i * BS * BS + offs_n[None, :] * BS + (k0 + offs_k)[:, None])
+        if TMA:
+            x = x_ptr.load([m0, c * BS + k0])
+            w_t = v_ptr.load([i * BS, k0]).T        # values[i, :, k0:k0+BK]ᵀ
+        else:
+            # X[m, c*BS + k0 + k]: row m of X starts at m*K.
+            x = tl.load(x_ptr + offs_m[:, None] * K + (c * BS + k0 + offs_k)[None, :],
+                        mask=m_ok[:, None], other=0.0)
+            # Wᵀ slice [BK, BS]: values[i, n, k0 + k] sits at i*BS*BS + n*BS + k0 + k.
+            w_t = tl.load(v_ptr + i * BS * BS + offs_n[None, :] * BS + (k0 + offs_k)[:, None])
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + r * BS + offs_n).to(tl.float32)[None, :]
@@ -92,25 +100,27 @@ def _bsl_fwd_kernel(
     M, K, N,
     HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_M: tl.constexpr = 1, WIDE: tl.constexpr = 1,
-    ORDERED: tl.constexpr = False,
+    ORDERED: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     # ORDERED: program slot g runs block-row order_ptr[g] (block-rows by nnz, largest first, so
     # the longest programs start first); else block-row g.
     # Program = (group g of WIDE block-rows of W = column blocks of Y, row tile of X and Y).
     # GROUP_M == 1: a 2-D grid, g fastest. Else a 1-D grid in grouped order (_tile_ids).
+    # TMA: x_ptr and v_ptr are tensor descriptors (see _fwd_block_row).
     if GROUP_M == 1:
         g = tl.program_id(0)
         pid_m = tl.program_id(1)
     else:
         g, pid_m = _tile_ids(tl.program_id(0), tl.cdiv(N // BS, WIDE), tl.cdiv(M, BM), GROUP_M)
-    offs_m = pid_m * BM + tl.arange(0, BM)  # rows of X / Y owned by this program
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)          # rows of X / Y owned by this program
     m_ok = offs_m < M
     if WIDE == 1:
         r = g
         if ORDERED:
             r = tl.load(order_ptr + g)
-        _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok, K, N,
-                       HAS_BIAS, BS, BM, BK, PRECISION)
+        _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, m0, offs_m, m_ok, K, N,
+                       HAS_BIAS, BS, BM, BK, PRECISION, TMA)
     else:
         for w in tl.static_range(WIDE):
             slot = g * WIDE + w
@@ -118,15 +128,17 @@ def _bsl_fwd_kernel(
                 r = slot
                 if ORDERED:
                     r = tl.load(order_ptr + slot)
-                _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, offs_m, m_ok,
-                               K, N, HAS_BIAS, BS, BM, BK, PRECISION)
+                _fwd_block_row(x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx, r, m0, offs_m,
+                               m_ok, K, N, HAS_BIAS, BS, BM, BK, PRECISION, TMA)
 
 
 @triton.jit
-def _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m, m_ok,
+def _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, m0, offs_m, m_ok,
                   K, N, BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """``dX[offs_m, c-th column block] = dY[offs_m] · (block-column c of W)``."""
+                  PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """``dX[offs_m, c-th column block] = dY[offs_m] · (block-column c of W)``. With ``TMA``,
+    ``dy_ptr`` is a descriptor of ``dY [M, N]`` (block ``[BM, BK]``) and ``v_ptr`` one of the
+    values as ``[nnz·BS, BS]`` (block ``[BK, BS]``)."""
     offs_n = tl.arange(0, BK)               # slice of the block-row's BS outputs
     offs_k = tl.arange(0, BS)               # columns of dX within block-column c
     NK: tl.constexpr = BS // BK
@@ -139,11 +151,15 @@ def _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, off
         n0 = (t % NK) * BK
         r = tl.load(t_row_idx + j)          # block-row of the j-th block of this column
         blk = tl.load(t_block_idx + j)      # its index into values
-        # dY[m, r*BS + n0 + n] at m*N + r*BS + n0 + n.
-        dy = tl.load(dy_ptr + offs_m[:, None] * N + (r * BS + n0 + offs_n)[None, :],
-                     mask=m_ok[:, None], other=0.0)
-        # W slice [BK, BS]: values[blk, n0 + n, k] at blk*BS*BS + (n0 + n)*BS + k.
-        w = tl.load(v_ptr + blk * BS * BS + (n0 + offs_n)[:, None] * BS + offs_k[None, :])
+        if TMA:
+            dy = dy_ptr.load([m0, r * BS + n0])
+            w = v_ptr.load([blk * BS + n0, 0])
+        else:
+            # dY[m, r*BS + n0 + n] at m*N + r*BS + n0 + n.
+            dy = tl.load(dy_ptr + offs_m[:, None] * N + (r * BS + n0 + offs_n)[None, :],
+                         mask=m_ok[:, None], other=0.0)
+            # W slice [BK, BS]: values[blk, n0 + n, k] at blk*BS*BS + (n0 + n)*BS + k.
+            w = tl.load(v_ptr + blk * BS * BS + (n0 + offs_n)[:, None] * BS + offs_k[None, :])
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
     # dX[m, c*BS + k] at m*K + c*BS + k. Empty block-columns write zeros.
     tl.store(dx_ptr + offs_m[:, None] * K + (c * BS + offs_k)[None, :],
@@ -156,22 +172,24 @@ def _bsl_dx_kernel(
     M, K, N,
     BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr = 1, WIDE: tl.constexpr = 1, ORDERED: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     # Program = (group g of WIDE block-columns of W = column blocks of dX, row tile of dY/dX),
-    # ordered as in the forward.
+    # ordered as in the forward. TMA: dy_ptr and v_ptr are descriptors (see _dx_block_col).
     if GROUP_M == 1:
         g = tl.program_id(0)
         pid_m = tl.program_id(1)
     else:
         g, pid_m = _tile_ids(tl.program_id(0), tl.cdiv(K // BS, WIDE), tl.cdiv(M, BM), GROUP_M)
-    offs_m = pid_m * BM + tl.arange(0, BM)  # rows of dY / dX
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)          # rows of dY / dX
     m_ok = offs_m < M
     if WIDE == 1:
         c = g
         if ORDERED:
             c = tl.load(order_ptr + g)
-        _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m, m_ok,
-                      K, N, BS, BM, BK, PRECISION)
+        _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, m0, offs_m,
+                      m_ok, K, N, BS, BM, BK, PRECISION, TMA)
     else:
         for w in tl.static_range(WIDE):
             slot = g * WIDE + w
@@ -179,8 +197,8 @@ def _bsl_dx_kernel(
                 c = slot
                 if ORDERED:
                     c = tl.load(order_ptr + slot)
-                _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, offs_m,
-                              m_ok, K, N, BS, BM, BK, PRECISION)
+                _dx_block_col(dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx, c, m0,
+                              offs_m, m_ok, K, N, BS, BM, BK, PRECISION, TMA)
 
 
 @triton.jit(do_not_specialize=["m_per_split", "nnz"])
@@ -188,9 +206,11 @@ def _bsl_dw_kernel(
     dy_ptr, x_ptr, dv_ptr, row_idx, col_idx,
     M, K, N, m_per_split, nnz,
     BS: tl.constexpr, BT: tl.constexpr, BKM: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr = False,
+    SPLIT: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     # Program = (active block i, BT×BT sub-tile) on axis 0 and a range of M on axis 1.
+    # TMA: dy_ptr / x_ptr are descriptors of dY [M, N] / X [M, K] with block [BKM, BT]; a split
+    # range is a whole number of BKM tiles, so only the last tile of M is ragged (zero-filled).
     # SPLIT=False: one range (all of M), dV written in its dtype. SPLIT=True: dv_ptr is an fp32
     # workspace [splits, nnz, BS, BS] of partial sums, reduced afterwards in a fixed order.
     TILES: tl.constexpr = BS // BT          # sub-tiles per block side
@@ -209,14 +229,18 @@ def _bsl_dw_kernel(
     m_hi = tl.minimum(m_lo + m_per_split, M)
     acc = tl.zeros((BT, BT), dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BKM):
-        rows = m0 + offs_mm
-        m_ok = rows < m_hi
-        # dYᵀ slice [BT, BKM]: dY[m, r*BS + n] at m*N + r*BS + n.
-        dy_t = tl.load(dy_ptr + rows[None, :] * N + (r * BS + offs_n)[:, None],
-                       mask=m_ok[None, :], other=0.0)
-        # X slice [BKM, BT]: X[m, c*BS + k] at m*K + c*BS + k.
-        x = tl.load(x_ptr + rows[:, None] * K + (c * BS + offs_k)[None, :],
-                    mask=m_ok[:, None], other=0.0)
+        if TMA:
+            dy_t = dy_ptr.load([m0, r * BS + n0]).T
+            x = x_ptr.load([m0, c * BS + k0])
+        else:
+            rows = m0 + offs_mm
+            m_ok = rows < m_hi
+            # dYᵀ slice [BT, BKM]: dY[m, r*BS + n] at m*N + r*BS + n.
+            dy_t = tl.load(dy_ptr + rows[None, :] * N + (r * BS + offs_n)[:, None],
+                           mask=m_ok[None, :], other=0.0)
+            # X slice [BKM, BT]: X[m, c*BS + k] at m*K + c*BS + k.
+            x = tl.load(x_ptr + rows[:, None] * K + (c * BS + offs_k)[None, :],
+                        mask=m_ok[:, None], other=0.0)
         acc = tl.dot(dy_t, x, acc, input_precision=PRECISION)
     # dV[i, n, k] at i*BS*BS + n*BS + k (plus split*nnz*BS*BS in the workspace).
     out = dv_ptr + split * nnz * BS * BS + i * BS * BS + offs_n[:, None] * BS + offs_k[None, :]
@@ -238,14 +262,16 @@ class _Cfg:
     wide: int = 1      # fwd: block-rows per program; dx: block-columns per program
     split: int = 1     # dw: M splits (1: none, dV written directly; 0: from SM count and nnz)
     ordered: bool = False  # fwd/dx: block-rows (columns) by nnz, largest first
+    tma: bool = False  # sm_90: dense operand and weight tiles through TMA tensor descriptors
 
     def tag(self) -> str:
-        """A short name for benchmark rows: ``bm128 bk64 w8 s3 [g8] [x2] [split:auto]``."""
+        """A short name for benchmark rows: ``bm128 bk64 w8 s3 [g8] [x2] [split:auto] [tma]``."""
         t = f"bm{self.tile_m} bk{self.tile_k} w{self.num_warps} s{self.num_stages}"
         t += f" g{self.group_m}" if self.group_m != 1 else ""
         t += f" x{self.wide}" if self.wide != 1 else ""
         t += (f" split:{self.split or 'auto'}") if self.split != 1 else ""
         t += " nnz-ordered" if self.ordered else ""
+        t += " tma" if self.tma else ""
         return t
 
 
@@ -284,7 +310,8 @@ def _sweep_table() -> dict:
     """``SWEEP[arch][kernel][block_size] -> [_Cfg, ...]``: 16-bit candidates the GPU benchmark
     times next to the shipped ``CONFIGS`` entry (each compiled ahead of time by the AOT test).
     Each is one idea: a larger ``BM``, grouped program order (``group_m``), wider programs
-    (``wide``), other warps/stages, and for dW the split-M reduction (``split``)."""
+    (``wide``), other warps/stages, for dW the split-M reduction (``split``), and on sm_90 TMA
+    loads (``tma``)."""
     C = _Cfg
     fwd = {
         16: [C(256, 16, 4, 3), C(128, 16, 4, 4), C(128, 16, 4, 3, wide=2), C(128, 16, 4, 3, wide=4),
@@ -315,7 +342,19 @@ def _sweep_table() -> dict:
                dataclasses.replace(shipped[128], ordered=True)]
     dx[64] = dx[64] + [dataclasses.replace(shipped[64], ordered=True)]
     common = {"fwd": fwd, "dx": dx, "dw": dw}
-    return {80: common, 90: common}
+    # sm_90 only (sm_80 has no TMA): operand tiles through TMA descriptors. TMA takes the address
+    # arithmetic out of the registers (58-162 instead of 218-255 on sm_90), so tiles that spilled
+    # with pointer loads are candidates: bm128 w4 and bm256 at block 64, bk128 at block 128.
+    tma = {
+        32: [C(128, 32, 4, 3, tma=True)],
+        64: [C(128, 64, 8, 3, tma=True), C(128, 64, 4, 3, tma=True), C(256, 64, 8, 3, tma=True)],
+        128: [C(64, 64, 4, 3, tma=True), C(128, 128, 8, 3, tma=True)],
+    }
+    tma_dw = {64: [C(64, 64, 4, 3, split=0, tma=True), C(128, 64, 8, 3, split=0, tma=True)],
+              128: [C(64, 64, 4, 3, split=0, tma=True)]}
+    hopper = {k: {bs: cfgs + (tma_dw if k == "dw" else tma).get(bs, [])
+                  for bs, cfgs in table.items()} for k, table in common.items()}
+    return {80: common, 90: hopper}
 
 
 SWEEP = _sweep_table()
@@ -383,6 +422,40 @@ def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.devic
 
 
 # --------------------------------------------------------------------------- wrappers
+_TMA_WARNED = False
+
+
+def _tma_misfit(**tensors: torch.Tensor) -> str:
+    """Why TMA cannot read these tensors (``""`` when it can): each needs a 16-byte aligned
+    base, 16-byte aligned row strides and a contiguous last dimension."""
+    for name, t in tensors.items():
+        if t.data_ptr() % 16:
+            return f"{name} is not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16})"
+        if t.stride(-1) != 1 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return f"{name} has strides {tuple(t.stride())} (TMA needs 16-byte row strides)"
+    return ""
+
+
+def _use_tma(cfg: _Cfg, rows: int, nnz: int, **tensors: torch.Tensor) -> bool:
+    """Whether ``cfg`` runs its TMA kernel on these operands. Nothing to read (``rows`` or
+    ``nnz`` zero) takes the pointer kernel quietly; misaligned operands take it too, with a
+    warning once per process (the config then times the pointer kernel)."""
+    global _TMA_WARNED
+    if not cfg.tma or rows == 0 or nnz == 0:
+        return False
+    why = _tma_misfit(**tensors)
+    if why and not _TMA_WARNED:
+        _TMA_WARNED = True
+        warnings.warn(f"itop_kernels: TMA config [{cfg.tag()}] falls back to pointer loads: {why}",
+                      RuntimeWarning, stacklevel=3)
+    return not why
+
+
+def _desc(t: torch.Tensor, rows: int, cols: int, block: tuple) -> TensorDescriptor:
+    """A TMA descriptor of ``t`` read as a row-major ``[rows, cols]`` matrix, ``block`` tiles."""
+    return TensorDescriptor(t, [rows, cols], [cols, 1], list(block))
+
+
 def _grid(groups: int, m_tiles: int, cfg: _Cfg) -> tuple:
     """fwd/dx grid: 2-D ``(groups, m_tiles)``, or 1-D in grouped order when ``group_m > 1``."""
     return (groups, m_tiles) if cfg.group_m == 1 else (groups * m_tiles,)
@@ -401,11 +474,16 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     y = empty_output((M, N), x.dtype, x.device)
     grid = _grid(cdiv(N // block_size, cfg.wide), cdiv(M, cfg.tile_m), cfg)
     order = _by_nnz(row_ptr) if cfg.ordered else row_ptr
+    tma = _use_tma(cfg, M, values.shape[0], x=x, values=values)
+    xa, va = x, values
+    if tma:
+        xa = _desc(x, M, K, (cfg.tile_m, cfg.tile_k))
+        va = _desc(values, values.shape[0] * block_size, block_size, (block_size, cfg.tile_k))
     launch(_bsl_fwd_kernel, grid,
-           (x, values, bias if bias is not None else y, y, row_ptr, col_idx, order, M, K, N),
+           (xa, va, bias if bias is not None else y, y, row_ptr, col_idx, order, M, K, N),
            dict(HAS_BIAS=bias is not None, BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k,
                 PRECISION=_precision(x.dtype), GROUP_M=cfg.group_m, WIDE=cfg.wide,
-                ORDERED=cfg.ordered),
+                ORDERED=cfg.ordered, TMA=tma),
            cfg.num_warps, cfg.num_stages)
     return y
 
@@ -423,10 +501,15 @@ def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Ten
     dx = empty_output((M, K), dy.dtype, dy.device)
     grid = _grid(cdiv(K // block_size, cfg.wide), cdiv(M, cfg.tile_m), cfg)
     order = _by_nnz(col_ptr) if cfg.ordered else col_ptr
+    tma = _use_tma(cfg, M, values.shape[0], dy=dy, values=values)
+    dya, va = dy, values
+    if tma:
+        dya = _desc(dy, M, N, (cfg.tile_m, cfg.tile_k))
+        va = _desc(values, values.shape[0] * block_size, block_size, (cfg.tile_k, block_size))
     launch(_bsl_dx_kernel, grid,
-           (dy, values, dx, col_ptr, t_row_idx, t_block_idx, order, M, K, N),
+           (dya, va, dx, col_ptr, t_row_idx, t_block_idx, order, M, K, N),
            dict(BS=block_size, BM=cfg.tile_m, BK=cfg.tile_k, PRECISION=_precision(dy.dtype),
-                GROUP_M=cfg.group_m, WIDE=cfg.wide, ORDERED=cfg.ordered),
+                GROUP_M=cfg.group_m, WIDE=cfg.wide, ORDERED=cfg.ordered, TMA=tma),
            cfg.num_warps, cfg.num_stages)
     return dx
 
@@ -450,17 +533,22 @@ def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     splits = _dw_splits(cfg, M, nnz, block_size, dy.device) if nnz else 1
     if nnz == 0:
         return empty_output((0, block_size, block_size), dy.dtype, dy.device)
-    consts = dict(BS=block_size, BT=cfg.tile_k, BKM=cfg.tile_m, PRECISION=prec)
+    tma = _use_tma(cfg, M, nnz, dy=dy, x=x)
+    consts = dict(BS=block_size, BT=cfg.tile_k, BKM=cfg.tile_m, PRECISION=prec, TMA=tma)
+    dya, xa = dy, x
+    if tma:
+        dya = _desc(dy, M, N, (cfg.tile_m, cfg.tile_k))
+        xa = _desc(x, M, K, (cfg.tile_m, cfg.tile_k))
     if splits == 1:
         dv = empty_output((nnz, block_size, block_size), dy.dtype, dy.device)
-        launch(_bsl_dw_kernel, (nnz * tiles, 1), (dy, x, dv, row_idx, col_idx, M, K, N, M, nnz),
+        launch(_bsl_dw_kernel, (nnz * tiles, 1), (dya, xa, dv, row_idx, col_idx, M, K, N, M, nnz),
                dict(consts, SPLIT=False), cfg.num_warps, cfg.num_stages)
         return dv
     m_per_split = cdiv(cdiv(M, splits), cfg.tile_m) * cfg.tile_m
     splits = cdiv(M, m_per_split)
     ws = empty_output((splits, nnz, block_size, block_size), torch.float32, dy.device)
     launch(_bsl_dw_kernel, (nnz * tiles, splits),
-           (dy, x, ws, row_idx, col_idx, M, K, N, m_per_split, nnz),
+           (dya, xa, ws, row_idx, col_idx, M, K, N, m_per_split, nnz),
            dict(consts, SPLIT=True), cfg.num_warps, cfg.num_stages)
     return sum_splits(ws, empty_output((nnz, block_size, block_size), dy.dtype, dy.device))
 
@@ -483,21 +571,30 @@ def _aot_specs() -> dict:
                             "row_ptr": "*i32", "col_idx": "*i32", "order_ptr": "*i32", **ints},
                 lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k,
                                  "GROUP_M": cfg.group_m, "WIDE": cfg.wide,
-                                 "ORDERED": cfg.ordered}),
+                                 "ORDERED": cfg.ordered, "TMA": cfg.tma}),
         "dx": (_bsl_dx_kernel,
                lambda dt: {**ptrs(dt, "dy_ptr", "v_ptr", "dx_ptr"), "col_ptr": "*i32",
                            "t_row_idx": "*i32", "t_block_idx": "*i32", "order_ptr": "*i32",
                            **ints},
                lambda bs, cfg: {"BS": bs, "BM": cfg.tile_m, "BK": cfg.tile_k,
                                 "GROUP_M": cfg.group_m, "WIDE": cfg.wide,
-                                "ORDERED": cfg.ordered}),
+                                "ORDERED": cfg.ordered, "TMA": cfg.tma}),
         "dw": (_bsl_dw_kernel,
                lambda dt: {**ptrs(dt, "dy_ptr", "x_ptr"), "dv_ptr": f"*{dt}",
                            "row_idx": "*i32", "col_idx": "*i32", **ints,
                            "m_per_split": "i32", "nnz": "i32"},
                lambda bs, cfg: {"BS": bs, "BT": cfg.tile_k, "BKM": cfg.tile_m,
-                                "SPLIT": cfg.split != 1}),
+                                "SPLIT": cfg.split != 1, "TMA": cfg.tma}),
     }
+
+
+def _tma_blocks(kernel: str, bs: int, cfg: _Cfg) -> dict:
+    """kernel argument -> TMA block shape, as the wrappers build the descriptors."""
+    if kernel == "fwd":
+        return {"x_ptr": (cfg.tile_m, cfg.tile_k), "v_ptr": (bs, cfg.tile_k)}
+    if kernel == "dx":
+        return {"dy_ptr": (cfg.tile_m, cfg.tile_k), "v_ptr": (cfg.tile_k, bs)}
+    return {"dy_ptr": (cfg.tile_m, cfg.tile_k), "x_ptr": (cfg.tile_m, cfg.tile_k)}
 
 
 def _case(kernel: str, bs: int, cfg: _Cfg, dt: str, prec: str, has_bias, prefix: str):
@@ -510,6 +607,9 @@ def _case(kernel: str, bs: int, cfg: _Cfg, dt: str, prec: str, has_bias, prefix:
     sig = {**signature(dt), **{k: "constexpr" for k in const}}
     if kernel == "dw" and const["SPLIT"]:
         sig["dv_ptr"] = "*fp32"   # the split kernel writes an fp32 workspace
+    if cfg.tma:   # the operands the wrapper passes as TMA descriptors, with their tiles
+        sig.update({name: f"tensordesc<{dt}[{rows}, {cols}]>"
+                    for name, (rows, cols) in _tma_blocks(kernel, bs, cfg).items()})
     name = f"{prefix}_{kernel} bs={bs} {dt} {prec}"
     name += f" bias={has_bias}" if has_bias is not None else ""
     name += f" [{cfg.tag()}]"

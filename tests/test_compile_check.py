@@ -24,6 +24,11 @@ def test_every_kernel_config_compiles_without_spills(arch):
     assert any("linear_dx" in ln for ln in compiled) and any("linear_dw" in ln for ln in compiled)
     if arch == 90:  # the 16-bit dots must reach Hopper's warpgroup MMA
         assert any("wgmma" in ln and "bf16" in ln for ln in compiled)
+    # TMA configs (sm_90 only) must really load through TMA: cp.async.bulk.tensor in the PTX
+    tma = [ln for ln in compiled if " tma]" in ln]
+    assert (len(tma) > 0) == (arch == 90), tma
+    assert all(ln.endswith(" tma") for ln in tma), [ln for ln in tma if not ln.endswith(" tma")]
+    assert not any(ln.endswith(" tma") for ln in compiled if " tma]" not in ln)
 
 
 def test_check_case_reports_spills(tmp_path):
