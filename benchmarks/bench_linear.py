@@ -588,7 +588,8 @@ def sweep_run(args, write) -> dict:
     arch = T._arch(device)
     res = {"benchmark": "bench_linear --sweep", "device": device_name(device),
            "device_type": device.type, "versions": versions(), "git_commit": git_commit(),
-           "argv": sys.argv, "budget_s": args.budget_s, "shape": {"M": M, "K": K, "N": N},
+           "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "budget_s": args.budget_s, "shape": {"M": M, "K": K, "N": N},
            "dtype": dname, "arch": arch, "launch_mode": triton_launch.launch_mode(),
            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
            "timer": ("triton.testing.do_bench median" if device.type == "cuda"

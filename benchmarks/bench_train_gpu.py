@@ -418,6 +418,7 @@ def case_step_times(w: Workload, device, s: Shapes) -> dict:
     out["eager_median_s"] = _med(out["eager_s"])
     out.update(peak_memory(full, device))
     out["state_bytes"] = state_bytes(w)
+    out["param_count"] = sum(p.numel() for p in w.model.parameters())
     if device.type == "cuda":
         try:
             g = capture_graph(step, device, s.warmup)
@@ -732,6 +733,7 @@ class Runner:
 
     def write(self) -> None:
         self.result["elapsed_s"] = time.perf_counter() - self.t0
+        self.result["summary"] = summarize(self.result)   # also in a run stopped at its cap
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.result, indent=1, default=str))
         os.replace(tmp, self.path)
@@ -842,7 +844,8 @@ def plan_cases(a, s: Shapes, device, tiny: bool) -> List[Plan]:
 
 
 def summarize(result: dict) -> List[dict]:
-    """Rows ``{model, variant, eager, graph, compiled, speedup_*}`` from the cases."""
+    """Rows ``{model, variant, eager, graph, compiled, speedup_*, *_vs_dense, dense_floor_s}``
+    from the cases (rewritten with the JSON after every case)."""
     by = {}
     for c in result["cases"]:
         if "variant" not in c or "model" not in c:
@@ -850,7 +853,7 @@ def summarize(result: dict) -> List[dict]:
         row = by.setdefault((c["model"], c["variant"]), {"model": c["model"],
                                                           "variant": c["variant"]})
         for k in ("eager_median_s", "graph_median_s", "compiled_median_s", "peak_bytes",
-                  "state_bytes", "flops_per_step"):
+                  "state_bytes", "param_count", "flops_per_step"):
             if k in c:
                 row[k] = c[k]
         if c.get("kind") == "update_cost":
@@ -872,6 +875,10 @@ def summarize(result: dict) -> List[dict]:
             r["peak_vs_dense"] = r["peak_bytes"] / d["peak_bytes"]
         if r.get("state_bytes") and d.get("state_bytes"):
             r["state_vs_dense"] = r["state_bytes"] / d["state_bytes"]
+        if r.get("param_count") and d.get("param_count"):
+            r["params_vs_dense"] = r["param_count"] / d["param_count"]
+        if r.get("flops_per_step") and result.get("peak_tflops"):
+            r["dense_floor_s"] = r["flops_per_step"] / (result["peak_tflops"] * 1e12)
     return rows
 
 
@@ -968,6 +975,7 @@ def main(argv=None) -> int:
         "git": git_state("itop", "itop_kernels", "benchmarks/bench_train_gpu.py"),
         "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "budget_s": budget, "shapes": s.__dict__, "peak_tflops": a.peak_tflops,
+        "autocast": "bf16", "optimizer": "AdamW",
         "compile_models": a.compile, "cases": [], "skipped": [],
     }
     runner = Runner(result, path, budget)
@@ -975,9 +983,6 @@ def main(argv=None) -> int:
         if a.only is None or plan.name.startswith(tuple(a.only)):
             runner.run(plan)
     rows = summarize(result)
-    for r in rows:
-        if r.get("flops_per_step"):
-            r["dense_floor_s"] = r["flops_per_step"] / (a.peak_tflops * 1e12)
     result["summary"] = rows
     runner.write()
     print_table(rows, result)
