@@ -65,3 +65,46 @@ class TF32Switches:
         while self._undo:
             obj, attr, old = self._undo.pop()
             setattr(obj, attr, old)
+
+
+class FakeCompiled:
+    """Stands in for Triton's compiled kernel: ``run(*a)`` records its arguments."""
+
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self) -> None:
+        self.runs: List[tuple] = []
+
+    def run(self, *a) -> None:
+        self.runs.append(a)
+
+
+class FakeKernel:
+    """Stands in for a ``@triton.jit`` kernel with parameters ``arg_names``: ``kernel[grid](...)``
+    records ``(grid, args, kwargs)`` in ``plain`` and returns its :class:`FakeCompiled`."""
+
+    def __init__(self, arg_names: List[str]) -> None:
+        self.arg_names = arg_names
+        self.plain: List[tuple] = []
+        self.compiled = FakeCompiled()
+
+    def __getitem__(self, grid):
+        def go(*args, **kw):
+            self.plain.append((grid, args, kw))
+            return self.compiled
+        return go
+
+
+def fake_cuda_cached_launches(monkeypatch, launch_module) -> None:
+    """Make :mod:`itop_kernels.triton_launch` replay on the CPU: every tensor claims to be on
+    CUDA device 0 (raw stream 7), no interpreter, no launch hook, an empty handle cache and the
+    ``"cached"`` mode."""
+    L = launch_module
+    monkeypatch.setattr(L, "_interpreting", lambda: False)
+    monkeypatch.setattr(L, "_hooked", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(L, "_handles", {})
+    monkeypatch.setattr(L, "_failed", False)
+    monkeypatch.setattr(L, "_mode", "cached")

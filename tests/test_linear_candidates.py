@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from block_masks import random_mask
+from kernel_launches import FakeKernel, fake_cuda_cached_launches
 from itop_kernels import BlockLayout
 from itop_kernels import triton_linear as tl_mod
 from numerics import rel_err, tol_for
@@ -145,41 +146,9 @@ def test_cached_launch_replays_the_compiled_handle(monkeypatch):
     once and falls back to the plain launch."""
     from itop_kernels import triton_launch as L
 
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def __init__(self):
-            self.runs = []
-
-        def run(self, *a):
-            self.runs.append(a)
-
-    class Kernel:
-        arg_names = ["a", "n", "BS", "HAS"]
-
-        def __init__(self):
-            self.plain = []
-            self.compiled = Compiled()
-
-        def __getitem__(self, grid):
-            def go(*args, **kw):
-                self.plain.append((grid, args, kw))
-                return self.compiled
-            return go
-
-    class FakeCuda(torch.Tensor):
-        pass
-
-    k = Kernel()
+    k = FakeKernel(["a", "n", "BS", "HAS"])
     t = torch.zeros(64)
-    monkeypatch.setattr(L, "_interpreting", lambda: False)
-    monkeypatch.setattr(L, "_hooked", lambda: False)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(L, "_handles", {})
-    monkeypatch.setattr(L, "_failed", False)
-    monkeypatch.setattr(L, "_mode", "cached")
+    fake_cuda_cached_launches(monkeypatch, L)
     L.launch(k, (3,), (t, 32), {"HAS": True, "BS": 16}, 4, 3)
     L.launch(k, (5, 2), (t, 48), {"HAS": True, "BS": 16}, 4, 3)
     assert len(k.plain) == 1 and k.plain[0][2] == {"HAS": True, "BS": 16, "num_warps": 4,

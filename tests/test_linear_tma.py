@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from block_masks import random_mask
+from kernel_launches import FakeKernel, fake_cuda_cached_launches
 from itop_kernels import triton_launch as L
 from itop_kernels import triton_linear as tl_mod
 from numerics import rel_err, tol_for
@@ -174,44 +175,15 @@ def test_cached_launch_keys_and_replays_descriptors(monkeypatch):
     assert L._arg_key(d) != L._arg_key(TensorDescriptor(t, [64, 64], [64, 1], [32, 32]))
     assert L._arg_key(d) != L._arg_key(TensorDescriptor(t16, [64, 64], [64, 1], [16, 32]))
 
-    class Compiled:
-        function, packed_metadata = "fn", "meta"
-
-        def __init__(self):
-            self.runs = []
-
-        def run(self, *a):
-            self.runs.append(a)
-
-    class Kernel:
-        arg_names = ["xd", "n", "BS"]
-
-        def __init__(self):
-            self.plain = 0
-            self.compiled = Compiled()
-
-        def __getitem__(self, grid):
-            def go(*args, **kw):
-                self.plain += 1
-                return self.compiled
-            return go
-
-    k = Kernel()
-    monkeypatch.setattr(L, "_interpreting", lambda: False)
-    monkeypatch.setattr(L, "_hooked", lambda: False)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(L, "_handles", {})
-    monkeypatch.setattr(L, "_failed", False)
-    monkeypatch.setattr(L, "_mode", "cached")
+    k = FakeKernel(["xd", "n", "BS"])
+    fake_cuda_cached_launches(monkeypatch, L)
     L.launch(k, (2,), (d, 32), {"BS": 16}, 4, 3)
     d2 = TensorDescriptor(t, [48, 64], [64, 1], [16, 32])
     L.launch(k, (2,), (d2, 32), {"BS": 16}, 4, 3)
-    assert k.plain == 1 and k.compiled.runs == [(2, 1, 1, 7, "fn", "meta", None, None, None,
+    assert len(k.plain) == 1 and k.compiled.runs == [(2, 1, 1, 7, "fn", "meta", None, None, None,
                                                  d2, 32, 16)]
     L.launch(k, (2,), (TensorDescriptor(t, [64, 64], [64, 1], [32, 32]), 32), {"BS": 16}, 4, 3)
-    assert k.plain == 2
+    assert len(k.plain) == 2
 
 
 def test_picker_writes_the_tma_field(monkeypatch):
