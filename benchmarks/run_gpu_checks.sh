@@ -60,7 +60,9 @@ run_part() {  # run_part NAME SECONDS CMD...: a hard cap (timeout) around a budg
   shift 2
   say "$name (cap ${cap} s): $*"
   local t0=$(date +%s)
-  timeout --kill-after=10 "$cap" "$@" 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$LOG" | tail -40
+  # SIGINT at the cap: pytest then still prints its summary (failures so far) and writes its
+  # junit XML; the benchmarks have written their JSON after every case anyway.
+  timeout -s INT --kill-after=10 "$cap" "$@" 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$LOG" | tail -40
   local rc=${PIPESTATUS[0]}
   say "$name finished rc=$rc in $(( $(date +%s) - t0 )) s"
   pack
