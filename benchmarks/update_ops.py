@@ -105,27 +105,61 @@ def _model(kind: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
         return itop.sparsify(model, 0.25, block_size=bs, distribution="uniform"), x
 
 
+class GPT2Toy(nn.Module):
+    """GPT-2's four sparse layer shapes at a tiny width: ``blocks`` × (QKV d→3d, projection
+    d→d, MLP d→4d and 4d→d), interleaved in that order as in GPT-2 (12 blocks, d = 768 there),
+    on ``[B, d]`` rows (no attention: only the layers' shapes matter to an update)."""
+
+    def __init__(self, blocks: int = 4, d: int = 32):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d), "fc": nn.Linear(d, 4 * d),
+            "fc2": nn.Linear(4 * d, d)}) for _ in range(blocks))
+        self.d = d
+
+    def forward(self, x):
+        for b in self.blocks:
+            q, k, v = b["qkv"](x).split(self.d, dim=-1)
+            x = x + b["proj"](torch.tanh(q * k) * v)
+            x = x + b["fc2"](torch.relu(b["fc"](x)))
+        return x
+
+
+def _gpt2_toy(blocks: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = itop.sparsify(GPT2Toy(blocks), 0.25, block_size=8, distribution="uniform")
+    return model, torch.randn(16, 32)
+
+
 def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: str = "adamw",
                      layers: int = 3) -> dict:
-    """Ops of one update (``mgr.step()`` on an update step, gradients present, as in a loop of
-    ``zero_grad, forward, backward, opt.step(), mgr.step()``).
+    """Ops of one update (``mgr.step()`` on the second update step, gradients present, as in a
+    loop of ``zero_grad, forward, backward, opt.step(), mgr.step()``; the first update also
+    builds per-group caches once).
+
+    ``kind="gpt2_toy"``: :class:`GPT2Toy` with ``layers`` blocks (4 sparse layers each, block
+    8, density 0.25) in place of ``layers`` identical layers.
 
     Returns:
         ``{"total", "per_layer", "launching_per_layer", "by_category": {category: per-layer
         count}, "by_op": {op: per-layer count}}``; ``launching`` leaves out the ops in
         :data:`HOST_ONLY`.
     """
-    model, x = _model(kind, layers)
+    model, x = _gpt2_toy(layers) if kind == "gpt2_toy" else _model(kind, layers)
+    if kind == "gpt2_toy":
+        layers = sum(isinstance(m, itop.SparseLayer) for m in model.modules())
     opt = (torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-3))
     mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=100, growth=growth,
                                prune_rate=0.3)
     counter = OpCounter()
-    for step in (1, 2):
+    for step in (1, 2, 3, 4):   # the second update (what every later one runs: caches built)
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-        if step == 2:
+        if step == 4:
             with counter:
                 changed = mgr.step()
             assert changed, "no update happened"
