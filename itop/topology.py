@@ -523,9 +523,9 @@ class TopologyManager:
             SparseLayer._apply_topology_group([self.layers[i][1] for i in idxs], pos, drop, add,
                                               self.optimizer)
             fired = [self.fired[self.layers[i][0]] for i in idxs]
-            both = torch.stack(fired)
-            both.view(len(idxs), -1).scatter_(1, add, True)
-            torch._foreach_copy_(fired, both.unbind(0))
+            fired_rows = torch.stack(fired)
+            fired_rows.view(len(idxs), -1).scatter_(1, add, True)
+            torch._foreach_copy_(fired, fired_rows.unbind(0))
         for (name, m), mv in zip(self.layers, moves):
             if mv is None:
                 continue
@@ -604,8 +604,8 @@ class TopologyManager:
             # prune: magnitudes as BlockStorage.active_units computes them, all rows at once
             flat = torch.stack([m.values for m in ms]).view(G * nnz, -1).float()
             mag = (flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()).view(G, nnz)
-            drop = torch.topk(_finite(mag, inplace=True), k, dim=1, largest=False,
-                              sorted=False).indices
+            mag = _finite(mag, inplace=True)
+            drop = torch.topk(mag, k, dim=1, largest=False, sorted=False).indices
             # grow: the best k units inactive before the update
             if scores[idxs[0]] is None:
                 key, fill = self._drawn_rows(drawn, [offsets[i] for i in idxs], n), -1.0
