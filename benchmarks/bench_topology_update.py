@@ -23,7 +23,7 @@ in rounds (``--rounds``) so that machine noise hits all of them.
 
 ``--per-layer`` switches off the batching of same-shape layers (``itop.topology._BATCH_LAYERS``:
 one chain of ops per group of layers of one shape instead of per layer), to compare both paths;
-the JSON records ``batch_layers`` and its name ends in ``_batched`` or ``_per_layer``.
+the JSON records ``batch_layers``, and the default file name gets ``_per_layer``.
 
 ``--tiny`` is the host-bound case: 12 small layers (256², density 0.1, block 32: 6 blocks of 64
 per layer move), one thread, where an update costs what its ops cost on the host, as on a GPU
@@ -254,7 +254,7 @@ def main(argv=None):
         "gpt2_toy_update_ops": _gpt2_toy_ops(),
     }
     suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
-    suffix += "_per_layer" if args.per_layer else "_batched"
+    suffix += "_per_layer" if args.per_layer else ""
     out = Path(args.out or results_path(f"topology_update_{device.type}{suffix}.json",
                                         args.out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
