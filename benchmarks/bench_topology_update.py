@@ -31,6 +31,9 @@ per layer move), one thread, where an update costs what its ops cost on the host
 before/after a change of the update path. Every run also records the aten ops per layer of
 one update (``update_ops``, from ``benchmarks/update_ops.py``).
 
+On the CPU every run also times one update of the GPT-2-like toy of ``update_ops`` (48 tiny
+layers in 4 shape groups), batched and per layer (``gpt2_toy_update_time``).
+
 Writes raw timings with the device, versions and git commit to
 ``benchmarks/results/topology_update_<device>[_quick].json`` (or ``--out-dir``) and a bar chart
 next to it (``.png``).
@@ -164,6 +167,44 @@ def _gpt2_toy_ops() -> list:
     return update_ops.gpt2_toy_counts(12)
 
 
+def _gpt2_toy_update_time(blocks: int = 12, updates: int = 30) -> list:
+    """Host time of one update of the GPT-2-like toy of ``update_ops`` (``blocks`` × GPT-2's 4
+    sparse layer shapes at d = 32, block 8: tensors so small that an update costs what its ops
+    and Python cost on the host, as on a GPU), batched and per layer, random and gradient
+    growth, AdamW, 1 thread: median ``mgr.step()`` on update steps."""
+    import update_ops
+    from itop import topology
+    torch.set_num_threads(1)
+    out = []
+    was = topology._BATCH_LAYERS
+    try:
+        for growth in ("random", "gradient"):
+            for on in (True, False):
+                topology._BATCH_LAYERS = on
+                model, x = update_ops._gpt2_toy(blocks)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=10 ** 9,
+                                           prune_rate=0.3, schedule="constant", growth=growth)
+                times = []
+                for step in range(2 * (updates + 2)):
+                    opt.zero_grad()
+                    model(x).square().mean().backward()
+                    opt.step()
+                    t0 = time.perf_counter()
+                    changed = mgr.step()
+                    if changed and step >= 4:
+                        times.append(time.perf_counter() - t0)
+                med = statistics.median(times)
+                out.append({"blocks": blocks, "layers": 4 * blocks, "growth": growth,
+                            "batched": on, "mgr_update_s": times, "mgr_update_median_s": med})
+                print(f"GPT-2 toy ({4 * blocks} layers) {growth:8s} "
+                      f"{'batched  ' if on else 'per layer'}: update {med * 1e3:6.2f} ms",
+                      flush=True)
+    finally:
+        topology._BATCH_LAYERS = was
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -252,6 +293,7 @@ def main(argv=None):
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
         "batch_layers": not args.per_layer, "cases": cases, "update_ops": _update_ops(),
         "gpt2_toy_update_ops": _gpt2_toy_ops(),
+        "gpt2_toy_update_time": _gpt2_toy_update_time() if device.type == "cpu" else None,
     }
     suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
     suffix += "_per_layer" if args.per_layer else ""

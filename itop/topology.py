@@ -562,15 +562,16 @@ class TopologyManager:
         takes its host-side shortcuts (:data:`~itop.unit_selection._SELECT_MIN` units)."""
         if m._storage is not _storage.BlockStorage or m.layout is None:
             return None
-        m._sync_layout()
-        v, dev = m.values, m.block_mask.device
-        if not v.is_contiguous() or (dev.type == "cpu" and m.num_units >= _SELECT_MIN):
+        mask, v = m.block_mask, m.values        # (module attribute lookups are slow: once each)
+        if mask._version != m._mask_version:    # overwritten from outside: the per-layer path
+            return None                         # rebuilds its layout first
+        dev = mask.device
+        if not v.is_contiguous() or (dev.type == "cpu" and mask.numel() >= _SELECT_MIN):
             return None
         if score is None and self._generator.device != dev:
             return None
         how = None if score is None else (score.dtype, score.device, tuple(score.shape))
-        return (tuple(m.block_mask.shape), m.block_size, m.nnz, k, tuple(v.shape), v.dtype, dev,
-                how)
+        return (tuple(mask.shape), m.block_size, m._nnz, k, tuple(v.shape), v.dtype, dev, how)
 
     def _group_choices(self, groups: List[List[int]], ks: List[int],
                        scores: List[Optional[Tensor]], p: int
