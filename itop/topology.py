@@ -628,9 +628,10 @@ class TopologyManager:
         key = (tuple(offsets), n, drawn.device)
         idx = self._take_index.get(key)
         if idx is None:
-            idx = self._take_index[key] = (
-                torch.tensor(offsets, dtype=torch.int64, device=drawn.device).view(G, 1)
-                + torch.arange(n, dtype=torch.int64, device=drawn.device))
+            # built on the device (no host-to-device copy), once per grouping
+            idx = self._take_index[key] = torch.stack([
+                torch.arange(o, o + n, dtype=torch.int64, device=drawn.device)
+                for o in offsets])
         return drawn.take(idx)
 
     def _prune_scores(self, name: str, m: SparseLayer, p: int) -> Tuple[Tensor, Tensor]:

@@ -263,3 +263,62 @@ def test_groups_follow_shape_nnz_and_k(monkeypatch):
     assert [names[i] for i in singles] == ["blocks.1.fc", "head"]
     monkeypatch.setattr(topology, "_BATCH_LAYERS", False)
     assert mgr._batch_plan(ks, [None] * len(names)) == ([], list(range(len(names))))
+
+
+def _twins(device):
+    """Three SparseLinear 64→64 (block 16, density 0.5: one group) and a 64→32 (no twin)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return itop.sparsify(model, 0.5, block_size=16, distribution="uniform").to(device)
+
+
+def _twin_update(device, growth, monkeypatch):
+    model = _twins(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=40, growth=growth)
+    calls = []
+    group = SparseLayer._apply_topology_group
+    monkeypatch.setattr(SparseLayer, "_apply_topology_group",
+                        staticmethod(lambda ls, *a, **kw: calls.append(len(ls)) or
+                                     group(ls, *a, **kw)))
+    x = torch.randn(8, 64, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+    for _ in range(3):        # one update already (caches built), then the armed step
+        step()
+        mgr.step()
+    step()
+    return mgr, calls
+
+
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_batched_update_makes_no_host_sync(growth, monkeypatch):
+    from host_syncs import HostSyncRecorder
+    mgr, calls = _twin_update("cpu", growth, monkeypatch)
+    with HostSyncRecorder() as rec:
+        assert mgr.step()
+    assert calls == [3, 3]
+    assert not rec.syncs, "host syncs in a batched topology update:\n" + rec.report()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("growth", ["random", "gradient"])
+def test_batched_update_sync_free_on_gpu(growth, monkeypatch):
+    mgr, calls = _twin_update("cuda", growth, monkeypatch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert mgr.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert calls == [3, 3]
+    for _, m in mgr.layers:
+        assert int(m.block_mask.sum()) == m.nnz == m.layout.nnz
+        assert torch.equal(m.layout.flat_positions(), m.block_mask.reshape(-1).nonzero()[:, 0])
