@@ -159,12 +159,12 @@ def _update_ops() -> list:
     return [{k: v for k, v in r.items() if k != "by_op"} for r in update_ops.all_counts()]
 
 
-def _gpt2_toy_ops() -> list:
+def _gpt2_toy_ops(blocks: int = 12) -> list:
     """aten ops per UPDATE of the GPT-2-like toy (12 blocks × GPT-2's 4 sparse layer shapes:
     48 layers in 4 groups), batched and per layer."""
     import update_ops
     torch.set_num_threads(1)
-    return update_ops.gpt2_toy_counts(12)
+    return update_ops.gpt2_toy_counts(blocks)
 
 
 def _gpt2_toy_update_time(blocks: int = 12, updates: int = 30) -> list:
@@ -292,8 +292,10 @@ def main(argv=None):
         "argv": sys.argv[1:], "load_avg": list(os.getloadavg()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
         "batch_layers": not args.per_layer, "cases": cases, "update_ops": _update_ops(),
-        "gpt2_toy_update_ops": _gpt2_toy_ops(),
-        "gpt2_toy_update_time": _gpt2_toy_update_time() if device.type == "cpu" else None,
+        "gpt2_toy_update_ops": _gpt2_toy_ops(4 if args.quick else 12),
+        "gpt2_toy_update_time": (_gpt2_toy_update_time(4 if args.quick else 12,
+                                                       5 if args.quick else 30)
+                                 if device.type == "cpu" else None),
     }
     suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
     suffix += "_per_layer" if args.per_layer else ""
