@@ -21,11 +21,18 @@ in rounds (``--rounds``) so that machine noise hits all of them.
     python benchmarks/bench_topology_update.py --quick   # width 512 (CPU), 1 thread, 2 rounds
     python benchmarks/bench_topology_update.py --tiny    # host-bound: 12 × 256², batch 32
 
+``--per-layer`` switches off the batching of same-shape layers (``itop.topology._BATCH_LAYERS``:
+one chain of ops per group of layers of one shape instead of per layer), to compare both paths;
+the JSON records ``batch_layers``, and the default file name gets ``_per_layer``.
+
 ``--tiny`` is the host-bound case: 12 small layers (256², density 0.1, block 32: 6 blocks of 64
 per layer move), one thread, where an update costs what its ops cost on the host, as on a GPU
 (where each op is a kernel launch). Its ``mgr_update_per_layer_s`` is the figure to compare
 before/after a change of the update path. Every run also records the aten ops per layer of
 one update (``update_ops``, from ``benchmarks/update_ops.py``).
+
+On the CPU every run also times one update of the GPT-2-like toy of ``update_ops`` (48 tiny
+layers in 4 shape groups), batched and per layer (``gpt2_toy_update_time``).
 
 Writes raw timings with the device, versions and git commit to
 ``benchmarks/results/topology_update_<device>[_quick].json`` (or ``--out-dir``) and a bar chart
@@ -145,10 +152,57 @@ def run(device, dtype, threads, args) -> list:
 
 
 def _update_ops() -> list:
-    """aten ops per layer of one update (CPU tensors; the same ops a GPU launches)."""
+    """aten ops per layer of one update of the per-layer path (CPU tensors; the same ops a GPU
+    launches)."""
     import update_ops
     torch.set_num_threads(1)
     return [{k: v for k, v in r.items() if k != "by_op"} for r in update_ops.all_counts()]
+
+
+def _gpt2_toy_ops(blocks: int = 12) -> list:
+    """aten ops per UPDATE of the GPT-2-like toy (12 blocks × GPT-2's 4 sparse layer shapes:
+    48 layers in 4 groups), batched and per layer."""
+    import update_ops
+    torch.set_num_threads(1)
+    return update_ops.gpt2_toy_counts(blocks)
+
+
+def _gpt2_toy_update_time(blocks: int = 12, updates: int = 30) -> list:
+    """Host time of one update of the GPT-2-like toy of ``update_ops`` (``blocks`` × GPT-2's 4
+    sparse layer shapes at d = 32, block 8: tensors so small that an update costs what its ops
+    and Python cost on the host, as on a GPU), batched and per layer, random and gradient
+    growth, AdamW, 1 thread: median ``mgr.step()`` on update steps."""
+    import update_ops
+    from itop import topology
+    torch.set_num_threads(1)
+    out = []
+    was = topology._BATCH_LAYERS
+    try:
+        for growth in ("random", "gradient"):
+            for on in (True, False):
+                topology._BATCH_LAYERS = on
+                model, x = update_ops._gpt2_toy(blocks)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=10 ** 9,
+                                           prune_rate=0.3, schedule="constant", growth=growth)
+                times = []
+                for step in range(2 * (updates + 2)):
+                    opt.zero_grad()
+                    model(x).square().mean().backward()
+                    opt.step()
+                    t0 = time.perf_counter()
+                    changed = mgr.step()
+                    if changed and step >= 4:
+                        times.append(time.perf_counter() - t0)
+                med = statistics.median(times)
+                out.append({"blocks": blocks, "layers": 4 * blocks, "growth": growth,
+                            "batched": on, "mgr_update_s": times, "mgr_update_median_s": med})
+                print(f"GPT-2 toy ({4 * blocks} layers) {growth:8s} "
+                      f"{'batched  ' if on else 'per layer'}: update {med * 1e3:6.2f} ms",
+                      flush=True)
+    finally:
+        topology._BATCH_LAYERS = was
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -207,7 +261,11 @@ def main(argv=None):
                     help="a smoke run: half the width, 2 pairs, 2 rounds, one thread count")
     ap.add_argument("--tiny", action="store_true",
                     help="host-bound: depth 12, width 256, batch 32, density 0.1, 1 thread")
+    ap.add_argument("--per-layer", action="store_true",
+                    help="update layer by layer (no batching across same-shape layers)")
     args = ap.parse_args(argv)
+    from itop import topology
+    topology._BATCH_LAYERS = not args.per_layer
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if args.tiny:
@@ -233,9 +291,14 @@ def main(argv=None):
         "git": git_state("itop", "itop_kernels", "benchmarks/bench_topology_update.py"),
         "argv": sys.argv[1:], "load_avg": list(os.getloadavg()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
-        "cases": cases, "update_ops": _update_ops(),
+        "batch_layers": not args.per_layer, "cases": cases, "update_ops": _update_ops(),
+        "gpt2_toy_update_ops": _gpt2_toy_ops(4 if args.quick else 12),
+        "gpt2_toy_update_time": (_gpt2_toy_update_time(4 if args.quick else 12,
+                                                       5 if args.quick else 30)
+                                 if device.type == "cpu" else None),
     }
     suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
+    suffix += "_per_layer" if args.per_layer else ""
     out = Path(args.out or results_path(f"topology_update_{device.type}{suffix}.json",
                                         args.out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)

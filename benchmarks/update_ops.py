@@ -8,7 +8,7 @@ dispatched inside ``mgr.step()`` on the update step (a ``TorchDispatchMode``; cu
 as ``itop_kernels::block_grad_norms`` count as one). Each op is attributed to the innermost
 frame of this repository's code and from there to a category (:data:`CATEGORIES`).
 
-    python benchmarks/update_ops.py            # the table, every layer kind/growth/optimizer
+    python benchmarks/update_ops.py   # per-layer table (batching off) + GPT-2 toy per update
 
 ``tests/test_update_op_budget.py`` holds the counts under a ceiling, and
 ``bench_topology_update.py`` writes them into its JSON.
@@ -50,6 +50,8 @@ _BY_FUNCTION = {
     ("topology.py", "_grad_scores"): "growth scores",
     ("topology.py", "_random_scores"): "growth scores",
     ("storage.py", "_move_rows"): "move values/grad/optimizer state",
+    ("storage.py", "_move_rows_group"): "move values/grad/optimizer state",
+    ("topology.py", "_drawn_rows"): "growth scores",
     ("storage.py", "_state_tensors"): "move values/grad/optimizer state",
     ("layout.py", None): "layout rebuild",
 }
@@ -64,13 +66,19 @@ def _category(stack) -> str:
         if cat:
             return cat
         line = fr.line or ""
+        if fname == "topology.py" and fr.name == "_group_choices":   # the batched choices
+            if "topk" in line:
+                return "top-k (prune + growth)"
+            if "mag" in line or "values" in line:
+                return "prune scores"
+            return "new order + masks" if "flat_positions" in line else "growth scores"
         if fname == "topology.py" and "fired" in line:
             return "fired mask"
         if fname == "topology.py" and "key" in line:
             return "growth scores"
-        if fname == "storage.py" and fr.name == "apply_topology":
+        if fname == "storage.py" and fr.name in ("apply_topology", "apply_topology_group"):
             return "layout rebuild" if "layout" in line else "new order + masks"
-        if fname == "layers.py" and fr.name == "_apply_topology":
+        if fname == "layers.py" and fr.name in ("_apply_topology", "_apply_topology_group"):
             return "new order + masks"
         return f"other ({fname}:{fr.lineno} {fr.name})"
     return "other"
@@ -105,27 +113,61 @@ def _model(kind: str, layers: int) -> tuple[nn.Module, torch.Tensor]:
         return itop.sparsify(model, 0.25, block_size=bs, distribution="uniform"), x
 
 
+class GPT2Toy(nn.Module):
+    """GPT-2's four sparse layer shapes at a tiny width: ``blocks`` × (QKV d→3d, projection
+    d→d, MLP d→4d and 4d→d), interleaved in that order as in GPT-2 (12 blocks, d = 768 there),
+    on ``[B, d]`` rows (no attention: only the layers' shapes matter to an update)."""
+
+    def __init__(self, blocks: int = 4, d: int = 32):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "qkv": nn.Linear(d, 3 * d), "proj": nn.Linear(d, d), "fc": nn.Linear(d, 4 * d),
+            "fc2": nn.Linear(4 * d, d)}) for _ in range(blocks))
+        self.d = d
+
+    def forward(self, x):
+        for b in self.blocks:
+            q, k, v = b["qkv"](x).split(self.d, dim=-1)
+            x = x + b["proj"](torch.tanh(q * k) * v)
+            x = x + b["fc2"](torch.relu(b["fc"](x)))
+        return x
+
+
+def _gpt2_toy(blocks: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = itop.sparsify(GPT2Toy(blocks), 0.25, block_size=8, distribution="uniform")
+    return model, torch.randn(16, 32)
+
+
 def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: str = "adamw",
                      layers: int = 3) -> dict:
-    """Ops of one update (``mgr.step()`` on an update step, gradients present, as in a loop of
-    ``zero_grad, forward, backward, opt.step(), mgr.step()``).
+    """Ops of one update (``mgr.step()`` on the second update step, gradients present, as in a
+    loop of ``zero_grad, forward, backward, opt.step(), mgr.step()``; the first update also
+    builds per-group caches once).
+
+    ``kind="gpt2_toy"``: :class:`GPT2Toy` with ``layers`` blocks (4 sparse layers each, block
+    8, density 0.25) in place of ``layers`` identical layers.
 
     Returns:
         ``{"total", "per_layer", "launching_per_layer", "by_category": {category: per-layer
         count}, "by_op": {op: per-layer count}}``; ``launching`` leaves out the ops in
         :data:`HOST_ONLY`.
     """
-    model, x = _model(kind, layers)
+    model, x = _gpt2_toy(layers) if kind == "gpt2_toy" else _model(kind, layers)
+    if kind == "gpt2_toy":
+        layers = sum(isinstance(m, itop.SparseLayer) for m in model.modules())
     opt = (torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if optimizer == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-3))
     mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=100, growth=growth,
                                prune_rate=0.3)
     counter = OpCounter()
-    for step in (1, 2):
+    for step in (1, 2, 3, 4):   # the second update (what every later one runs: caches built)
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-        if step == 2:
+        if step == 4:
             with counter:
                 changed = mgr.step()
             assert changed, "no update happened"
@@ -147,11 +189,46 @@ def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: st
 
 
 def all_counts() -> list:
-    return [count_update_ops(k, g, o) for k in ("linear", "conv") for g in ("random", "gradient")
-            for o in ("sgd", "adamw")]
+    """Per-layer counts of the per-layer path (batching across layers off), every layer kind,
+    growth and optimizer."""
+    with batching(False):
+        return [count_update_ops(k, g, o) for k in ("linear", "conv")
+                for g in ("random", "gradient") for o in ("sgd", "adamw")]
+
+
+class batching:
+    """``with batching(False):`` runs updates layer by layer (``itop.topology._BATCH_LAYERS``)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from itop import topology
+        self.was, topology._BATCH_LAYERS = topology._BATCH_LAYERS, self.on
+
+    def __exit__(self, *exc):
+        from itop import topology
+        topology._BATCH_LAYERS = self.was
+
+
+def gpt2_toy_counts(blocks: int = 4) -> list:
+    """Ops per UPDATE of :class:`GPT2Toy` (``blocks`` × 4 sparse layers in 4 shape groups),
+    batched and per layer, random and gradient growth, AdamW."""
+    out = []
+    for on in (True, False):
+        with batching(on):
+            for g in ("random", "gradient"):
+                r = count_update_ops("gpt2_toy", g, "adamw", blocks)
+                out.append({"batched": on, "growth": g, "blocks": blocks, "layers": r["layers"],
+                            "total": r["total"],
+                            "launching": round(r["launching_per_layer"] * r["layers"]),
+                            "by_category": {c: round(n * r["layers"])
+                                            for c, n in r["by_category"].items()}})
+    return out
 
 
 def main() -> None:
+    print("Per-layer path, ops per layer of one update:\n")
     rows = all_counts()
     cats = [c for c in CATEGORIES if any(c in r["by_category"] for r in rows)]
     cats += sorted({c for r in rows for c in r["by_category"]} - set(cats))
@@ -163,6 +240,19 @@ def main() -> None:
     print("| **all ops** | " + " | ".join(f"**{r['per_layer']:g}**" for r in rows) + " |")
     print("| launching a kernel | " + " | ".join(f"{r['launching_per_layer']:g}" for r in rows)
           + " |")
+    for blocks in (4, 12):
+        toy = gpt2_toy_counts(blocks)
+        print(f"\nGPT-2-like toy, {blocks} blocks × 4 linear shapes ({4 * blocks} layers, AdamW), "
+              "ops per UPDATE:\n")
+        cols = [f"{'batched' if r['batched'] else 'per layer'} {r['growth']}" for r in toy]
+        print("| category | " + " | ".join(cols) + " |")
+        print("|---" * (len(toy) + 1) + "|")
+        cats = [c for c in CATEGORIES if any(c in r["by_category"] for r in toy)]
+        cats += sorted({c for r in toy for c in r["by_category"]} - set(cats))
+        for c in cats:
+            print(f"| {c} | " + " | ".join(str(r["by_category"].get(c, 0)) for r in toy) + " |")
+        print("| **all ops** | " + " | ".join(f"**{r['total']}**" for r in toy) + " |")
+        print("| launching a kernel | " + " | ".join(str(r["launching"]) for r in toy) + " |")
 
 
 if __name__ == "__main__":

@@ -276,6 +276,20 @@ class SparseLayer(nn.Module):
         self._storage.apply_topology(self, drop, add, optimizer)   # block_mask too, in place
         self._mask_version = self.block_mask._version
 
+    @staticmethod
+    @torch.no_grad()
+    def _apply_topology_group(layers: List["SparseLayer"], positions: Tensor, drop: Tensor,
+                              add: Tensor, optimizer=None) -> Tensor:
+        """:meth:`_apply_topology` of several layers of one storage, grid, nnz, ``k``, values
+        shape, dtype and device in one batched chain of ops (row ``g`` of ``positions``
+        (their ``_active_units`` positions, ``[G, nnz]``), ``drop`` and ``add`` (``[G, k]``)
+        belongs to ``layers[g]``); the result is the same, layer by layer. Returns the new masks,
+        bool ``[G, num_units]``. No host sync."""
+        masks = layers[0]._storage.apply_topology_group(layers, positions, drop, add, optimizer)
+        for m in layers:
+            m._mask_version = m.block_mask._version
+        return masks
+
     def _copy_dense(self, w: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                     init: str) -> None:
         if mask is None:

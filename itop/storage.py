@@ -105,6 +105,44 @@ def _move_rows(tensors: List[Tensor], order: Tensor, keep: Tensor) -> None:
         torch.where(k, rows.index_select(0, order), _zero(t.device), out=rows)
 
 
+# (G, T, nnz, device) -> int64 [G, T, 1]: the first row of each of the G·T stacked tensors in
+# the flat [G·T·nnz, ...] view _move_rows_group gathers from
+_ROW_BASES: Dict[tuple, Tensor] = {}
+
+
+def _move_rows_group(groups: List[List[Tensor]], order: Tensor, keep: Tensor) -> None:
+    """:func:`_move_rows` for the tensors of several layers at once: ``groups[g]`` are layer
+    ``g``'s tensors (values, its gradient, optimizer state), moved by row ``g`` of ``order``
+    and ``keep`` (``[G, nnz]``). When every layer has the same number of tensors, all of one
+    shape, dtype and contiguous, and the stacked move applies (:data:`_STATE_MOVE`), it is
+    one ``stack``, one ``index_select``, one ``where`` and one ``_foreach_copy_`` for all of
+    them; otherwise each layer moves on its own. Copies only: the result is the same either
+    way."""
+    G, nnz = order.shape
+    T = len(groups[0])
+    flat = [t for ts in groups for t in ts]
+    t0 = flat[0]
+    mode = _STATE_MOVE
+    if mode == "auto":
+        mode = ("stacked" if order.device.type != "cpu" or t0.numel() <= _STACK_MAX_CPU
+                else "per_tensor")
+    if mode != "stacked" or any(len(ts) != T for ts in groups) or not all(
+            t.is_contiguous() and t.dtype == t0.dtype and t.shape == t0.shape for t in flat):
+        for g, ts in enumerate(groups):
+            _move_rows(ts, order[g], keep[g])
+        return
+    key = (G, T, nnz, order.device)
+    base = _ROW_BASES.get(key)
+    if base is None:
+        base = _ROW_BASES[key] = (torch.arange(G * T, dtype=torch.int64, device=order.device)
+                                  * nnz).view(G, T, 1)
+    rows = (order.view(G, 1, nnz) + base).view(-1)
+    moved = torch.stack(flat).view(G * T * nnz, -1).index_select(0, rows)
+    m4 = moved.view(G, T, nnz, -1)
+    torch.where(keep.view(G, 1, nnz, 1), m4, _zero(t0.device), out=m4)
+    torch._foreach_copy_(flat, moved.view(G * T, *t0.shape).unbind(0))
+
+
 def install_layout(layer, layout: Optional[BlockLayout]) -> None:
     """Make ``layout`` the layer's: written into the layer's current layout in place when both
     have the same grid, block size, nnz and device (the tensors the kernels read keep their
@@ -207,6 +245,39 @@ class BlockStorage:
             install_layout(layer, BlockLayout.from_positions(
                 sorted_pos, layer.block_mask.shape, layer.block_size,
                 block_mask=layer.block_mask.clone(), check=False))
+
+    @staticmethod
+    def apply_topology_group(layers, positions: Tensor, drop: Tensor, add: Tensor,
+                             optimizer) -> Tensor:
+        """:meth:`apply_topology` of ``G`` layers with the same grid, block size, nnz, ``k``,
+        values shape, dtype and device, as one chain of batched ops (issue 14: the op count of
+        an update grows with the number of such groups, not of layers). Row ``g`` of every
+        argument belongs to ``layers[g]``; each layer ends exactly as :meth:`apply_topology`
+        leaves it, and every tensor is rewritten in place (same addresses).
+
+        Args:
+            layers: the sparse layers, layouts rewritten in place (``_INPLACE_LAYOUT``).
+            positions: int64 ``[G, nnz]``, each layer's ``layout.flat_positions()`` (stacked).
+            drop: int64 ``[G, k]``, slots (rows of ``values``) to deactivate.
+            add: int64 ``[G, k]``, flat positions of inactive units to activate.
+            optimizer: whose state of each layer's ``values`` moves with the rows.
+
+        Returns:
+            bool ``[G, R·C]``: the new masks (a fresh tensor).
+        """
+        new_pos = positions.scatter(1, drop, add)
+        gone = positions.gather(1, drop)
+        sorted_pos, order = torch.sort(new_pos, dim=1, stable=True)
+        masks2d = torch.stack([m.block_mask for m in layers])   # [G, R, C]
+        masks = masks2d.view(len(layers), -1)
+        keep = masks.gather(1, sorted_pos)              # False: a new block (the old mask)
+        masks.scatter_(1, gone, False).scatter_(1, add, True)
+        _move_rows_group([list(_state_tensors(m, optimizer)) for m in layers], order, keep)
+        rows = list(masks2d.unbind(0))
+        torch._foreach_copy_([m.block_mask for m in layers] + [m.layout.block_mask for m in layers],
+                             rows + rows)
+        BlockLayout.rewrite_sorted_positions_group_([m.layout for m in layers], sorted_pos)
+        return masks
 
     @staticmethod
     def linear(layer, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -49,6 +49,17 @@ without gradient signal are replaced as well, regrowth goes row by row, and with
 ``ablation=True`` empty rows are allowed and which rows are live follows the scores. See
 :mod:`itop.fan_in` and ``docs/block-size.md``.
 
+Layers that share a grid, block size, nnz, ``k``, values shape, dtype, device and block
+storage (GPT-2 small: 48 sparse layers in 4 such groups) are updated as one group: one chain of
+batched ops over their stacked magnitudes, keys, positions, masks and states, written back into
+each layer's own tensors in place with ``torch._foreach_copy_`` (one launch per list on a GPU),
+so an update runs ~35 device ops per group instead of per layer (``_BATCH_LAYERS``). The
+choices are the per-layer ones, bit for bit on the CPU, except for the order of random draws:
+the grouped layers draw their uniform scores with one ``torch.rand`` in layer order, before
+the layers updated one by one (block size 1, constant fan-in, a shape without a twin) draw
+theirs; on a GPU the numbers differ from the per-layer path's (Philox offsets per call), as
+uniform and as seeded, the same on every DDP rank.
+
 ``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
 ``H = stop_step or total_steps`` (``cosine``: ``prune_rate·(1+cos(πt/H))/2``; ``linear``:
 ``prune_rate·(1-t/H)``; ``constant``); updates happen at steps ``t = update_every, 2·update_every,
@@ -96,15 +107,24 @@ from itop_kernels.block_norms import PRECISIONS
 
 from .fan_in import FAN_IN_MODES, check_layers, plan_update
 from .fan_in import prune_count as constant_fan_in_prune_count
+from . import storage as _storage
 from .layers import SparseLayer
 from .sparsify import SparsitySummary, _unwrap
-from .unit_selection import random_inactive, topk_indices
+from .unit_selection import _SELECT_MIN, random_inactive, topk_indices
 
 __all__ = ["TopologyManager", "GROWTH_MODES", "SCHEDULES", "PRUNE_MODES"]
 
 GROWTH_MODES = ("random", "gradient", "momentum", "random_unfired")
 SCHEDULES = ("cosine", "linear", "constant")
 PRUNE_MODES = ("magnitude", "magnitude_l2")
+
+
+# Update the layers that share a grid, block size, nnz, k, values shape, dtype, device and
+# storage (GPT-2 small: 48 sparse layers in 4 such groups) as one chain of batched ops per
+# group, so the ops of an update grow with the number of groups rather than of layers
+# (TopologyManager._batch_plan; benchmarks/NOTES.md, "Update cost"). Tests switch it off to
+# compare with the per-layer path.
+_BATCH_LAYERS = True
 
 
 def _check_int(v, name: str, minimum: int) -> int:
@@ -286,6 +306,7 @@ class TopologyManager:
         self.fired: Dict[str, Tensor] = {n: m.block_mask.clone() for n, m in self.layers}
         self._ema: Dict[str, Tensor] = {}
         self._warned_no_scores = False
+        self._take_index: Dict[tuple, Tensor] = {}   # _drawn_rows' gather indices
         self._beta = self._momentum_beta()
         for _, m in self.layers:   # the manager owns the capture of its layers from now on
             m._stop_capture()
@@ -458,9 +479,13 @@ class TopologyManager:
         # ---- which units leave and which arrive: flat mask positions, k of each per layer
         p = 2 if self.prune == "magnitude_l2" else 1
         owned = self.growth != "momentum" or comm is not None  # scores nobody else holds
+        groups, singles = self._batch_plan(ks, scores)
+        # layers of one group: (layer indices, positions [G, nnz], drop [G, k], add [G, k])
+        batched = self._group_choices(groups, ks, scores, p) if groups else []
         moves: List[Optional[Tuple[Tensor, Tensor]]] = []  # (dropped slots, added positions)
-        for (name, m), k, grow in zip(self.layers, ks, scores):
-            if k == 0:
+        single = set(singles)
+        for i, ((name, m), k, grow) in enumerate(zip(self.layers, ks, scores)):
+            if i not in single:
                 moves.append(None)
                 continue
             # prune: the k active units of smallest magnitude (a top-k over the nnz active
@@ -479,20 +504,135 @@ class TopologyManager:
             moves.append((drop, add))
         if comm is not None:
             # rank 0's choice wins (identical anyway when scores and seeds agree)
-            flat = torch.cat([torch.cat(mv) for mv in moves if mv is not None])
+            flat = torch.cat([t.reshape(-1) for _, _, drop, add in batched for t in (drop, add)]
+                             + [torch.cat(mv) for mv in moves if mv is not None])
             comm.broadcast(flat)
             off = 0
-            for i, k in enumerate(ks):
-                if k:
+            for j, (idxs, pos, drop, add) in enumerate(batched):
+                n = drop.numel()
+                batched[j] = (idxs, pos, flat[off:off + n].view(drop.shape),
+                              flat[off + n:off + 2 * n].view(add.shape))
+                off += 2 * n
+            for i, mv in enumerate(moves):
+                if mv is not None:
+                    k = ks[i]
                     moves[i] = (flat[off:off + k], flat[off + k:off + 2 * k])
                     off += 2 * k
         # ---- apply
+        for idxs, pos, drop, add in batched:
+            SparseLayer._apply_topology_group([self.layers[i][1] for i in idxs], pos, drop, add,
+                                              self.optimizer)
+            fired = [self.fired[self.layers[i][0]] for i in idxs]
+            fired_rows = torch.stack(fired)
+            fired_rows.view(len(idxs), -1).scatter_(1, add, True)
+            torch._foreach_copy_(fired, fired_rows.unbind(0))
         for (name, m), mv in zip(self.layers, moves):
             if mv is None:
                 continue
             m._apply_topology(mv[0], mv[1], self.optimizer)
             self.fired[name].view(-1).index_fill_(0, mv[1], True)
         return True
+
+    # ------------------------------------------------------------------ batched update
+    def _batch_plan(self, ks: List[int], scores: List[Optional[Tensor]]
+                    ) -> Tuple[List[List[int]], List[int]]:
+        """``(groups, singles)``: indices into :attr:`layers` of the layers updated together
+        (two or more with the same :meth:`_group_key`) and of those updated one by one (every
+        other layer with ``k > 0``), each in layer order."""
+        todo = [i for i, k in enumerate(ks) if k]
+        if not _BATCH_LAYERS or not _storage._INPLACE_LAYOUT or \
+                type(self)._prune_scores is not TopologyManager._prune_scores:
+            return [], todo
+        buckets: Dict[tuple, List[int]] = {}
+        singles: List[int] = []
+        for i in todo:
+            key = self._group_key(self.layers[i][1], ks[i], scores[i])
+            if key is None:
+                singles.append(i)
+            else:
+                buckets.setdefault(key, []).append(i)
+        groups = [idxs for idxs in buckets.values() if len(idxs) > 1]
+        singles += [idxs[0] for idxs in buckets.values() if len(idxs) == 1]
+        return groups, sorted(singles)
+
+    def _group_key(self, m: SparseLayer, k: int, score: Optional[Tensor]) -> Optional[tuple]:
+        """What layers must share to be updated as one group, or None for a layer that takes
+        the per-layer path: a storage other than active blocks (block size 1, masked dense),
+        non-contiguous values, or, on CPU tensors, a grid where :mod:`itop.unit_selection`
+        takes its host-side shortcuts (:data:`~itop.unit_selection._SELECT_MIN` units)."""
+        if m._storage is not _storage.BlockStorage or m.layout is None:
+            return None
+        mask, v = m.block_mask, m.values        # (module attribute lookups are slow: once each)
+        if mask._version != m._mask_version:    # overwritten from outside: the per-layer path
+            return None                         # rebuilds its layout first
+        dev = mask.device
+        if not v.is_contiguous() or (dev.type == "cpu" and mask.numel() >= _SELECT_MIN):
+            return None
+        if score is None and self._generator.device != dev:
+            return None
+        how = None if score is None else (score.dtype, score.device, tuple(score.shape))
+        return (tuple(mask.shape), m.block_size, m._nnz, k, tuple(v.shape), v.dtype, dev, how)
+
+    def _group_choices(self, groups: List[List[int]], ks: List[int],
+                       scores: List[Optional[Tensor]], p: int
+                       ) -> List[Tuple[List[int], Tensor, Tensor, Tensor]]:
+        """Prune and grow choices of every group, each by batched ops over the group's stacked
+        magnitudes and growth keys: the same choices as the per-layer loop of :meth:`_update`
+        (a batched ``topk`` over rows selects per row as the 1-D one does; checked on the CPU by
+        ``tests/test_batched_update.py``).
+
+        Random growth: the uniform scores of all grouped layers are drawn by one ``torch.rand``
+        in layer order, before the layers updated one by one draw theirs. On CPU tensors that is
+        the per-layer path's stream exactly when no per-layer random draw comes before a grouped
+        layer's; on a GPU (Philox offsets per call) the numbers differ from the per-layer path
+        either way, as uniform and as seeded (every DDP rank draws the same)."""
+        need = sorted(i for idxs in groups for i in idxs if scores[i] is None)
+        offsets: Dict[int, int] = {}
+        drawn = None
+        if need:
+            sizes = [self.layers[i][1].num_units for i in need]
+            g = self._generator
+            drawn = torch.rand(sum(sizes), generator=g, device=g.device)
+            off = 0
+            for i, n in zip(need, sizes):
+                offsets[i] = off
+                off += n
+        out = []
+        for idxs in groups:
+            ms = [self.layers[i][1] for i in idxs]
+            G, k, nnz, n = len(idxs), ks[idxs[0]], ms[0].nnz, ms[0].num_units
+            pos = torch.stack([m.layout.flat_positions() for m in ms])      # [G, nnz]
+            # prune: magnitudes as BlockStorage.active_units computes them, all rows at once
+            flat = torch.stack([m.values for m in ms]).view(G * nnz, -1).float()
+            mag = (flat.abs().sum(1) if p == 1 else flat.square().sum(1).sqrt()).view(G, nnz)
+            mag = _finite(mag, inplace=True)
+            drop = torch.topk(mag, k, dim=1, largest=False, sorted=False).indices
+            # grow: the best k units inactive before the update
+            if scores[idxs[0]] is None:
+                key, fill = self._drawn_rows(drawn, [offsets[i] for i in idxs], n), -1.0
+            else:
+                key = _finite(torch.stack([scores[i].reshape(-1) for i in idxs]),
+                              inplace=True).to(pos.device)
+                fill = float("-inf")
+            key.scatter_(1, pos, fill)
+            add = torch.topk(key, k, dim=1, sorted=False).indices
+            out.append((idxs, pos, drop, add))
+        return out
+
+    def _drawn_rows(self, drawn: Tensor, offsets: List[int], n: int) -> Tensor:
+        """``[G, n]``: the ``n`` draws at each offset of ``drawn`` (a view when they lie back to
+        back, else one ``take`` through a cached index)."""
+        G, o0 = len(offsets), offsets[0]
+        if offsets == [o0 + j * n for j in range(G)]:
+            return drawn[o0:o0 + G * n].view(G, n)
+        key = (tuple(offsets), n, drawn.device)
+        idx = self._take_index.get(key)
+        if idx is None:
+            # built on the device (no host-to-device copy), once per grouping
+            idx = self._take_index[key] = torch.stack([
+                torch.arange(o, o + n, dtype=torch.int64, device=drawn.device)
+                for o in offsets])
+        return drawn.take(idx)
 
     def _prune_scores(self, name: str, m: SparseLayer, p: int) -> Tuple[Tensor, Tensor]:
         """``(active positions, prune scores)`` of sparse layer ``name``: the Lp magnitudes of

@@ -42,6 +42,22 @@ def _active_positions(flat_mask: torch.Tensor, nnz: int) -> torch.Tensor:
     return order[:nnz]
 
 
+# (G, R, C, device) -> the grid starts of BlockLayout._grid_starts repeated over G layouts,
+# contiguous (the batched searchsorted takes one row of boundaries per layout)
+_GROUP_STARTS: dict = {}
+
+
+def _group_starts(layout: "BlockLayout", G: int) -> tuple:
+    R, C = layout.grid_shape
+    key = (G, R, C, layout.device)
+    hit = _GROUP_STARTS.get(key)
+    if hit is None:
+        rows, cols = layout._grid_starts()
+        hit = _GROUP_STARTS[key] = (rows.expand(G, -1).contiguous(),
+                                    cols.expand(G, -1).contiguous())
+    return hit
+
+
 class BlockLayout:
     """Active blocks of a block-sparse weight and the index metadata the kernels need.
 
@@ -220,6 +236,49 @@ class BlockLayout:
         self._host_cache = None
         self.version += 1
         return self
+
+    @staticmethod
+    def rewrite_sorted_positions_group_(layouts: Sequence["BlockLayout"],
+                                        positions: torch.Tensor) -> None:
+        """:meth:`rewrite_sorted_positions_` for several layouts of one grid and nnz at once:
+        the index metadata of all of them is computed by one chain of batched ops over
+        ``positions`` and written into each layout's own tensors with one ``_foreach_copy_`` per
+        dtype (one fused launch per list on a GPU), so the op count does not grow with the
+        number of layouts. Each layout's result is the one :meth:`rewrite_sorted_positions_`
+        gives (the same integer ops row by row; stable sorts of distinct keys).
+
+        Args:
+            layouts: layouts with the same grid, block size, nnz and device; their
+                ``block_mask`` must already hold the new masks.
+            positions: int64 ``[len(layouts), nnz]``, row ``g`` the new ascending flat
+                positions of ``layouts[g]`` (written into its ``flat_positions()`` here).
+        """
+        G, nnz = positions.shape
+        first = layouts[0]
+        R, C = first.grid_shape
+        dev = positions.device
+        row_starts, col_starts = _group_starts(first, G)
+        i32 = dict(dtype=torch.int32, device=dev)
+        row_idx = torch.empty((G, nnz), **i32)
+        col_idx = torch.empty((G, nnz), **i32)
+        torch.div(positions, C, rounding_mode="floor", out=row_idx)
+        torch.remainder(positions, C, out=col_idx)
+        row_ptr = torch.searchsorted(positions, row_starts, out_int32=True)
+        t_col, perm = torch.sort(col_idx, dim=1, stable=True)
+        t_row_idx = row_idx.gather(1, perm)
+        col_ptr = torch.searchsorted(t_col, col_starts, out_int32=True)
+        t_block_idx = perm.to(torch.int32)
+        dst, src = [], []
+        for name, stacked in (("row_idx", row_idx), ("col_idx", col_idx), ("row_ptr", row_ptr),
+                              ("t_block_idx", t_block_idx), ("t_row_idx", t_row_idx),
+                              ("col_ptr", col_ptr)):
+            dst += [getattr(lay, name) for lay in layouts]
+            src += stacked.unbind(0)
+        torch._foreach_copy_(dst, src)
+        torch._foreach_copy_([lay._positions for lay in layouts], positions.unbind(0))
+        for lay in layouts:
+            lay._host_cache = None
+            lay.version += 1
 
     def flat_positions(self) -> torch.Tensor:
         """int64 ``[nnz]``: the flat grid position ``r*C + c`` of each active block, in

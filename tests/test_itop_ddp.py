@@ -43,6 +43,28 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                "fired": {k: v.clone() for k, v in mgr.fired.items()},
                "layouts": [(m.layout.row_idx.clone(), m.layout.col_idx.clone())
                            for m in model if isinstance(m, itop.SparseLayer) and m.layout]}
+        # layers of one shape (updated as one batched group): the choices broadcast from rank
+        # 0 as a group's [G, k] rows, for random and gradient growth
+        out["twins"] = {}
+        for growth in ("random", "gradient"):
+            torch.manual_seed(rank)
+            twins = nn.Sequential(*[itop.SparseLinear(16, 16, density=0.25, block_size=4)
+                                    for _ in range(3)])
+            tddp = nn.parallel.DistributedDataParallel(twins)
+            topt = torch.optim.AdamW(tddp.parameters(), lr=0.05)
+            tmgr = itop.TopologyManager(tddp, topt, update_every=1, total_steps=20,
+                                        growth=growth, prune_rate=0.5, seed=rank)
+            for t in range(1, 5):
+                g = torch.Generator().manual_seed(100 * rank + t)
+                topt.zero_grad()
+                tddp(torch.randn(8, 16, generator=g)).square().mean().backward()
+                topt.step()
+                assert tmgr.step()
+            out["twins"][growth] = {
+                "state": {k: v.clone() for k, v in twins.state_dict().items()},
+                "layout": [m.layout.t_block_idx.clone() for m in twins],
+                "fired": {k: v.clone() for k, v in tmgr.fired.items()},
+                "opt": [topt.state[m.values]["exp_avg"].clone() for m in twins]}
         # a model that is not wrapped in DDP trains on its own: its masks stay rank-local,
         # unless distributed=True asks for synchronization
         local = nn.Sequential(itop.SparseLinear(16, 16, density=0.5, block_size=4))
@@ -73,6 +95,16 @@ def test_ddp_two_ranks_reach_identical_topologies(tmp_path):
         assert torch.equal(a_r, b_r) and torch.equal(a_c, b_c)
     assert r0["itop_rate"] == r1["itop_rate"] > 0.45  # the topology really moved
     assert not torch.equal(r0["local_mask"], r1["local_mask"])
+    for growth in ("random", "gradient"):
+        a, b = r0["twins"][growth], r1["twins"][growth]
+        for k in a["state"]:
+            if not k.endswith("bias"):    # the manager syncs the topology, not the biases
+                assert torch.equal(a["state"][k], b["state"][k]), (growth, k)
+        for k in a["fired"]:
+            assert torch.equal(a["fired"][k], b["fired"][k]), (growth, k)
+            assert int(a["fired"][k].sum()) > 4        # 4 active blocks: the topology moved
+        for x, y in zip(a["layout"] + a["opt"], b["layout"] + b["opt"]):
+            assert torch.equal(x, y), growth
     for k in ("0.block_mask", "0.values"):  # the manager syncs the topology, not the biases
         assert torch.equal(r0["forced"][k], r1["forced"][k]), k
     for k, v in r0["state"].items():
