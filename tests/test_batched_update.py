@@ -322,3 +322,43 @@ def test_batched_update_sync_free_on_gpu(growth, monkeypatch):
     for _, m in mgr.layers:
         assert int(m.block_mask.sum()) == m.nnz == m.layout.nnz
         assert torch.equal(m.layout.flat_positions(), m.block_mask.reshape(-1).nonzero()[:, 0])
+
+
+def _twin_run(device, batch_layers, monkeypatch, updates=4):
+    """``updates`` RigL updates of :func:`_twins` on ``device`` (gradient growth, AdamW), with
+    the batched path on or off; the masks, layouts and values after them."""
+    monkeypatch.setattr(topology, "_BATCH_LAYERS", batch_layers)
+    model = _twins(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=40, growth="gradient",
+                               prune_rate=0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2 * updates):
+        x = torch.randn(8, 64, generator=g).to(device)
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+        mgr.step()
+    monkeypatch.setattr(topology, "_BATCH_LAYERS", True)
+    out = {}
+    for name, m in mgr.layers:
+        for t in LAYOUT_TENSORS:
+            out[f"{name}.{t}"] = getattr(m.layout, t).cpu()
+        out[f"{name}.values"] = m.values.detach().cpu()
+        out[f"{name}.fired"] = mgr.fired[name].cpu()
+    return out
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+def test_batched_update_matches_per_layer_on_the_device(device, monkeypatch):
+    """The batched ops on the device (stacked magnitudes, row-wise ``topk``, ``scatter_``,
+    ``sort(dim=1)``, batched layout rebuild, ``_foreach_copy_``) choose and move exactly what the
+    per-layer path does: gradient growth and magnitude pruning over continuous random values
+    leave no ties, so masks, layouts, values and fired masks must be equal."""
+    new = _twin_run(device, True, monkeypatch)
+    ref = _twin_run(device, False, monkeypatch)
+    _assert_same(new, ref)
+    assert any(not torch.equal(new[k], new[k.replace(".fired", ".block_mask")])
+               for k in new if k.endswith(".fired"))   # the topology did move
