@@ -32,16 +32,27 @@ exact one (100 % at block 16 and 32, 99.7 % of the units at block 1;
 :class:`itop.TopologyManager` uses by default) picks ``"bf16"`` for float32/float16/bfloat16
 inputs on a device with native bf16 matrix multiplication (:func:`native_bf16_matmul`), else
 ``"exact"``.
+
+Layers of one shape together (issue 14, update cost): ``itop_kernels::block_grad_norms_group``
+(:func:`block_grad_norms_group`) scores ``G`` linear layers with the same ``M, K, N``, block size
+and dtypes in one chain of ops: their inputs and output gradients stacked as ``X [G, M, K]`` and
+``dY [G, M, N]``, one batched GEMM per chunk of block-rows (``torch.bmm`` on a GPU), and one
+cast/square/block-sum/sqrt per chunk for all ``G`` layers, so a group costs the ~7 kernel
+launches one layer costs. On the CPU each layer's slice keeps its own ``torch.mm`` (what
+:func:`block_grad_norms` runs, on slices with the same strides): a CPU ``bmm`` is not bit for bit
+the ``mm`` of each slice at every shape (measured with torch 2.13: float32 ``M = 2048,
+K = N = 512`` on a third of the block-rows, bfloat16 from ``M = 1024``, where ``mm`` takes
+oneDNN), and on the CPU the group must give exactly the per-layer norms.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["block_grad_norms", "conv2d_block_grad_norms", "native_bf16_matmul",
-           "resolve_precision", "PRECISIONS"]
+__all__ = ["block_grad_norms", "block_grad_norms_group", "conv2d_block_grad_norms",
+           "native_bf16_matmul", "resolve_precision", "PRECISIONS", "GROUP_GEMMS"]
 
 PRECISIONS = ("auto", "exact", "bf16")
 
@@ -49,6 +60,20 @@ PRECISIONS = ("auto", "exact", "bf16")
 # 1 MiB of fp32 on the CPU (cache-sized), 64 MiB on a GPU (few, large GEMMs).
 _CHUNK_ELEMENTS = 1 << 18
 _CHUNK_ELEMENTS_GPU = 1 << 24
+# A group of layers (block_grad_norms_group) is scored a sub-group at a time, as many layers as
+# keep (a) the stacked inputs X [g, M, K] and dY [g, M, N] within _STACK_ELEMENTS* elements (of
+# the inputs' dtype, plus as many of the GEMM dtype when that differs) and (b) the chunk of dW
+# of all g layers within _GROUP_CHUNK_ELEMENTS* elements (of the GEMM dtype, plus a float32 copy
+# for bf16 GEMMs); one layer at a time when a single layer exceeds them.
+_STACK_ELEMENTS = 1 << 24
+_STACK_ELEMENTS_GPU = 1 << 28
+_GROUP_CHUNK_ELEMENTS = 1 << 20
+_GROUP_CHUNK_ELEMENTS_GPU = 1 << 25
+# How block_grad_norms_group multiplies: "bmm" (one batched GEMM per chunk), "mm" (one GEMM per
+# layer and chunk, bit for bit block_grad_norms), "auto" ("bmm" on CUDA, "mm" elsewhere).
+GROUP_GEMMS = ("auto", "bmm", "mm")
+# what block_grad_norms_group(gemm=None) uses (benchmarks set it to compare "bmm" with "mm")
+_GROUP_GEMM = "auto"
 
 
 def native_bf16_matmul(device: torch.device) -> bool:
@@ -129,6 +154,155 @@ def _block_grad_norms(x: Tensor, dy: Tensor, block_size: int, precision: str) ->
 @_block_grad_norms.register_fake
 def _(x, dy, block_size, precision):
     return x.new_empty((dy.shape[1] // block_size, x.shape[1] // block_size), dtype=torch.float32)
+
+
+def _sub_groups(G: int, M: int, K: int, N: int, rows_elements: int, stack_cap: int,
+                chunk_cap: int) -> List[int]:
+    """Sizes of the sub-groups ``G`` layers are scored in (balanced, in order): as many layers
+    as keep ``g·M·(K+N) <= stack_cap`` and ``g·rows_elements <= chunk_cap``, at least one."""
+    per = max(1, min(G, stack_cap // max(1, M * (K + N)), chunk_cap // max(1, rows_elements)))
+    n = -(-G // per)
+    return [G // n + (1 if i < G % n else 0) for i in range(n)]
+
+
+@torch.library.custom_op("itop_kernels::block_grad_norms_group", mutates_args=())
+def _block_grad_norms_group(xs: List[Tensor], dys: List[Tensor], layers: int, block_size: int,
+                            precision: str, gemm: str) -> Tensor:
+    # xs/dys: the row pieces (micro-batches) of every layer, layer after layer; each layer's
+    # pieces hold the same M rows in all
+    G, bs = layers, block_size
+    K, N = xs[0].shape[1], dys[0].shape[1]
+    M = sum(x.shape[0] for x in xs) // G
+    R, C = N // bs, K // bs
+    dev, xdt = xs[0].device, xs[0].dtype
+    ct = _compute_dtype(xdt, precision)
+    sq_dtype = torch.float64 if ct == torch.float64 else torch.float32
+    use_bmm = gemm == "bmm" or (gemm == "auto" and dev.type == "cuda")
+    gpu = dev.type != "cpu"
+    step = _rows_per_chunk(R, bs * K, dev)       # block-rows per chunk: block_grad_norms' own
+    sizes = _sub_groups(G, M, K, N, step * bs * K,
+                        _STACK_ELEMENTS_GPU if gpu else _STACK_ELEMENTS,
+                        _GROUP_CHUNK_ELEMENTS_GPU if gpu else _GROUP_CHUNK_ELEMENTS)
+    per_layer = len(xs) // G
+    out = torch.empty(G, R, C, dtype=torch.float32, device=dev)
+    g0 = 0
+    for g in sizes:
+        pieces = slice(g0 * per_layer, (g0 + g) * per_layer)
+        # [g, M, K] and [g, M, N]: each layer's micro-batches back to back, as block_grad_norms
+        # gets them (torch.cat of one layer's pieces)
+        X = torch.cat(xs[pieces]).view(g, M, K).to(ct)
+        DYt = torch.cat(dys[pieces]).view(g, M, N).to(xdt).to(ct).transpose(1, 2)  # [g, N, M]
+        # one flat buffer per dtype: each chunk's [g, n, K] is contiguous (as in the per-layer op)
+        gflat = torch.empty(g * step * bs * K, dtype=ct, device=dev)
+        sflat = gflat if sq_dtype == ct else torch.empty(gflat.numel(), dtype=sq_dtype,
+                                                         device=dev)
+        for r0 in range(0, R, step):
+            r1 = min(R, r0 + step)
+            n = (r1 - r0) * bs
+            gb = gflat[:g * n * K].view(g, n, K)         # these block-rows of dW, g layers
+            if use_bmm:
+                torch.bmm(DYt[:, r0 * bs:r1 * bs], X, out=gb)
+            else:
+                for j in range(g):
+                    torch.mm(DYt[j, r0 * bs:r1 * bs], X[j], out=gb[j])
+            sq = sflat[:g * n * K].view(g, n, K)
+            if sflat is not gflat:
+                sq.copy_(gb)
+            if bs == 1:                                  # element level: the norm is |dW|
+                out[g0:g0 + g, r0:r1] = sq.abs_()
+                continue
+            out[g0:g0 + g, r0:r1] = sq.square_().view(g, r1 - r0, bs, C, bs).sum((2, 4)).sqrt_()
+        g0 += g
+    return out
+
+
+@_block_grad_norms_group.register_fake
+def _(xs, dys, layers, block_size, precision, gemm):
+    return xs[0].new_empty((layers, dys[0].shape[1] // block_size, xs[0].shape[1] // block_size),
+                           dtype=torch.float32)
+
+
+def block_grad_norms_group(xs: Sequence[Union[Tensor, Sequence[Tensor]]],
+                           dys: Sequence[Union[Tensor, Sequence[Tensor]]], block_size: int, *,
+                           precision: str = "exact", gemm: Optional[str] = None) -> Tensor:
+    """:func:`block_grad_norms` of ``G`` linear layers of one shape at once.
+
+    Args:
+        xs: per layer, its input ``[M, K]``, or a list of micro-batches ``[m_i, K]`` (their
+            rows concatenated, as :func:`block_grad_norms` of ``torch.cat`` of them); every
+            layer with the same total ``M``, all of one dtype and device
+            (float16/bfloat16/float32/float64).
+        dys: per layer, the gradient of its output ``[M, N]`` (or micro-batches matching
+            ``xs``), all of one dtype (cast to the inputs' dtype first, as the layers do).
+        block_size: ``bs``, dividing ``N`` and ``K``.
+        precision: ``"exact"`` (default), ``"bf16"`` or ``"auto"`` (see the module docstring).
+        gemm: ``"auto"`` (``"bmm"`` on CUDA, ``"mm"`` elsewhere), ``"bmm"`` (one batched GEMM
+            per chunk of block-rows) or ``"mm"`` (one GEMM per layer and chunk: bit for bit
+            :func:`block_grad_norms` of each layer); None (default): ``"auto"`` unless a
+            benchmark set the module's ``_GROUP_GEMM``.
+
+    Returns:
+        float32 ``[G, N/bs, K/bs]``: row ``g`` is ``block_grad_norms(xs[g], dys[g], bs)`` (bit
+        for bit with ``gemm="mm"``; with ``"bmm"`` up to the rounding of a batched GEMM).
+
+    Memory: besides the inputs, at most ``max(M·(K+N), 2**24)`` stacked input elements on the
+    CPU (``2**28`` on a GPU: GPT-2 small's MLP layers at 8192 rows are scored 8 at a time, 6 + 6
+    of 12), plus as many in the GEMM dtype when the inputs are cast (float32 inputs at
+    ``precision="bf16"``), and a chunk of ``dW`` of ``max(bs·K·rows, 2**20)`` elements on the
+    CPU (``2**25`` on a GPU) in the GEMM dtype plus a float32 copy for bf16 GEMMs; larger
+    groups are scored a sub-group at a time.
+    """
+    if gemm is None:
+        gemm = _GROUP_GEMM
+    if gemm not in GROUP_GEMMS:
+        raise ValueError(f"gemm must be one of {GROUP_GEMMS}, got {gemm!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    xs, dys = list(xs), list(dys)
+    if not xs or len(xs) != len(dys):
+        raise ValueError(f"xs and dys must be equally long, non-empty lists (one entry per "
+                         f"layer), got {len(xs)} and {len(dys)}")
+    flat_x: List[Tensor] = []
+    flat_dy: List[Tensor] = []
+    per_layer = None
+    for i, (x, dy) in enumerate(zip(xs, dys)):
+        px = list(x) if isinstance(x, (list, tuple)) else [x]
+        pd = list(dy) if isinstance(dy, (list, tuple)) else [dy]
+        if not px or len(px) != len(pd):
+            raise ValueError(f"xs[{i}] and dys[{i}] must be tensors or equally long lists")
+        if per_layer is not None and len(px) != per_layer:
+            raise ValueError(f"every layer must have the same number of micro-batches, got "
+                             f"{len(px)} for layer {i} and {per_layer} before")
+        per_layer = len(px)
+        for a, b in zip(px, pd):
+            if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+                raise TypeError("xs and dys must hold torch.Tensors")
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+                raise ValueError(f"layer {i}: x must be [M, K] and dy [M, N] with the same M, "
+                                 f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        flat_x += px
+        flat_dy += pd
+    x0, d0 = flat_x[0], flat_dy[0]
+    M0 = sum(a.shape[0] for a in flat_x[:per_layer])
+    for i in range(len(xs)):
+        rows = sum(a.shape[0] for a in flat_x[i * per_layer:(i + 1) * per_layer])
+        if rows != M0:
+            raise ValueError(f"every layer must have the same M, got {rows} for layer {i} and "
+                             f"{M0} for layer 0")
+    for a, b in zip(flat_x, flat_dy):
+        if a.shape[1] != x0.shape[1] or b.shape[1] != d0.shape[1]:
+            raise ValueError(f"every layer must have the same K and N, got {tuple(a.shape)} and "
+                             f"{tuple(b.shape)} against {tuple(x0.shape)} and {tuple(d0.shape)}")
+        if a.dtype != x0.dtype or b.dtype != d0.dtype or a.device != x0.device or \
+                b.device != x0.device:
+            raise ValueError(f"xs must share one dtype and device and dys one dtype, got "
+                             f"{a.dtype}/{b.dtype} on {a.device}/{b.device} against "
+                             f"{x0.dtype}/{d0.dtype} on {x0.device}")
+    if x0.shape[1] % block_size or d0.shape[1] % block_size:
+        raise ValueError(f"block_size {block_size} must divide K={x0.shape[1]} and "
+                         f"N={d0.shape[1]}")
+    return _block_grad_norms_group(flat_x, flat_dy, len(xs), block_size,
+                                   resolve_precision(precision, x0.dtype, x0.device), gemm)
 
 
 @torch.library.custom_op("itop_kernels::conv2d_block_grad_norms", mutates_args=())
