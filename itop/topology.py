@@ -59,6 +59,10 @@ the grouped layers draw their uniform scores with one ``torch.rand`` in layer or
 the layers updated one by one (block size 1, constant fan-in, a shape without a twin) draw
 theirs; on a GPU the numbers differ from the per-layer path's (Philox offsets per call), as
 uniform and as seeded, the same on every DDP rank.
+Gradient growth scores are computed together for linear layers with the same features, block
+size and captured rows (``_BATCH_SCORES``): one stacked GEMM per chunk of block-rows on a GPU
+(:func:`~itop_kernels.block_norms.block_grad_norms_group`), bit for bit the per-layer scores on
+the CPU; conv layers and layers without a twin are scored alone.
 
 ``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
 ``H = stop_step or total_steps`` (``cosine``: ``prune_rate·(1+cos(πt/H))/2``; ``linear``:
@@ -125,6 +129,11 @@ PRUNE_MODES = ("magnitude", "magnitude_l2")
 # (TopologyManager._batch_plan; benchmarks/NOTES.md, "Update cost"). Tests switch it off to
 # compare with the per-layer path.
 _BATCH_LAYERS = True
+# Gradient growth scores ("gradient", "momentum") of linear layers with the same shapes and
+# captured rows computed together (TopologyManager._score_groups,
+# itop_kernels.block_norms.block_grad_norms_group), when _BATCH_LAYERS is on too. Off: each
+# layer scored alone (benchmarks compare the two).
+_BATCH_SCORES = True
 
 
 def _check_int(v, name: str, minimum: int) -> int:
@@ -414,8 +423,9 @@ class TopologyManager:
     def _score_groups(self) -> List[List[int]]:
         """Indices into :attr:`layers`, in groups whose gradient scores are computed together
         (linear layers with one :meth:`SparseLinear._grad_score_key`, ordered by their first
-        layer) or alone (every other layer; all of them alone without ``_BATCH_LAYERS``)."""
-        if not _BATCH_LAYERS:
+        layer) or alone (every other layer; all of them alone without ``_BATCH_LAYERS`` and
+        ``_BATCH_SCORES``)."""
+        if not (_BATCH_LAYERS and _BATCH_SCORES):
             return [[i] for i in range(len(self.layers))]
         buckets: Dict[tuple, List[int]] = {}
         out: List[List[int]] = []
