@@ -34,7 +34,8 @@ import itop  # noqa: E402
 # ops that launch no kernel on a GPU (metadata, aliases, host-side scalars and allocations)
 HOST_ONLY = ("aten.view", "aten._unsafe_view", "aten.detach", "aten.alias", "aten.unbind",
              "aten.lift_fresh", "aten.empty", "aten.scalar_tensor", "aten.select", "aten.slice",
-             "aten.reshape", "aten.squeeze", "aten.unsqueeze", "aten.expand", "aten.t.")
+             "aten.reshape", "aten.squeeze", "aten.unsqueeze", "aten.expand", "aten.t.",
+             "aten.transpose", "aten.as_strided")
 
 # custom ops counted as the aten ops inside them (plain torch ops in Python: their kernels are
 # what a GPU launches); the op itself is counted under "<name> calls" in ``custom_calls``
@@ -60,6 +61,7 @@ _BY_FUNCTION = {
     ("storage.py", "_move_rows"): "move values/grad/optimizer state",
     ("storage.py", "_move_rows_group"): "move values/grad/optimizer state",
     ("topology.py", "_drawn_rows"): "growth scores",
+    ("topology.py", "_rows_of_one"): "growth scores",
     ("storage.py", "_state_tensors"): "move values/grad/optimizer state",
     ("layout.py", None): "layout rebuild",
 }
@@ -233,19 +235,63 @@ class batching:
         topology._BATCH_LAYERS = self.was
 
 
+class score_batching:
+    """``with score_batching(False):`` computes each layer's gradient scores alone
+    (``itop.topology._BATCH_SCORES``) while the rest of the update stays batched."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from itop import topology
+        self.was, topology._BATCH_SCORES = topology._BATCH_SCORES, self.on
+
+    def __exit__(self, *exc):
+        from itop import topology
+        topology._BATCH_SCORES = self.was
+
+
+class group_gemm:
+    """``with group_gemm("bmm"):`` scores groups with a batched GEMM (what CUDA runs) wherever
+    the counts are taken (``itop_kernels.block_norms._GROUP_GEMM``)."""
+
+    def __init__(self, gemm: str):
+        self.gemm = gemm
+
+    def __enter__(self):
+        from itop_kernels import block_norms
+        self.was, block_norms._GROUP_GEMM = block_norms._GROUP_GEMM, self.gemm
+
+    def __exit__(self, *exc):
+        from itop_kernels import block_norms
+        block_norms._GROUP_GEMM = self.was
+
+
+# (label, batched update, batched scores, group GEMM) of gpt2_toy_counts
+TOY_PATHS = (("batched", True, True, "auto"), ("batched, bmm scores", True, True, "bmm"),
+             ("batched, scores per layer", True, False, "auto"), ("per layer", False, False, "auto"))
+
+
 def gpt2_toy_counts(blocks: int = 4) -> list:
     """Ops per UPDATE of :class:`GPT2Toy` (``blocks`` × 4 sparse layers in 4 shape groups),
-    batched and per layer, random and gradient growth, AdamW."""
+    AdamW, random and gradient growth, along :data:`TOY_PATHS`: batched (scores of same-shape
+    layers together: one ``mm`` per layer on the CPU, ``"auto"``), the same with the batched GEMM
+    a GPU runs (``"bmm"``), batched with each layer's scores alone (the update before the scores
+    were batched), and per layer. Gradient score ops count as the ops inside them."""
     out = []
-    for on in (True, False):
-        with batching(on):
-            for g in ("random", "gradient"):
+    for label, on, scores, gemm in TOY_PATHS:
+        for g in ("random", "gradient"):
+            if g == "random" and label in ("batched, bmm scores", "batched, scores per layer"):
+                continue   # no gradient scores: the same as "batched"
+            with batching(on), score_batching(scores), group_gemm(gemm):
                 r = count_update_ops("gpt2_toy", g, "adamw", blocks)
-                out.append({"batched": on, "growth": g, "blocks": blocks, "layers": r["layers"],
-                            "total": r["total"],
-                            "launching": round(r["launching_per_layer"] * r["layers"]),
-                            "by_category": {c: round(n * r["layers"])
-                                            for c, n in r["by_category"].items()}})
+            out.append({"path": label, "batched": on, "batch_scores": on and scores,
+                        "group_gemm": gemm, "growth": g, "blocks": blocks,
+                        "layers": r["layers"], "total": r["total"],
+                        "launching": round(r["launching_per_layer"] * r["layers"]),
+                        "score_op_calls": r["score_op_calls"],
+                        "by_category": {c: round(n * r["layers"])
+                                        for c, n in r["by_category"].items()}})
     return out
 
 
@@ -266,7 +312,7 @@ def main() -> None:
         toy = gpt2_toy_counts(blocks)
         print(f"\nGPT-2-like toy, {blocks} blocks × 4 linear shapes ({4 * blocks} layers, AdamW), "
               "ops per UPDATE:\n")
-        cols = [f"{'batched' if r['batched'] else 'per layer'} {r['growth']}" for r in toy]
+        cols = [f"{r['path']} {r['growth']}" for r in toy]
         print("| category | " + " | ".join(cols) + " |")
         print("|---" * (len(toy) + 1) + "|")
         cats = [c for c in CATEGORIES if any(c in r["by_category"] for r in toy)]

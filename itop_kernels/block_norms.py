@@ -190,8 +190,13 @@ def _block_grad_norms_group(xs: List[Tensor], dys: List[Tensor], layers: int, bl
         pieces = slice(g0 * per_layer, (g0 + g) * per_layer)
         # [g, M, K] and [g, M, N]: each layer's micro-batches back to back, as block_grad_norms
         # gets them (torch.cat of one layer's pieces)
-        X = torch.cat(xs[pieces]).view(g, M, K).to(ct)
-        DYt = torch.cat(dys[pieces]).view(g, M, N).to(xdt).to(ct).transpose(1, 2)  # [g, N, M]
+        X = torch.cat(xs[pieces]).view(g, M, K)
+        DY = torch.cat(dys[pieces]).view(g, M, N)
+        if DY.dtype != xdt:                              # (skipped: host time on a GPU)
+            DY = DY.to(xdt)
+        if ct != xdt:
+            X, DY = X.to(ct), DY.to(ct)
+        DYt = DY.transpose(1, 2)                         # [g, N, M]
         # one flat buffer per dtype: each chunk's [g, n, K] is contiguous (as in the per-layer op)
         gflat = torch.empty(g * step * bs * K, dtype=ct, device=dev)
         sflat = gflat if sq_dtype == ct else torch.empty(gflat.numel(), dtype=sq_dtype,
@@ -211,7 +216,11 @@ def _block_grad_norms_group(xs: List[Tensor], dys: List[Tensor], layers: int, bl
             if bs == 1:                                  # element level: the norm is |dW|
                 out[g0:g0 + g, r0:r1] = sq.abs_()
                 continue
-            out[g0:g0 + g, r0:r1] = sq.square_().view(g, r1 - r0, bs, C, bs).sum((2, 4)).sqrt_()
+            norms = sq.square_().view(g, r1 - r0, bs, C, bs)
+            if r1 - r0 == R:                             # one chunk: straight into out
+                torch.sum(norms, (2, 4), out=out[g0:g0 + g]).sqrt_()
+            else:
+                out[g0:g0 + g, r0:r1] = norms.sum((2, 4)).sqrt_()
         g0 += g
     return out
 
