@@ -35,14 +35,17 @@ inputs on a device with native bf16 matrix multiplication (:func:`native_bf16_ma
 
 Layers of one shape together (issue 14, update cost): ``itop_kernels::block_grad_norms_group``
 (:func:`block_grad_norms_group`) scores ``G`` linear layers with the same ``M, K, N``, block size
-and dtypes in one chain of ops: their inputs and output gradients stacked as ``X [G, M, K]`` and
-``dY [G, M, N]``, one batched GEMM per chunk of block-rows (``torch.bmm`` on a GPU), and one
-cast/square/block-sum/sqrt per chunk for all ``G`` layers, so a group costs the ~7 kernel
-launches one layer costs. On the CPU each layer's slice keeps its own ``torch.mm`` (what
-:func:`block_grad_norms` runs, on slices with the same strides): a CPU ``bmm`` is not bit for bit
-the ``mm`` of each slice at every shape (measured with torch 2.13: float32 ``M = 2048,
-K = N = 512`` on a third of the block-rows, bfloat16 from ``M = 1024``, where ``mm`` takes
-oneDNN), and on the CPU the group must give exactly the per-layer norms.
+and dtypes in one chain of ops: one GEMM-output buffer ``[G, rows, K]`` per chunk of block-rows
+and one copy/square/block-sum/sqrt per chunk for all ``G`` layers. The GEMMs either stay one
+``torch.mm`` per layer on the layer's own tensors (``gemm="mm"``: what :func:`block_grad_norms`
+runs, so the norms are bit for bit the per-layer ones) or run as one ``torch.bmm`` over the
+inputs and output gradients stacked as ``X [G, M, K]`` and ``dY [G, M, N]`` (``"bmm"``: ~7
+launches per group, as one layer costs, for a copy of the inputs). ``"auto"`` takes ``"mm"`` on
+the CPU, where a ``bmm`` is not bit for bit the ``mm`` of each slice at every shape (measured
+with torch 2.13 on the development CPU: float32 at ``M = 2048, K = N = 512`` on a third of the
+block-rows, bfloat16 from ``M = 1024, K = N = 768``, where ``mm`` takes oneDNN; equal at the
+smaller shapes tried), and on CUDA ``"bmm"`` for small layers, ``"mm"`` for large ones
+(:data:`GROUP_GEMMS`).
 """
 from __future__ import annotations
 
@@ -69,9 +72,15 @@ _STACK_ELEMENTS = 1 << 24
 _STACK_ELEMENTS_GPU = 1 << 28
 _GROUP_CHUNK_ELEMENTS = 1 << 20
 _GROUP_CHUNK_ELEMENTS_GPU = 1 << 25
-# How block_grad_norms_group multiplies: "bmm" (one batched GEMM per chunk), "mm" (one GEMM per
-# layer and chunk, bit for bit block_grad_norms), "auto" ("bmm" on CUDA, "mm" elsewhere).
+# How block_grad_norms_group multiplies: "bmm" (the inputs stacked, one batched GEMM per chunk),
+# "mm" (one GEMM per layer and chunk on the layer's own tensors, bit for bit block_grad_norms),
+# "auto" ("bmm" on CUDA for layers of M·(K+N) <= _BMM_MAX_ELEMENTS, "mm" otherwise and on the
+# CPU). The stacking copy reads and writes every captured element once (~1.3 ps per bf16 element
+# at ~3 TB/s) to save g - 1 launches (~5 µs each) per chunk: it pays up to ~4 M elements per
+# layer (GPT-2 small at 8192 rows: 12.6-31.5 M, so "mm"; at 1024 rows "bmm"). A prediction:
+# bench_topology_update.py --group-gemm bmm|mm times both on a GPU.
 GROUP_GEMMS = ("auto", "bmm", "mm")
+_BMM_MAX_ELEMENTS = 1 << 22
 # what block_grad_norms_group(gemm=None) uses (benchmarks set it to compare "bmm" with "mm")
 _GROUP_GEMM = "auto"
 
@@ -156,6 +165,30 @@ def _(x, dy, block_size, precision):
     return x.new_empty((dy.shape[1] // block_size, x.shape[1] // block_size), dtype=torch.float32)
 
 
+_WIDER = {torch.float16: (torch.float32, torch.float64),
+          torch.bfloat16: (torch.float32, torch.float64), torch.float32: (torch.float64,)}
+
+
+def _dy_operand(dy: Tensor, xdt: torch.dtype, ct: torch.dtype) -> Tensor:
+    """``dy.to(xdt).to(ct)`` (the layers cast ``dY`` to the input's dtype, the op to the GEMM
+    dtype), without the casts that change no value: a ``dY`` already in ``ct`` whose round trip
+    through a wider ``xdt`` is exact (bf16 ``dY`` of an fp32 input under autocast, "auto")."""
+    if dy.dtype == ct and (xdt == ct or xdt in _WIDER.get(ct, ())):
+        return dy
+    if dy.dtype != xdt:
+        dy = dy.to(xdt)
+    return dy if ct == xdt else dy.to(ct)
+
+
+def _use_bmm(gemm: str, device: torch.device, M: int, K: int, N: int) -> bool:
+    """Whether a group of layers of ``M`` rows, ``K`` inputs and ``N`` outputs is scored by a
+    stacked ``bmm``: ``gemm="bmm"``, or ``"auto"`` on CUDA while stacking costs less than the
+    launches it saves (``M·(K+N) <= _BMM_MAX_ELEMENTS``); else one ``mm`` per layer (always on
+    the CPU with ``"auto"``: bit for bit the per-layer op)."""
+    return gemm == "bmm" or (gemm == "auto" and torch.device(device).type == "cuda" and
+                             M * (K + N) <= _BMM_MAX_ELEMENTS)
+
+
 def _sub_groups(G: int, M: int, K: int, N: int, rows_elements: int, stack_cap: int,
                 chunk_cap: int) -> List[int]:
     """Sizes of the sub-groups ``G`` layers are scored in (balanced, in order): as many layers
@@ -177,26 +210,34 @@ def _block_grad_norms_group(xs: List[Tensor], dys: List[Tensor], layers: int, bl
     dev, xdt = xs[0].device, xs[0].dtype
     ct = _compute_dtype(xdt, precision)
     sq_dtype = torch.float64 if ct == torch.float64 else torch.float32
-    use_bmm = gemm == "bmm" or (gemm == "auto" and dev.type == "cuda")
+    use_bmm = _use_bmm(gemm, dev, M, K, N)
     gpu = dev.type != "cpu"
     step = _rows_per_chunk(R, bs * K, dev)       # block-rows per chunk: block_grad_norms' own
-    sizes = _sub_groups(G, M, K, N, step * bs * K,
-                        _STACK_ELEMENTS_GPU if gpu else _STACK_ELEMENTS,
-                        _GROUP_CHUNK_ELEMENTS_GPU if gpu else _GROUP_CHUNK_ELEMENTS)
     per_layer = len(xs) // G
+    # stacked, concatenated (micro-batches) or cast copies of a sub-group's inputs held
+    copies = use_bmm or per_layer > 1 or ct != xdt or dys[0].dtype != ct
+    sizes = _sub_groups(G, M, K, N, step * bs * K,
+                        (_STACK_ELEMENTS_GPU if gpu else _STACK_ELEMENTS) if copies else 1 << 62,
+                        _GROUP_CHUNK_ELEMENTS_GPU if gpu else _GROUP_CHUNK_ELEMENTS)
     out = torch.empty(G, R, C, dtype=torch.float32, device=dev)
     g0 = 0
     for g in sizes:
-        pieces = slice(g0 * per_layer, (g0 + g) * per_layer)
-        # [g, M, K] and [g, M, N]: each layer's micro-batches back to back, as block_grad_norms
-        # gets them (torch.cat of one layer's pieces)
-        X = torch.cat(xs[pieces]).view(g, M, K)
-        DY = torch.cat(dys[pieces]).view(g, M, N)
-        if DY.dtype != xdt:                              # (skipped: host time on a GPU)
-            DY = DY.to(xdt)
-        if ct != xdt:
-            X, DY = X.to(ct), DY.to(ct)
-        DYt = DY.transpose(1, 2)                         # [g, N, M]
+        if use_bmm:
+            # [g, M, K] and [g, M, N]: each layer's micro-batches back to back, as
+            # block_grad_norms gets them (torch.cat of one layer's pieces)
+            pieces = slice(g0 * per_layer, (g0 + g) * per_layer)
+            X = torch.cat(xs[pieces]).view(g, M, K)
+            Xs = X if ct == xdt else X.to(ct)
+            DYts = _dy_operand(torch.cat(dys[pieces]).view(g, M, N), xdt, ct).transpose(1, 2)
+        else:
+            # each layer's own operands, exactly as block_grad_norms builds them (no stacking)
+            Xs, DYts = [], []
+            for j in range(g0, g0 + g):
+                px = xs[j * per_layer:(j + 1) * per_layer]
+                pd = dys[j * per_layer:(j + 1) * per_layer]
+                x = px[0] if per_layer == 1 else torch.cat(px)
+                Xs.append(x if ct == xdt else x.to(ct))
+                DYts.append(_dy_operand(pd[0] if per_layer == 1 else torch.cat(pd), xdt, ct).t())
         # one flat buffer per dtype: each chunk's [g, n, K] is contiguous (as in the per-layer op)
         gflat = torch.empty(g * step * bs * K, dtype=ct, device=dev)
         sflat = gflat if sq_dtype == ct else torch.empty(gflat.numel(), dtype=sq_dtype,
@@ -206,10 +247,10 @@ def _block_grad_norms_group(xs: List[Tensor], dys: List[Tensor], layers: int, bl
             n = (r1 - r0) * bs
             gb = gflat[:g * n * K].view(g, n, K)         # these block-rows of dW, g layers
             if use_bmm:
-                torch.bmm(DYt[:, r0 * bs:r1 * bs], X, out=gb)
+                torch.bmm(DYts[:, r0 * bs:r1 * bs], Xs, out=gb)
             else:
                 for j in range(g):
-                    torch.mm(DYt[j, r0 * bs:r1 * bs], X[j], out=gb[j])
+                    torch.mm(DYts[j][r0 * bs:r1 * bs], Xs[j], out=gb[j])
             sq = sflat[:g * n * K].view(g, n, K)
             if sflat is not gflat:
                 sq.copy_(gb)
@@ -245,21 +286,28 @@ def block_grad_norms_group(xs: Sequence[Union[Tensor, Sequence[Tensor]]],
             ``xs``), all of one dtype (cast to the inputs' dtype first, as the layers do).
         block_size: ``bs``, dividing ``N`` and ``K``.
         precision: ``"exact"`` (default), ``"bf16"`` or ``"auto"`` (see the module docstring).
-        gemm: ``"auto"`` (``"bmm"`` on CUDA, ``"mm"`` elsewhere), ``"bmm"`` (one batched GEMM
-            per chunk of block-rows) or ``"mm"`` (one GEMM per layer and chunk: bit for bit
+        gemm: ``"auto"`` (``"mm"`` on the CPU; on CUDA ``"bmm"`` for ``M·(K+N) <= 2**22``,
+            else ``"mm"``), ``"bmm"`` (the inputs stacked, one batched GEMM per chunk of
+            block-rows) or ``"mm"`` (one GEMM per layer and chunk on its own tensors: bit for bit
             :func:`block_grad_norms` of each layer); None (default): ``"auto"`` unless a
             benchmark set the module's ``_GROUP_GEMM``.
 
     Returns:
         float32 ``[G, N/bs, K/bs]``: row ``g`` is ``block_grad_norms(xs[g], dys[g], bs)`` (bit
-        for bit with ``gemm="mm"``; with ``"bmm"`` up to the rounding of a batched GEMM).
+        for bit with ``"mm"``; with ``"bmm"`` up to the rounding of a batched GEMM).
 
-    Memory: besides the inputs, at most ``max(M·(K+N), 2**24)`` stacked input elements on the
-    CPU (``2**28`` on a GPU: GPT-2 small's MLP layers at 8192 rows are scored 8 at a time, 6 + 6
-    of 12), plus as many in the GEMM dtype when the inputs are cast (float32 inputs at
-    ``precision="bf16"``), and a chunk of ``dW`` of ``max(bs·K·rows, 2**20)`` elements on the
-    CPU (``2**25`` on a GPU) in the GEMM dtype plus a float32 copy for bf16 GEMMs; larger
-    groups are scored a sub-group at a time.
+    Memory, besides the inputs (the bound holds whatever ``G``: larger groups are scored a
+    sub-group at a time, balanced, in layer order):
+
+    - the chunk of ``dW`` of a sub-group, at most ``max(bs·K·rows, 2**20)`` elements on the CPU
+      (``2**25`` on a GPU; ``rows``: one chunk of :func:`block_grad_norms`'s block-rows) in the
+      GEMM dtype, plus a float32 copy for bf16 GEMMs;
+    - with ``"bmm"``, micro-batches, or inputs that are cast (float32 inputs at
+      ``precision="bf16"``), the stacked, concatenated or cast copies of a sub-group's inputs,
+      at most ``max(M·(K+N), 2**24)`` elements
+      on the CPU (``2**28`` on a GPU: 512 MiB in bf16; GPT-2 small's fc/fc2 at 8192 rows,
+      31.5 M elements per layer, would be scored 6 + 6 of 12), plus as many in the GEMM dtype
+      when stacked and cast.
     """
     if gemm is None:
         gemm = _GROUP_GEMM

@@ -253,3 +253,15 @@ def test_momentum_ema_of_grouped_scores_follows_its_formula_bit_for_bit():
     assert mgr._ema[mgr.layers[0][0]].view(-1)[1] < -1e30
     assert torch.isfinite(mgr._ema[mgr.layers[2][0]]).all()
     mgr.close()
+
+
+def test_auto_gemm_stacks_small_layers_on_cuda_only():
+    """``"auto"``: the CPU keeps one mm per layer (bit for bit); CUDA stacks into one bmm while
+    a layer's ``M·(K+N)`` is at most ``_BMM_MAX_ELEMENTS`` (GPT-2 small at 1024 rows), one mm per
+    layer above it (at 8192 rows the stacking copy would cost more than the launches saved)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not block_norms._use_bmm("auto", cpu, 16, 32, 32)
+    assert block_norms._use_bmm("bmm", cpu, 16, 32, 32)
+    assert block_norms._use_bmm("auto", cuda, 1024, 768, 3072)
+    assert not block_norms._use_bmm("auto", cuda, 8192, 768, 768 * 4)
+    assert not block_norms._use_bmm("mm", cuda, 16, 32, 32)
