@@ -24,6 +24,12 @@ in rounds (``--rounds``) so that machine noise hits all of them.
 ``--per-layer`` switches off the batching of same-shape layers (``itop.topology._BATCH_LAYERS``:
 one chain of ops per group of layers of one shape instead of per layer), to compare both paths;
 the JSON records ``batch_layers``, and the default file name gets ``_per_layer``.
+``--per-layer-scores`` keeps the update batched but computes each layer's gradient scores alone
+(``itop.topology._BATCH_SCORES``: the update before same-shape layers were scored together;
+``_per_layer_scores`` in the file name). ``--group-gemm bmm|mm`` picks how a group's scores
+multiply (``itop_kernels.block_norms._GROUP_GEMM``; default ``auto``: one ``bmm`` per chunk on
+CUDA, one ``mm`` per layer on the CPU, bit for bit the per-layer scores; ``_gemm_<g>`` in the
+file name), so one GPU run can time both.
 
 ``--tiny`` is the host-bound case: 12 small layers (256², density 0.1, block 32: 6 blocks of 64
 per layer move), one thread, where an update costs what its ops cost on the host, as on a GPU
@@ -32,7 +38,8 @@ before/after a change of the update path. Every run also records the aten ops pe
 one update (``update_ops``, from ``benchmarks/update_ops.py``).
 
 On the CPU every run also times one update of the GPT-2-like toy of ``update_ops`` (48 tiny
-layers in 4 shape groups), batched and per layer (``gpt2_toy_update_time``).
+layers in 4 shape groups), batched, batched with scores per layer (gradient growth) and per
+layer (``gpt2_toy_update_time``).
 
 Writes raw timings with the device, versions and git commit to
 ``benchmarks/results/topology_update_<device>[_quick].json`` (or ``--out-dir``) and a bar chart
@@ -170,17 +177,20 @@ def _gpt2_toy_ops(blocks: int = 12) -> list:
 def _gpt2_toy_update_time(blocks: int = 12, updates: int = 30) -> list:
     """Host time of one update of the GPT-2-like toy of ``update_ops`` (``blocks`` × GPT-2's 4
     sparse layer shapes at d = 32, block 8: tensors so small that an update costs what its ops
-    and Python cost on the host, as on a GPU), batched and per layer, random and gradient
-    growth, AdamW, 1 thread: median ``mgr.step()`` on update steps."""
+    and Python cost on the host, as on a GPU), batched, batched with each layer's gradient
+    scores alone (gradient growth) and per layer, random and gradient growth, AdamW, 1 thread:
+    median ``mgr.step()`` on update steps."""
     import update_ops
     from itop import topology
     torch.set_num_threads(1)
     out = []
-    was = topology._BATCH_LAYERS
+    was = topology._BATCH_LAYERS, topology._BATCH_SCORES
     try:
         for growth in ("random", "gradient"):
-            for on in (True, False):
-                topology._BATCH_LAYERS = on
+            paths = [(True, True), (True, False), (False, False)] if growth == "gradient" \
+                else [(True, True), (False, False)]
+            for on, scores in paths:
+                topology._BATCH_LAYERS, topology._BATCH_SCORES = on, scores
                 model, x = update_ops._gpt2_toy(blocks)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
                 mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=10 ** 9,
@@ -195,13 +205,15 @@ def _gpt2_toy_update_time(blocks: int = 12, updates: int = 30) -> list:
                     if changed and step >= 4:
                         times.append(time.perf_counter() - t0)
                 med = statistics.median(times)
+                label = ("batched" if scores else "batched, scores per layer") if on \
+                    else "per layer"
                 out.append({"blocks": blocks, "layers": 4 * blocks, "growth": growth,
-                            "batched": on, "mgr_update_s": times, "mgr_update_median_s": med})
-                print(f"GPT-2 toy ({4 * blocks} layers) {growth:8s} "
-                      f"{'batched  ' if on else 'per layer'}: update {med * 1e3:6.2f} ms",
-                      flush=True)
+                            "batched": on, "batch_scores": scores, "path": label,
+                            "mgr_update_s": times, "mgr_update_median_s": med})
+                print(f"GPT-2 toy ({4 * blocks} layers) {growth:8s} {label:25s}: update "
+                      f"{med * 1e3:6.2f} ms", flush=True)
     finally:
-        topology._BATCH_LAYERS = was
+        topology._BATCH_LAYERS, topology._BATCH_SCORES = was
     return out
 
 
@@ -263,9 +275,16 @@ def main(argv=None):
                     help="host-bound: depth 12, width 256, batch 32, density 0.1, 1 thread")
     ap.add_argument("--per-layer", action="store_true",
                     help="update layer by layer (no batching across same-shape layers)")
+    ap.add_argument("--per-layer-scores", action="store_true",
+                    help="batched update, but each layer's gradient scores computed alone")
+    ap.add_argument("--group-gemm", choices=["auto", "bmm", "mm"], default="auto",
+                    help="how a group's gradient scores multiply (auto: bmm on CUDA, mm on CPU)")
     args = ap.parse_args(argv)
     from itop import topology
+    from itop_kernels import block_norms
     topology._BATCH_LAYERS = not args.per_layer
+    topology._BATCH_SCORES = not args.per_layer_scores
+    block_norms._GROUP_GEMM = args.group_gemm
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     if args.tiny:
@@ -291,14 +310,18 @@ def main(argv=None):
         "git": git_state("itop", "itop_kernels", "benchmarks/bench_topology_update.py"),
         "argv": sys.argv[1:], "load_avg": list(os.getloadavg()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "target": TARGET,
-        "batch_layers": not args.per_layer, "cases": cases, "update_ops": _update_ops(),
+        "batch_layers": not args.per_layer,
+        "batch_scores": not (args.per_layer or args.per_layer_scores),
+        "group_gemm": args.group_gemm, "cases": cases, "update_ops": _update_ops(),
         "gpt2_toy_update_ops": _gpt2_toy_ops(4 if args.quick else 12),
         "gpt2_toy_update_time": (_gpt2_toy_update_time(4 if args.quick else 12,
                                                        5 if args.quick else 30)
                                  if device.type == "cpu" else None),
     }
     suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
-    suffix += "_per_layer" if args.per_layer else ""
+    suffix += "_per_layer" if args.per_layer else "_per_layer_scores" \
+        if args.per_layer_scores else ""
+    suffix += f"_gemm_{args.group_gemm}" if args.group_gemm != "auto" else ""
     out = Path(args.out or results_path(f"topology_update_{device.type}{suffix}.json",
                                         args.out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)

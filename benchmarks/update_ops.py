@@ -4,9 +4,12 @@ Python, so its cost is roughly ops × the host time of one op).
 
 :func:`count_update_ops` builds ``layers`` identical sparse layers (linear 256→256 at block 32,
 or conv 3×3 64→64 at block 16; density 0.25), trains two steps, and records every aten op
-dispatched inside ``mgr.step()`` on the update step (a ``TorchDispatchMode``; custom ops such
-as ``itop_kernels::block_grad_norms`` count as one). Each op is attributed to the innermost
-frame of this repository's code and from there to a category (:data:`CATEGORIES`).
+dispatched inside ``mgr.step()`` on the update step (a ``TorchDispatchMode``). The gradient
+score ops (``itop_kernels::block_grad_norms``, ``block_grad_norms_group``,
+``conv2d_block_grad_norms``: :data:`EXPANDED`) count as the aten ops their implementation runs
+(casts, GEMMs, square, block sum, sqrt: what they launch on a GPU), not as one op; every other
+custom op counts as one. Each op is attributed to the innermost frame of this repository's code
+and from there to a category (:data:`CATEGORIES`).
 
     python benchmarks/update_ops.py   # per-layer table (batching off) + GPT-2 toy per update
 
@@ -31,7 +34,13 @@ import itop  # noqa: E402
 # ops that launch no kernel on a GPU (metadata, aliases, host-side scalars and allocations)
 HOST_ONLY = ("aten.view", "aten._unsafe_view", "aten.detach", "aten.alias", "aten.unbind",
              "aten.lift_fresh", "aten.empty", "aten.scalar_tensor", "aten.select", "aten.slice",
-             "aten.reshape", "aten.squeeze", "aten.unsqueeze", "aten.expand", "aten.t.")
+             "aten.reshape", "aten.squeeze", "aten.unsqueeze", "aten.expand", "aten.t.",
+             "aten.transpose", "aten.as_strided")
+
+# custom ops counted as the aten ops inside them (plain torch ops in Python: their kernels are
+# what a GPU launches); the op itself is counted under "<name> calls" in ``custom_calls``
+EXPANDED = ("itop_kernels::block_grad_norms", "itop_kernels::block_grad_norms_group",
+            "itop_kernels::conv2d_block_grad_norms")
 
 CATEGORIES = ("prune scores", "finite keys", "top-k (prune + growth)", "growth scores",
               "new order + masks", "move values/grad/optimizer state", "layout rebuild",
@@ -46,12 +55,13 @@ _BY_FUNCTION = {
     ("unit_selection.py", "_first_distinct_inactive"): "growth scores",
     ("layers.py", "_grad_scores"): "growth scores",
     ("layers.py", "<listcomp>"): "growth scores",
-    ("block_norms.py", "block_grad_norms"): "growth scores",
+    ("block_norms.py", None): "growth scores",
     ("topology.py", "_grad_scores"): "growth scores",
     ("topology.py", "_random_scores"): "growth scores",
     ("storage.py", "_move_rows"): "move values/grad/optimizer state",
     ("storage.py", "_move_rows_group"): "move values/grad/optimizer state",
     ("topology.py", "_drawn_rows"): "growth scores",
+    ("topology.py", "_rows_of_one"): "growth scores",
     ("storage.py", "_state_tensors"): "move values/grad/optimizer state",
     ("layout.py", None): "layout rebuild",
 }
@@ -85,13 +95,23 @@ def _category(stack) -> str:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts aten ops by ``(category, op)``."""
+    """Counts aten ops by ``(category, op)``; the custom ops in :data:`EXPANDED` are run through
+    their Python implementation with this mode on, so the ops inside them are counted in their
+    place (``expand=False``: counted as one op each, as before)."""
 
-    def __init__(self):
+    def __init__(self, expand: bool = True):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.custom_calls: collections.Counter = collections.Counter()
+        self.expand = expand
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if self.expand and name in EXPANDED:
+            self.custom_calls[name] += 1
+            impl = torch._library.custom_ops.OPDEFS[name]._init_fn
+            with self:   # the mode is off inside __torch_dispatch__: count the inner ops
+                return impl(*args, **(kwargs or {}))
         self.counts[(_category(traceback.extract_stack()[:-1]), str(func))] += 1
         return func(*args, **(kwargs or {}))
 
@@ -142,7 +162,7 @@ def _gpt2_toy(blocks: int) -> tuple[nn.Module, torch.Tensor]:
 
 
 def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: str = "adamw",
-                     layers: int = 3) -> dict:
+                     layers: int = 3, expand: bool = True) -> dict:
     """Ops of one update (``mgr.step()`` on the second update step, gradients present, as in a
     loop of ``zero_grad, forward, backward, opt.step(), mgr.step()``; the first update also
     builds per-group caches once).
@@ -150,10 +170,13 @@ def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: st
     ``kind="gpt2_toy"``: :class:`GPT2Toy` with ``layers`` blocks (4 sparse layers each, block
     8, density 0.25) in place of ``layers`` identical layers.
 
+    ``expand=False`` counts each gradient score op as one op (what this script counted before
+    the ops inside them were counted, :data:`EXPANDED`).
+
     Returns:
         ``{"total", "per_layer", "launching_per_layer", "by_category": {category: per-layer
-        count}, "by_op": {op: per-layer count}}``; ``launching`` leaves out the ops in
-        :data:`HOST_ONLY`.
+        count}, "by_op": {op: per-layer count}, "score_op_calls": {custom op: calls}}``;
+        ``launching`` leaves out the ops in :data:`HOST_ONLY`.
     """
     model, x = _gpt2_toy(layers) if kind == "gpt2_toy" else _model(kind, layers)
     if kind == "gpt2_toy":
@@ -162,7 +185,7 @@ def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: st
            else torch.optim.AdamW(model.parameters(), lr=1e-3))
     mgr = itop.TopologyManager(model, opt, update_every=2, total_steps=100, growth=growth,
                                prune_rate=0.3)
-    counter = OpCounter()
+    counter = OpCounter(expand)
     for step in (1, 2, 3, 4):   # the second update (what every later one runs: caches built)
         opt.zero_grad()
         model(x).square().mean().backward()
@@ -185,7 +208,8 @@ def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: st
     return {"kind": kind, "growth": growth, "optimizer": optimizer, "layers": layers,
             "total": total, "per_layer": total / layers, "launching_per_layer": launching / layers,
             "by_category": {c: n / layers for c, n in sorted(by_cat.items())},
-            "by_op": {o: n / layers for o, n in by_op.most_common()}}
+            "by_op": {o: n / layers for o, n in by_op.most_common()},
+            "expanded": expand, "score_op_calls": dict(counter.custom_calls)}
 
 
 def all_counts() -> list:
@@ -211,19 +235,63 @@ class batching:
         topology._BATCH_LAYERS = self.was
 
 
+class score_batching:
+    """``with score_batching(False):`` computes each layer's gradient scores alone
+    (``itop.topology._BATCH_SCORES``) while the rest of the update stays batched."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        from itop import topology
+        self.was, topology._BATCH_SCORES = topology._BATCH_SCORES, self.on
+
+    def __exit__(self, *exc):
+        from itop import topology
+        topology._BATCH_SCORES = self.was
+
+
+class group_gemm:
+    """``with group_gemm("bmm"):`` scores groups with a batched GEMM (what CUDA runs) wherever
+    the counts are taken (``itop_kernels.block_norms._GROUP_GEMM``)."""
+
+    def __init__(self, gemm: str):
+        self.gemm = gemm
+
+    def __enter__(self):
+        from itop_kernels import block_norms
+        self.was, block_norms._GROUP_GEMM = block_norms._GROUP_GEMM, self.gemm
+
+    def __exit__(self, *exc):
+        from itop_kernels import block_norms
+        block_norms._GROUP_GEMM = self.was
+
+
+# (label, batched update, batched scores, group GEMM) of gpt2_toy_counts
+TOY_PATHS = (("batched", True, True, "auto"), ("batched, bmm scores", True, True, "bmm"),
+             ("batched, scores per layer", True, False, "auto"), ("per layer", False, False, "auto"))
+
+
 def gpt2_toy_counts(blocks: int = 4) -> list:
     """Ops per UPDATE of :class:`GPT2Toy` (``blocks`` × 4 sparse layers in 4 shape groups),
-    batched and per layer, random and gradient growth, AdamW."""
+    AdamW, random and gradient growth, along :data:`TOY_PATHS`: batched (scores of same-shape
+    layers together: one ``mm`` per layer on the CPU, ``"auto"``), the same with the batched GEMM
+    a GPU runs (``"bmm"``), batched with each layer's scores alone (the update before the scores
+    were batched), and per layer. Gradient score ops count as the ops inside them."""
     out = []
-    for on in (True, False):
-        with batching(on):
-            for g in ("random", "gradient"):
+    for label, on, scores, gemm in TOY_PATHS:
+        for g in ("random", "gradient"):
+            if g == "random" and label in ("batched, bmm scores", "batched, scores per layer"):
+                continue   # no gradient scores: the same as "batched"
+            with batching(on), score_batching(scores), group_gemm(gemm):
                 r = count_update_ops("gpt2_toy", g, "adamw", blocks)
-                out.append({"batched": on, "growth": g, "blocks": blocks, "layers": r["layers"],
-                            "total": r["total"],
-                            "launching": round(r["launching_per_layer"] * r["layers"]),
-                            "by_category": {c: round(n * r["layers"])
-                                            for c, n in r["by_category"].items()}})
+            out.append({"path": label, "batched": on, "batch_scores": on and scores,
+                        "group_gemm": gemm, "growth": g, "blocks": blocks,
+                        "layers": r["layers"], "total": r["total"],
+                        "launching": round(r["launching_per_layer"] * r["layers"]),
+                        "score_op_calls": r["score_op_calls"],
+                        "by_category": {c: round(n * r["layers"])
+                                        for c, n in r["by_category"].items()}})
     return out
 
 
@@ -244,7 +312,7 @@ def main() -> None:
         toy = gpt2_toy_counts(blocks)
         print(f"\nGPT-2-like toy, {blocks} blocks × 4 linear shapes ({4 * blocks} layers, AdamW), "
               "ops per UPDATE:\n")
-        cols = [f"{'batched' if r['batched'] else 'per layer'} {r['growth']}" for r in toy]
+        cols = [f"{r['path']} {r['growth']}" for r in toy]
         print("| category | " + " | ".join(cols) + " |")
         print("|---" * (len(toy) + 1) + "|")
         cats = [c for c in CATEGORIES if any(c in r["by_category"] for r in toy)]

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from itop_kernels import BlockLayout
-from itop_kernels.block_norms import block_grad_norms, conv2d_block_grad_norms
+from itop_kernels.block_norms import (block_grad_norms, block_grad_norms_group,
+                                     conv2d_block_grad_norms)
 
 from . import capture
 from .storage import install_layout, storage_for
@@ -433,6 +434,40 @@ class SparseLinear(SparseLayer):
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         dy = (dys[0] if len(dys) == 1 else torch.cat(dys)).to(x.dtype)
         return block_grad_norms(x, dy, self.block_size, precision=precision)
+
+    def _grad_score_key(self) -> Optional[tuple]:
+        """What layers scored together by :meth:`_grad_scores_group` share (features, block
+        size, the rows of each captured micro-batch, dtypes, device), or None where this layer
+        is scored alone: nothing captured, a subclass with its own :meth:`_grad_scores`, or a
+        captured tensor that is not contiguous (so each layer's GEMM sees the operand layout
+        :meth:`_grad_scores` gives it)."""
+        if type(self)._grad_scores is not SparseLinear._grad_scores:
+            return None
+        pairs = self._captured_pairs()
+        if not pairs:
+            return None
+        K, N = self.in_features, self.out_features
+        rows = []
+        for a, g in pairs:
+            if not (a.is_contiguous() and g.is_contiguous()) or a.dtype != pairs[0][0].dtype or \
+                    g.dtype != pairs[0][1].dtype:
+                return None
+            rows.append(a.numel() // K)
+        a, g = pairs[0]
+        return (K, N, self.block_size, tuple(rows), a.dtype, g.dtype, a.device)
+
+    @staticmethod
+    def _grad_scores_group(layers: List["SparseLinear"], precision: str = "exact") -> Tensor:
+        """float32 ``[G, out/bs, in/bs]``: :meth:`_grad_scores` of ``G`` layers with one
+        :meth:`_grad_score_key` at once (:func:`~itop_kernels.block_norms.block_grad_norms_group`:
+        bit for bit the per-layer scores on the CPU, one batched GEMM per chunk on a GPU)."""
+        m0 = layers[0]
+        xs, dys = [], []
+        for m in layers:
+            pairs = m._captured_pairs()
+            xs.append([a.reshape(-1, m0.in_features) for a, _ in pairs])
+            dys.append([g.reshape(-1, m0.out_features) for _, g in pairs])
+        return block_grad_norms_group(xs, dys, m0.block_size, precision=precision)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, density: float = 0.1, block_size: int = 32,

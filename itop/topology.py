@@ -59,6 +59,10 @@ the grouped layers draw their uniform scores with one ``torch.rand`` in layer or
 the layers updated one by one (block size 1, constant fan-in, a shape without a twin) draw
 theirs; on a GPU the numbers differ from the per-layer path's (Philox offsets per call), as
 uniform and as seeded, the same on every DDP rank.
+Gradient growth scores are computed together for linear layers with the same features, block
+size and captured rows (``_BATCH_SCORES``): one stacked GEMM per chunk of block-rows on a GPU
+(:func:`~itop_kernels.block_norms.block_grad_norms_group`), bit for bit the per-layer scores on
+the CPU; conv layers and layers without a twin are scored alone.
 
 ``prune_rate_t`` follows the schedule from ``prune_rate`` at step 0 to 0 at the horizon
 ``H = stop_step or total_steps`` (``cosine``: ``prune_rate·(1+cos(πt/H))/2``; ``linear``:
@@ -108,7 +112,7 @@ from itop_kernels.block_norms import PRECISIONS
 from .fan_in import FAN_IN_MODES, check_layers, plan_update
 from .fan_in import prune_count as constant_fan_in_prune_count
 from . import storage as _storage
-from .layers import SparseLayer
+from .layers import SparseLayer, SparseLinear
 from .sparsify import SparsitySummary, _unwrap
 from .unit_selection import _SELECT_MIN, random_inactive, topk_indices
 
@@ -125,6 +129,11 @@ PRUNE_MODES = ("magnitude", "magnitude_l2")
 # (TopologyManager._batch_plan; benchmarks/NOTES.md, "Update cost"). Tests switch it off to
 # compare with the per-layer path.
 _BATCH_LAYERS = True
+# Gradient growth scores ("gradient", "momentum") of linear layers with the same shapes and
+# captured rows computed together (TopologyManager._score_groups,
+# itop_kernels.block_norms.block_grad_norms_group), when _BATCH_LAYERS is on too. Off: each
+# layer scored alone (benchmarks compare the two).
+_BATCH_SCORES = True
 
 
 def _check_int(v, name: str, minimum: int) -> int:
@@ -185,6 +194,20 @@ def _finite(scores: Tensor, *, inplace: bool = False) -> Tensor:
     if inplace and scores.dtype == torch.float32:
         return scores.nan_to_num_(nan=lo, posinf=hi, neginf=lo)
     return torch.nan_to_num(scores.float(), nan=lo, posinf=hi, neginf=lo)
+
+
+def _rows_of_one(scores: List[Tensor]) -> Optional[Tensor]:
+    """``[G, n]``, a view of the one float32 tensor whose consecutive rows ``scores`` are
+    (``scores[j]`` the ``j``-th, contiguous, of ``n`` elements each), or None."""
+    s0 = scores[0]
+    base, n, o0 = s0._base, s0.numel(), s0.storage_offset()
+    if base is None or s0.dtype != torch.float32:
+        return None
+    for j, s in enumerate(scores):
+        if s._base is not base or s.numel() != n or not s.is_contiguous() or \
+                s.storage_offset() != o0 + j * n:
+            return None
+    return base.as_strided((len(scores), n), (n, 1), o0)
 
 
 class TopologyManager:
@@ -379,12 +402,42 @@ class TopologyManager:
         inv_scale = 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             inv_scale = 1.0 / float(self.grad_scaler.get_scale())
-        out = []
-        for _, m in self.layers:
-            s = m._grad_scores(self.score_precision)   # a fresh float32 tensor (or None)
+        out: List[Optional[Tensor]] = [None] * len(self.layers)
+        for idxs in self._score_groups():
+            if len(idxs) > 1:
+                # one chain of ops for the group; each layer's scores a row of one tensor
+                s = SparseLinear._grad_scores_group([self.layers[i][1] for i in idxs],
+                                                    self.score_precision)
+                if inv_scale != 1.0:
+                    s.mul_(inv_scale)
+                for j, i in enumerate(idxs):
+                    out[i] = s[j]
+                continue
+            i = idxs[0]
+            s = self.layers[i][1]._grad_scores(self.score_precision)  # fresh float32 (or None)
             if s is not None and inv_scale != 1.0:
                 s.mul_(inv_scale)
-            out.append(s)
+            out[i] = s
+        return out
+
+    def _score_groups(self) -> List[List[int]]:
+        """Indices into :attr:`layers`, in groups whose gradient scores are computed together
+        (linear layers with one :meth:`SparseLinear._grad_score_key`, ordered by their first
+        layer) or alone (every other layer; all of them alone without ``_BATCH_LAYERS`` and
+        ``_BATCH_SCORES``)."""
+        if not (_BATCH_LAYERS and _BATCH_SCORES):
+            return [[i] for i in range(len(self.layers))]
+        buckets: Dict[tuple, List[int]] = {}
+        out: List[List[int]] = []
+        for i, (_, m) in enumerate(self.layers):
+            key = m._grad_score_key() if isinstance(m, SparseLinear) else None
+            if key is None:
+                out.append([i])
+            elif key in buckets:
+                buckets[key].append(i)
+            else:
+                buckets[key] = [i]
+                out.append(buckets[key])
         return out
 
     # ------------------------------------------------------------------ step
@@ -415,13 +468,32 @@ class TopologyManager:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        """``ema = β·ema + (1-β)·finite(scores)`` of every layer with scores (``(1-β)·scores``
+        the first time): the non-finite entries fixed once per score tensor (a group's scores
+        are rows of one, :meth:`_grad_scores`), the running averages of all layers updated by
+        two ``torch._foreach_*`` ops (per tensor, as ``mul_``/``add_`` do, on the CPU)."""
+        beta = self._beta
+        fixed = set()
+        prevs, adds = [], []
         for (name, _), s in zip(self.layers, self._grad_scores()):
             if s is None:
                 continue
-            s = _finite(s)
+            if s.dtype != torch.float32:
+                s = _finite(s)
+            else:
+                whole = s if s._base is None else s._base  # fresh: this step's own scores
+                if id(whole) not in fixed:
+                    fixed.add(id(whole))
+                    _finite(whole, inplace=True)
             prev = self._ema.get(name)
-            self._ema[name] = (1.0 - self._beta) * s if prev is None else \
-                prev.mul_(self._beta).add_(s, alpha=1.0 - self._beta)
+            if prev is None:
+                self._ema[name] = (1.0 - beta) * s
+            else:
+                prevs.append(prev)
+                adds.append(s)
+        if prevs:
+            torch._foreach_mul_(prevs, beta)
+            torch._foreach_add_(prevs, adds, alpha=1.0 - beta)
 
     def _random_scores(self, m: SparseLayer) -> Tensor:
         g = self._generator
@@ -481,7 +553,7 @@ class TopologyManager:
         owned = self.growth != "momentum" or comm is not None  # scores nobody else holds
         groups, singles = self._batch_plan(ks, scores)
         # layers of one group: (layer indices, positions [G, nnz], drop [G, k], add [G, k])
-        batched = self._group_choices(groups, ks, scores, p) if groups else []
+        batched = self._group_choices(groups, ks, scores, p, owned) if groups else []
         moves: List[Optional[Tuple[Tensor, Tensor]]] = []  # (dropped slots, added positions)
         single = set(singles)
         for i, ((name, m), k, grow) in enumerate(zip(self.layers, ks, scores)):
@@ -574,7 +646,7 @@ class TopologyManager:
         return (tuple(mask.shape), m.block_size, m._nnz, k, tuple(v.shape), v.dtype, dev, how)
 
     def _group_choices(self, groups: List[List[int]], ks: List[int],
-                       scores: List[Optional[Tensor]], p: int
+                       scores: List[Optional[Tensor]], p: int, owned: bool = False
                        ) -> List[Tuple[List[int], Tensor, Tensor, Tensor]]:
         """Prune and grow choices of every group, each by batched ops over the group's stacked
         magnitudes and growth keys: the same choices as the per-layer loop of :meth:`_update`
@@ -585,7 +657,12 @@ class TopologyManager:
         in layer order, before the layers updated one by one draw theirs. On CPU tensors that is
         the per-layer path's stream exactly when no per-layer random draw comes before a grouped
         layer's; on a GPU (Philox offsets per call) the numbers differ from the per-layer path
-        either way, as uniform and as seeded (every DDP rank draws the same)."""
+        either way, as uniform and as seeded (every DDP rank draws the same).
+
+        ``owned``: the growth scores are this update's own (not momentum kept for later steps),
+        so, like the per-layer path, the keys may be rewritten in place; the scores of a group
+        that are the rows of one tensor (gradient scores computed together,
+        :meth:`_score_groups`) are then used as they are, with no stacked copy."""
         need = sorted(i for idxs in groups for i in idxs if scores[i] is None)
         offsets: Dict[int, int] = {}
         drawn = None
@@ -611,8 +688,10 @@ class TopologyManager:
             if scores[idxs[0]] is None:
                 key, fill = self._drawn_rows(drawn, [offsets[i] for i in idxs], n), -1.0
             else:
-                key = _finite(torch.stack([scores[i].reshape(-1) for i in idxs]),
-                              inplace=True).to(pos.device)
+                rows = _rows_of_one([scores[i] for i in idxs]) if owned else None
+                if rows is None:
+                    rows = torch.stack([scores[i].reshape(-1) for i in idxs])
+                key = _finite(rows, inplace=True).to(pos.device)
                 fill = float("-inf")
             key.scatter_(1, pos, fill)
             add = torch.topk(key, k, dim=1, sorted=False).indices

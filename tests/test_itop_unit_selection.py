@@ -202,7 +202,14 @@ def test_score_precision_is_validated_and_reaches_the_block_norms(monkeypatch):
         seen.append(precision)
         return real(x, dy, bs, precision=precision)
 
+    real_group = layers_mod.block_grad_norms_group
+
+    def spy_group(xs, dys, bs, *, precision="exact"):   # layers of one shape, scored together
+        seen.extend([precision] * len(xs))
+        return real_group(xs, dys, bs, precision=precision)
+
     monkeypatch.setattr(layers_mod, "block_grad_norms", spy)
+    monkeypatch.setattr(layers_mod, "block_grad_norms_group", spy_group)
     for precision in ("auto", "exact", "bf16"):
         mgr = itop.TopologyManager(model, opt, update_every=1, total_steps=10,
                                    score_precision=precision)
