@@ -77,7 +77,8 @@ for part in "${PARTS[@]}"; do
       run_part tests 170 python3 -m pytest -q -p no:cacheprovider -n 8 -rs \
         --junitxml="$WORK/gpu_tests.xml" \
         tests/test_triton_launch.py tests/test_step_syncs.py tests/test_inplace_update.py \
-        tests/test_batched_update.py tests/test_sparse_memory.py tests/test_linear.py tests/test_linear_eager.py \
+        tests/test_batched_update.py tests/test_batched_grad_scores.py \
+        tests/test_sparse_memory.py tests/test_linear.py tests/test_linear_eager.py \
         tests/test_linear_candidates.py tests/test_linear_tma.py tests/test_conv.py \
         tests/test_conv_host.py tests/test_layout.py ;;
     suite)
@@ -86,7 +87,7 @@ for part in "${PARTS[@]}"; do
         --junitxml="$WORK/gpu_suite.xml" tests \
         --ignore=tests/test_packaging.py --ignore=tests/test_docs_site.py \
         --ignore=tests/test_examples.py --ignore=tests/test_cli.py \
-        --ignore=tests/test_triton_launch.py --ignore=tests/test_step_syncs.py --ignore=tests/test_inplace_update.py --ignore=tests/test_batched_update.py \
+        --ignore=tests/test_triton_launch.py --ignore=tests/test_step_syncs.py --ignore=tests/test_inplace_update.py --ignore=tests/test_batched_update.py --ignore=tests/test_batched_grad_scores.py \
         --ignore=tests/test_sparse_memory.py --ignore=tests/test_linear.py --ignore=tests/test_linear_eager.py \
         --ignore=tests/test_linear_candidates.py --ignore=tests/test_linear_tma.py --ignore=tests/test_conv.py --ignore=tests/test_conv_host.py --ignore=tests/test_layout.py ;;
     linear)
