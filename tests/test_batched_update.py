@@ -22,9 +22,8 @@ from torch import nn
 import itop
 from itop import storage, topology
 from itop.layers import SparseLayer
+from training_state import LAYOUT_TENSORS, assert_same_state, training_state
 
-LAYOUT_TENSORS = ("block_mask", "row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx",
-                  "t_block_idx", "_positions")
 
 
 class Repeated(nn.Module):
@@ -99,24 +98,6 @@ def _run(batch_layers, optimizer, growth, monkeypatch, *, prune="magnitude", ste
     return model, opt, mgr, torch.stack(losses), calls
 
 
-def _state(model, opt, mgr):
-    out = {"gen": mgr._generator.get_state()}
-    for name, m in mgr.layers:
-        for t in LAYOUT_TENSORS:
-            out[f"{name}.layout.{t}"] = getattr(m.layout, t)
-        out[f"{name}.fired"] = mgr.fired[name]
-        out[f"{name}.grad"] = m.values.grad
-        for k, v in opt.state[m.values].items():
-            if torch.is_tensor(v):
-                out[f"{name}.opt.{k}"] = v
-    out.update(model.state_dict())
-    return out
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("optimizer,growth,prune,state_move", [
@@ -136,7 +117,7 @@ def test_batched_update_matches_per_layer_bit_for_bit(optimizer, growth, prune, 
     assert calls == [3] * 25, calls
     assert any(not torch.equal(g_new.fired[n], m.block_mask) for n, m in g_new.layers)
     assert torch.equal(l_new, l_ref)
-    _assert_same(_state(m_new, o_new, g_new), _state(m_ref, o_ref, g_ref))
+    assert_same_state(training_state(m_new, o_new, g_new), training_state(m_ref, o_ref, g_ref))
 
 
 def test_the_comparison_sees_a_wrong_batched_move(monkeypatch):
@@ -148,7 +129,7 @@ def test_the_comparison_sees_a_wrong_batched_move(monkeypatch):
                         move([g[1:] for g in gs], order, torch.ones_like(keep)))
     m_new, o_new, g_new, _, _ = _run(True, "adamw", "random", monkeypatch)
     with pytest.raises(AssertionError):
-        _assert_same(_state(m_new, o_new, g_new), _state(m_ref, o_ref, g_ref))
+        assert_same_state(training_state(m_new, o_new, g_new), training_state(m_ref, o_ref, g_ref))
 
 
 def test_batched_topk_selects_per_row_as_the_1d_topk():
@@ -192,7 +173,7 @@ def test_a_singleton_drawing_first_changes_the_draws_not_the_rules(monkeypatch):
     assert calls[:5] == [2, 3, 3, 3, 3]   # the two conv twins, the four linear groups
     assert any(not torch.equal(mgr.fired[n], g_ref.fired[n]) for n, _ in mgr.layers)
     m2, o2, g2, _, _ = _run(True, "sgd", "random", monkeypatch, stem_twin=False)
-    _assert_same(_state(model, opt, mgr), _state(m2, o2, g2))
+    assert_same_state(training_state(model, opt, mgr), training_state(m2, o2, g2))
     # one more update by hand, checked against the rules
     before = {n: (m.block_mask.clone(), m.values.detach().clone(),
                   tuple(t.clone() for t in m._active_units(1))) for n, m in mgr.layers}
@@ -359,6 +340,6 @@ def test_batched_update_matches_per_layer_on_the_device(device, monkeypatch):
     leave no ties, so masks, layouts, values and fired masks must be equal."""
     new = _twin_run(device, True, monkeypatch)
     ref = _twin_run(device, False, monkeypatch)
-    _assert_same(new, ref)
+    assert_same_state(new, ref)
     assert any(not torch.equal(new[k], new[k.replace(".fired", ".block_mask")])
                for k in new if k.endswith(".fired"))   # the topology did move

@@ -15,16 +15,14 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import itop
 from itop import storage
 from itop.unit_selection import random_inactive, topk_indices
 from step_models import batch, sparse_model, train_step
+from training_state import assert_same_state, training_state
 
-LAYOUT_TENSORS = ("block_mask", "row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx",
-                  "t_block_idx", "_positions")
 
 
 def _finite(t):
@@ -124,25 +122,6 @@ def _run(kind, optimizer, growth, reference, monkeypatch, steps=11):
     return model, opt, mgr, torch.stack(losses)
 
 
-def _state(model, opt, mgr):
-    out = {"gen": mgr._generator.get_state()}
-    for name, m in mgr.layers:
-        for t in LAYOUT_TENSORS:
-            out[f"{name}.layout.{t}"] = getattr(m.layout, t)
-        out[f"{name}.mask"] = m.block_mask
-        out[f"{name}.fired"] = mgr.fired[name]
-        out[f"{name}.grad"] = m.values.grad
-        for k, v in opt.state[m.values].items():
-            if torch.is_tensor(v):
-                out[f"{name}.opt.{k}"] = v
-    out.update(model.state_dict())
-    return out
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("kind,optimizer,growth", [
@@ -159,7 +138,7 @@ def test_updates_match_the_plain_reference_bit_for_bit(kind, optimizer, growth, 
     assert g_new.step_count == 11                       # five updates
     assert any(not torch.equal(g_new.fired[n], m.block_mask) for n, m in g_new.layers)
     assert torch.equal(l_new, l_ref)
-    _assert_same(_state(m_new, o_new, g_new), _state(m_ref, o_ref, g_ref))
+    assert_same_state(training_state(m_new, o_new, g_new), training_state(m_ref, o_ref, g_ref))
 
 
 def test_new_layout_objects_match_too(monkeypatch):
@@ -167,7 +146,7 @@ def test_new_layout_objects_match_too(monkeypatch):
     m_ref, o_ref, g_ref, _ = _run("repeated", "adamw", "random", True, monkeypatch)
     monkeypatch.setattr(storage, "_INPLACE_LAYOUT", False)
     m_new, o_new, g_new, _ = _run("repeated", "adamw", "random", False, monkeypatch)
-    _assert_same(_state(m_new, o_new, g_new), _state(m_ref, o_ref, g_ref))
+    assert_same_state(training_state(m_new, o_new, g_new), training_state(m_ref, o_ref, g_ref))
 
 
 def test_the_comparison_sees_a_wrong_move(monkeypatch):
@@ -180,4 +159,4 @@ def test_the_comparison_sees_a_wrong_move(monkeypatch):
                         move(ts[1:], order, torch.ones_like(keep)))
     m_new, o_new, g_new, _ = _run("repeated", "adamw", "random", False, monkeypatch)
     with pytest.raises(AssertionError):
-        _assert_same(_state(m_new, o_new, g_new), _state(m_ref, o_ref, g_ref))
+        assert_same_state(training_state(m_new, o_new, g_new), training_state(m_ref, o_ref, g_ref))
