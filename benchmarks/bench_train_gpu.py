@@ -458,13 +458,27 @@ def case_compile(w: Workload, device, s: Shapes, tiny: bool) -> dict:
     return out
 
 
-def case_update_cost(w: Workload, device, s: Shapes, plain_step_s: Optional[float]) -> dict:
-    """One RigL update (gradient growth, rate 0.3) against plain steps, alternating."""
-    w.mgr.close()
-    mgr = itop.TopologyManager(w.model, w.opt, update_every=2, total_steps=10 ** 9,
-                               prune_rate=0.3, schedule="constant", growth="gradient")
-    step = make_step(w, device)
+#: Update paths ``case_update_cost(compare_paths=True)`` times side by side: name -> the module
+#: switches it sets (``itop.topology._BATCH_LAYERS``/``_BATCH_SCORES``,
+#: ``itop_kernels.block_norms._GROUP_GEMM``); "batched" is the default.
+UPDATE_PATHS = {
+    "batched": {},
+    "batched_bmm_scores": {"gemm": "bmm"},
+    "per_layer_scores": {"scores": False},
+    "per_layer": {"layers": False, "scores": False},
+}
 
+
+def _set_update_path(layers: bool = True, scores: bool = True, gemm: str = "auto") -> None:
+    from itop import topology
+    from itop_kernels import block_norms
+    topology._BATCH_LAYERS, topology._BATCH_SCORES = layers, scores
+    block_norms._GROUP_GEMM = gemm
+
+
+def _update_pairs(step, mgr, device, pairs: int):
+    """``(plain step times, update step times)``: ``pairs`` plain/update step pairs, after one
+    warm-up pair."""
     def timed_step():
         _sync(device)
         t0 = time.perf_counter()
@@ -475,11 +489,34 @@ def case_update_cost(w: Workload, device, s: Shapes, plain_step_s: Optional[floa
     for _ in range(2):                     # warm-up: one plain step and one update
         timed_step()
     plain, upd = [], []
-    for _ in range(s.update_pairs):
+    for _ in range(pairs):
         plain.append(timed_step()[0])
         dt, changed = timed_step()
         assert changed, "the update step changed nothing"
         upd.append(dt)
+    return plain, upd, timed_step
+
+
+def case_update_cost(w: Workload, device, s: Shapes, plain_step_s: Optional[float],
+                     compare_paths: bool = False) -> dict:
+    """One RigL update (gradient growth, rate 0.3) against plain steps, alternating; with
+    ``compare_paths`` also each of :data:`UPDATE_PATHS` (batched across same-shape layers or
+    not, grouped scores by bmm or mm), a few pairs each."""
+    w.mgr.close()
+    mgr = itop.TopologyManager(w.model, w.opt, update_every=2, total_steps=10 ** 9,
+                               prune_rate=0.3, schedule="constant", growth="gradient")
+    step = make_step(w, device)
+    paths = {}
+    if compare_paths:
+        try:
+            for name, switches in UPDATE_PATHS.items():
+                _set_update_path(**switches)
+                p_plain, p_upd, _ = _update_pairs(step, mgr, device, max(2, s.update_pairs // 2))
+                paths[name] = {"plain_step_s": p_plain, "update_step_s": p_upd,
+                               "update_extra_s": _med(p_upd) - _med(p_plain)}
+        finally:
+            _set_update_path()
+    plain, upd, timed_step = _update_pairs(step, mgr, device, s.update_pairs)
     # where an update's time goes: one plain step, then one update step (armed step + update)
     from torch.profiler import ProfilerActivity, profile
     timed_step()
@@ -497,7 +534,7 @@ def case_update_cost(w: Workload, device, s: Shapes, plain_step_s: Optional[floa
     return {"model": w.name, "variant": w.variant, "kind": "update_cost",
             "plain_step_s": plain, "update_step_s": upd, "update_extra_s": extra,
             "overhead_at_update_every_100": extra / (100 * base), "base_step_s": base,
-            "target": 0.01, "update_step_profile_by_cpu_time": table,
+            "target": 0.01, "update_paths": paths, "update_step_profile_by_cpu_time": table,
             "update_step_profile_by_device_time": table_dev}
 
 
@@ -817,8 +854,8 @@ def plan_cases(a, s: Shapes, device, tiny: bool) -> List[Plan]:
             plans.append(Plan("mlp_rigl_window", est(6), needs(m, bs, lambda w: case_rigl_window(
                 w, device, s))))
         if m == "gpt2":
-            plans.append(Plan("gpt2_update_cost", est(5), needs(m, bs, lambda w: case_update_cost(
-                w, device, s, steps.get(f"gpt2_{w.variant}")))))
+            plans.append(Plan("gpt2_update_cost", est(6), needs(m, bs, lambda w: case_update_cost(
+                w, device, s, steps.get(f"gpt2_{w.variant}"), compare_paths=True))))
     for m in a.models:
         bs = blocks[m]
         plans.append(Plan(f"{m}_profile", est(5), needs(m, bs, lambda w: case_profile(
@@ -901,6 +938,8 @@ def print_table(rows: List[dict], result: dict) -> None:
         if c.get("kind") == "update_cost":
             print(f"RigL update, {c['model']}: +{c['update_extra_s'] * 1e3:.2f} ms = "
                   f"{100 * c['overhead_at_update_every_100']:.2f} % of 100 steps")
+            for name, p in c.get("update_paths", {}).items():
+                print(f"  update path {name:20s} +{p['update_extra_s'] * 1e3:.2f} ms")
         if c.get("kind") == "amdahl":
             for m, r in c["models"].items():
                 for k, v in ([(m, r)] if "dense_flops" in r else

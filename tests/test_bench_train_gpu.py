@@ -39,6 +39,12 @@ def test_tiny_runs_every_case(bench, tmp_path, capsys):
     bounds = cases["amdahl"]["models"]
     assert bounds["mlp"]["amdahl_bound"] > bounds["gpt2"]["amdahl_bound"] > 1
     assert "update_step_profile_by_cpu_time" in cases["gpt2_update_cost"]
+    paths = cases["gpt2_update_cost"]["update_paths"]   # batched vs per-layer updates timed
+    assert set(paths) == set(bench.UPDATE_PATHS)
+    assert all(len(p["update_step_s"]) >= 2 and p["update_step_s"][0] > 0 for p in paths.values())
+    from itop import topology
+    from itop_kernels import block_norms
+    assert topology._BATCH_LAYERS and topology._BATCH_SCORES and block_norms._GROUP_GEMM == "auto"
     lay = cases["layout_rebuild"]
     assert lay["grid"] == [128, 128] and lay["block_size"] == 32
     assert set(lay["cases"]) == {"from_positions", "from_positions_with_mask",
