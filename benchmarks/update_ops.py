@@ -19,10 +19,12 @@ and from there to a category (:data:`CATEGORIES`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -30,6 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import itop  # noqa: E402
+from itop import topology  # noqa: E402
+from itop_kernels import block_norms  # noqa: E402
 
 # ops that launch no kernel on a GPU (metadata, aliases, host-side scalars and allocations)
 HOST_ONLY = ("aten.view", "aten._unsafe_view", "aten.detach", "aten.alias", "aten.unbind",
@@ -215,56 +219,23 @@ def count_update_ops(kind: str = "linear", growth: str = "random", optimizer: st
 def all_counts() -> list:
     """Per-layer counts of the per-layer path (batching across layers off), every layer kind,
     growth and optimizer."""
-    with batching(False):
+    with switched(topology, "_BATCH_LAYERS", False):
         return [count_update_ops(k, g, o) for k in ("linear", "conv")
                 for g in ("random", "gradient") for o in ("sgd", "adamw")]
 
 
-class batching:
-    """``with batching(False):`` runs updates layer by layer (``itop.topology._BATCH_LAYERS``)."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        from itop import topology
-        self.was, topology._BATCH_LAYERS = topology._BATCH_LAYERS, self.on
-
-    def __exit__(self, *exc):
-        from itop import topology
-        topology._BATCH_LAYERS = self.was
-
-
-class score_batching:
-    """``with score_batching(False):`` computes each layer's gradient scores alone
-    (``itop.topology._BATCH_SCORES``) while the rest of the update stays batched."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        from itop import topology
-        self.was, topology._BATCH_SCORES = topology._BATCH_SCORES, self.on
-
-    def __exit__(self, *exc):
-        from itop import topology
-        topology._BATCH_SCORES = self.was
-
-
-class group_gemm:
-    """``with group_gemm("bmm"):`` scores groups with a batched GEMM (what CUDA runs) wherever
-    the counts are taken (``itop_kernels.block_norms._GROUP_GEMM``)."""
-
-    def __init__(self, gemm: str):
-        self.gemm = gemm
-
-    def __enter__(self):
-        from itop_kernels import block_norms
-        self.was, block_norms._GROUP_GEMM = block_norms._GROUP_GEMM, self.gemm
-
-    def __exit__(self, *exc):
-        from itop_kernels import block_norms
-        block_norms._GROUP_GEMM = self.was
+@contextlib.contextmanager
+def switched(module, name: str, value) -> Iterator[None]:
+    """Within the block, ``module.<name>`` is ``value`` (restored afterwards): the update-path
+    switches ``itop.topology._BATCH_LAYERS`` (updates batched across same-shape layers),
+    ``_BATCH_SCORES`` (gradient scores of a group computed together) and
+    ``itop_kernels.block_norms._GROUP_GEMM`` ("bmm": a batched GEMM, what CUDA runs)."""
+    was = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, was)
 
 
 # (label, batched update, batched scores, group GEMM) of gpt2_toy_counts
@@ -283,7 +254,9 @@ def gpt2_toy_counts(blocks: int = 4) -> list:
         for g in ("random", "gradient"):
             if g == "random" and label in ("batched, bmm scores", "batched, scores per layer"):
                 continue   # no gradient scores: the same as "batched"
-            with batching(on), score_batching(scores), group_gemm(gemm):
+            with switched(topology, "_BATCH_LAYERS", on), \
+                    switched(topology, "_BATCH_SCORES", scores), \
+                    switched(block_norms, "_GROUP_GEMM", gemm):
                 r = count_update_ops("gpt2_toy", g, "adamw", blocks)
             out.append({"path": label, "batched": on, "batch_scores": on and scores,
                         "group_gemm": gemm, "growth": g, "blocks": blocks,
