@@ -31,6 +31,10 @@ One kernel per concern, each an implicit GEMM (no im2col buffer):
   reduces over one split of the ``N·Ho·Wo`` pixels; splits write fp32 partial sums to a
   workspace that is summed afterwards (deterministic, no atomics).
 
+Each has a stacked-taps variant (``_conv_fwd_taps_kernel``, ``_conv_dgrad_taps_kernel``,
+``_conv_wgrad_taps_kernel``, chosen by :class:`ConvOptions`): several taps of one block in one
+MMA, ``taps·BS`` deep (forward, dgrad) or tall (wgrad), for fewer and fuller loop steps.
+
 All products accumulate in fp32. fp32 inputs use TF32 dots where torch's cuDNN convolution
 switch allows TF32 (its default, as for ``F.conv2d``) and IEEE fp32 dots otherwise
 (``PRECISION``, decided by :mod:`itop_kernels.dot_precision`). Tile sizes are ``tl.constexpr``
@@ -60,7 +64,8 @@ from .dot_precision import dot_precision
 
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
            "IEEE_CONFIGS", "CANDIDATES", "SUPPORTED_BLOCK_SIZES", "ConvConfig", "ConvOptions",
-           "OPTIONS", "options", "set_options", "wgrad_splits", "WGRAD_REDUCES", "WGRAD_KERNELS"]
+           "OPTIONS", "options", "set_options", "wgrad_splits", "WGRAD_REDUCES", "WGRAD_KERNELS",
+           "TAP_KERNELS", "stacked_tiles"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -138,36 +143,94 @@ def _conv_fwd_kernel(
              mask=m_ok[:, None])
 
 
-@triton.jit(do_not_specialize=_DGRAD_INTS)
-def _conv_dgrad_kernel(
-    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
+@triton.jit(do_not_specialize=_FWD_INTS)
+def _conv_fwd_taps_kernel(
+    x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx,
     N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
-    BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, BS: tl.constexpr, BM: tl.constexpr, TG: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    # dy: NHWC [N, Ho, Wo, CB_OUT*BS], dx: NHWC [N, H, W, CB_IN*BS], both contiguous.
-    #
-    # Stride phases. The forward reads input row h = ho*stride_h - pad_h + a*dil_h, so input
-    # row h receives tap row a exactly when (h + pad_h - a*dil_h) % stride_h == 0, which depends
-    # only on the phase qh = h % stride_h. A program owns input pixels of one phase (qh, qw), so
-    # it visits only the taps that reach them: a = a0h + u*step_h (u < nah), where
-    # step_h = stride_h / gcd(dil_h, stride_h); with stride 1 that is every tap. No MMA is
-    # spent on taps a stride skips.
-    #
-    # 1-D grid, block-column fastest: pid = (phase*TQ + pid_m)*CB_IN + c, with TQ the pixel
-    # tiles per phase and phase = qh*stride_w + qw.
+    # The forward with TG kernel taps stacked along the reduction: each loop step multiplies X
+    # gathered at TG taps of one active block, [BM, TG*BS], by those taps' weight tiles stacked,
+    # [TG*BS, BS]: one MMA TG*BS deep where _conv_fwd_kernel makes TG steps BS deep, so the
+    # loop's index arithmetic, barriers and pipeline waits are paid once per TG taps (at block
+    # 16 a 16-deep step is mostly overhead). The last group of a block is padded with masked
+    # taps (KHW = 9 in groups of 4: 12 slots) whose loads read nothing.
+    # Grid and layouts as _conv_fwd_kernel: pid = pid_m*CB_OUT + r; x, y NHWC, contiguous.
+    pid = tl.program_id(0)
+    r = pid % CB_OUT                        # out-channel block-row
+    pid_m = pid // CB_OUT                   # tile of output pixels
+    CIN = CB_IN * BS
+    COUT = CB_OUT * BS
+    M = N * Ho * Wo
+    offs_m = pid_m * BM + tl.arange(0, BM)  # flat output pixel m = (n*Ho + ho)*Wo + wo
+    m_ok = offs_m < M
+    wo = offs_m % Wo
+    ho = (offs_m // Wo) % Ho
+    n = offs_m // (Wo * Ho)
+    h0 = ho * stride_h - pad_h              # input row read by tap row 0
+    w0 = wo * stride_w - pad_w              # input column read by tap column 0
+    offs_o = tl.arange(0, BS)               # out-channels within block-row r
+    cols = tl.arange(0, TG * BS)            # stacked reduction index u*BS + k:
+    u = cols // BS                          #   tap u of the group,
+    k = cols % BS                           #   in-channel k of the block-column
+    KHW = KH * KW
+    G = (KHW + TG - 1) // TG                # tap groups per block
+    start = tl.load(row_ptr + r)
+    end = tl.load(row_ptr + r + 1)
+    acc = tl.zeros((BM, BS), dtype=tl.float32)
+    # One flat loop over t = (i - start)*G + g: active block i of row r, tap group g. The
+    # block's column index is loaded one iteration ahead, as in _conv_fwd_kernel.
+    T = (end - start) * G
+    c = tl.load(col_idx + start, mask=T > 0, other=0)   # in-channel block of active block i
+    for t in range(0, T):
+        g = t % G
+        i = start + t // G
+        tap = g * TG + u                    # the tap of each stacked column (>= KHW: padding)
+        tap_ok = tap < KHW
+        a = tap // KW
+        b = tap % KW
+        hi = h0[:, None] + (a * dil_h)[None, :]   # input pixel per (output pixel, column)
+        wi = w0[:, None] + (b * dil_w)[None, :]
+        ok = (m_ok[:, None] & tap_ok[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+        # x[n, hi, wi, c*BS + k] at ((n*H + hi)*W + wi)*CIN + c*BS + k: runs of BS channels,
+        # 16-byte aligned (CIN and BS are multiples of 16), one run per (pixel, tap).
+        x_off = ((n[:, None] * H + hi) * W + wi) * CIN + c * BS
+        xt = tl.load(x_ptr + (x_off + k[None, :]), mask=ok, other=0.0)
+        # Wᵀ stacked [TG*BS, BS]: row u*BS + k, column o = values[i, tap, o, k]
+        #   at (i*KHW + tap)*BS*BS + o*BS + k
+        w_off = (i * KHW + tap) * (BS * BS) + k
+        wt = tl.load(v_ptr + (w_off[:, None] + offs_o[None, :] * BS), mask=tap_ok[:, None],
+                     other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        c = tl.load(col_idx + start + (t + 1) // G, mask=t + 1 < T, other=0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + r * BS + offs_o).to(tl.float32)[None, :]
+    # y[m, r*BS + o] at m*COUT + r*BS + o. Empty block-rows still write (zeros or the bias).
+    y_row = tl.multiple_of(y_ptr + (offs_m * COUT + r * BS), 16)
+    tl.store(y_row[:, None] + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+
+
+@triton.jit
+def _dgrad_tile(pid, N, H, W, KH, KW, CB_IN, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                step_h, step_w, BM: tl.constexpr):
+    """What dgrad program ``pid`` owns: block-column ``c``, a tile of ``BM`` input pixels of
+    one stride phase ``(qh, qw)`` (``n, ih, iw`` in the phase's grid, ``h, w`` in the input,
+    ``m_ok`` for pixels that exist), and the phase's taps: rows ``a0h + uh*step_h`` (``uh <
+    nah``), columns ``a0w + uw*step_w`` (``uw < naw``). The grid is 1-D, block-column fastest:
+    ``pid = (phase*TQ + pid_m)*CB_IN + c``, ``TQ`` pixel tiles per phase, ``phase = qh*stride_w
+    + qw``."""
     Hq = (H + stride_h - 1) // stride_h     # rows of phase 0 (the tallest); others are masked
     Wq = (W + stride_w - 1) // stride_w
     Mq = N * Hq * Wq
     TQ = (Mq + BM - 1) // BM
-    pid = tl.program_id(0)
     c = pid % CB_IN                         # in-channel block-column
     pid_m = (pid // CB_IN) % TQ             # tile of pixels within the phase
     phase = pid // (CB_IN * TQ)
     qh = phase // stride_w
     qw = phase % stride_w
-    CIN = CB_IN * BS
-    COUT = CB_OUT * BS
     offs_q = pid_m * BM + tl.arange(0, BM)  # flat phase pixel q = (n*Hq + ih)*Wq + iw
     iw = offs_q % Wq
     ih = (offs_q // Wq) % Hq
@@ -186,6 +249,32 @@ def _conv_dgrad_kernel(
         a0w = tl.where(((qw + pad_w - b * dil_w) % stride_w == 0) & (a0w == KW), b, a0w)
     nah = (KH - a0h + step_h - 1) // step_h  # taps of the phase: 0 if a0h == KH
     naw = (KW - a0w + step_w - 1) // step_w
+    return c, n, ih, iw, h, w, m_ok, qh, qw, a0h, a0w, nah, naw
+
+
+@triton.jit(do_not_specialize=_DGRAD_INTS)
+def _conv_dgrad_kernel(
+    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
+    N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
+    BS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dy: NHWC [N, Ho, Wo, CB_OUT*BS], dx: NHWC [N, H, W, CB_IN*BS], both contiguous.
+    #
+    # Stride phases. The forward reads input row h = ho*stride_h - pad_h + a*dil_h, so input
+    # row h receives tap row a exactly when (h + pad_h - a*dil_h) % stride_h == 0, which depends
+    # only on the phase qh = h % stride_h. A program owns input pixels of one phase (qh, qw), so
+    # it visits only the taps that reach them: a = a0h + u*step_h (u < nah), where
+    # step_h = stride_h / gcd(dil_h, stride_h); with stride 1 that is every tap. No MMA is
+    # spent on taps a stride skips.
+    #
+    # 1-D grid, block-column fastest: pid = (phase*TQ + pid_m)*CB_IN + c, with TQ the pixel
+    # tiles per phase and phase = qh*stride_w + qw.
+    c, n, ih, iw, h, w, m_ok, qh, qw, a0h, a0w, nah, naw = _dgrad_tile(
+        tl.program_id(0), N, H, W, KH, KW, CB_IN, stride_h, stride_w, pad_h, pad_w, dil_h,
+        dil_w, step_h, step_w, BM)
+    CIN = CB_IN * BS
+    COUT = CB_OUT * BS
     offs_i = tl.arange(0, BS)               # in-channels within block-column c
     offs_k = tl.arange(0, BK)               # out-channels within one BK slice of a block
     NK: tl.constexpr = BS // BK
@@ -225,6 +314,66 @@ def _conv_dgrad_kernel(
         blk = tl.load(t_block_idx + j_next, mask=t + 1 < T, other=0)
     # dx[n, h, w, c*BS + i] at ((n*H + h)*W + w)*CIN + c*BS + i. Every input pixel belongs to
     # exactly one phase, so each is written once; pixels no tap reaches get zeros.
+    x_row = tl.multiple_of(dx_ptr + (((n * H + h) * W + w) * CIN + c * BS), 16)
+    tl.store(x_row[:, None] + offs_i[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+
+
+@triton.jit(do_not_specialize=_DGRAD_INTS)
+def _conv_dgrad_taps_kernel(
+    dy_ptr, v_ptr, dx_ptr, col_ptr, t_row_idx, t_block_idx,
+    N, H, W, Ho, Wo, KH, KW, CB_IN, CB_OUT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
+    BS: tl.constexpr, BM: tl.constexpr, TG: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # dX with TG of the phase's taps stacked along the reduction (as _conv_fwd_taps_kernel does
+    # for the forward): each loop step multiplies dY gathered at TG taps of one active block,
+    # [BM, TG*BS], by those taps' weight tiles stacked, [TG*BS, BS]. Stride phases, grid and
+    # layouts as _conv_dgrad_kernel; the phase's nah*naw taps are numbered p = uh*naw + uw and
+    # grouped by TG, the last group padded with masked taps.
+    c, n, ih, iw, h, w, m_ok, qh, qw, a0h, a0w, nah, naw = _dgrad_tile(
+        tl.program_id(0), N, H, W, KH, KW, CB_IN, stride_h, stride_w, pad_h, pad_w, dil_h,
+        dil_w, step_h, step_w, BM)
+    CIN = CB_IN * BS
+    COUT = CB_OUT * BS
+    offs_i = tl.arange(0, BS)               # in-channels within block-column c
+    cols = tl.arange(0, TG * BS)            # stacked reduction index u*BS + k:
+    u = cols // BS                          #   phase tap u of the group,
+    k = cols % BS                           #   out-channel k of the block-row
+    KHW = KH * KW
+    NP = nah * naw                          # taps that reach this phase
+    G = (NP + TG - 1) // TG                 # tap groups per block (0 if no tap reaches it)
+    start = tl.load(col_ptr + c)
+    end = tl.load(col_ptr + c + 1)
+    acc = tl.zeros((BM, BS), dtype=tl.float32)
+    # t = (j - start)*G + g for the j-th active block of column c (column-major) and tap group
+    # g; the block's indices are loaded one iteration ahead.
+    T = (end - start) * G
+    r = tl.load(t_row_idx + start, mask=T > 0, other=0)      # out-channel block of block j
+    blk = tl.load(t_block_idx + start, mask=T > 0, other=0)  # its index into values
+    for t in range(0, T):
+        g = t % G
+        p = g * TG + u                      # phase tap of each stacked column (>= NP: padding)
+        p_ok = p < NP
+        a = a0h + (p // naw) * step_h
+        b = a0w + (p % naw) * step_w
+        tap = a * KW + b
+        # ho = ih + (qh + pad_h - a*dil_h) / stride_h, an exact division (see _conv_dgrad_kernel)
+        ho = ih[:, None] + ((qh + pad_h - a * dil_h) // stride_h)[None, :]
+        wo = iw[:, None] + ((qw + pad_w - b * dil_w) // stride_w)[None, :]
+        ok = (m_ok[:, None] & p_ok[None, :] & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo))
+        # dy[n, ho, wo, r*BS + k] at ((n*Ho + ho)*Wo + wo)*COUT + r*BS + k
+        dy_off = ((n[:, None] * Ho + ho) * Wo + wo) * COUT + r * BS
+        dyt = tl.load(dy_ptr + (dy_off + k[None, :]), mask=ok, other=0.0)
+        # W stacked [TG*BS, BS] (out × in): row u*BS + k, column i = values[blk, tap, k, i]
+        #   at (blk*KHW + tap)*BS*BS + k*BS + i
+        w_off = (blk * KHW + tap) * (BS * BS) + k * BS
+        wt = tl.load(v_ptr + (w_off[:, None] + offs_i[None, :]), mask=p_ok[:, None], other=0.0)
+        acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
+        j_next = start + (t + 1) // G
+        r = tl.load(t_row_idx + j_next, mask=t + 1 < T, other=0)
+        blk = tl.load(t_block_idx + j_next, mask=t + 1 < T, other=0)
+    # dx[n, h, w, c*BS + i] at ((n*H + h)*W + w)*CIN + c*BS + i; pixels no tap reaches get zeros.
     x_row = tl.multiple_of(dx_ptr + (((n * H + h) * W + w) * CIN + c * BS), 16)
     tl.store(x_row[:, None] + offs_i[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None])
@@ -369,13 +518,15 @@ CONFIGS = {
 
 # IEEE_CONFIGS[arch][block_size]: fp32 with IEEE dots (torch's cuDNN TF32 switch off). The FMA
 # path holds its operands in registers, so most of the tiles above spill; these smaller ones
-# compile without spills on both archs (``compile_check``). Correctness first: the GPU conv
-# tuning owns their speed.
+# compile without spills on both archs in both specializations (``compile_check``; block 128
+# takes BK 16: with BK 32 its forward with bias spills 8 bytes on sm_90 once the pointers are
+# known to be aligned, as they are at run time). Correctness first: the GPU conv tuning owns
+# their speed.
 _IEEE = {
     16: ConvConfig(BM=64, BK=16, warps=4, stages=2, WBM=64, WBO=16, wwarps=4, wstages=2),
     32: ConvConfig(BM=32, BK=32, warps=4, stages=2, WBM=32, WBO=32, wwarps=4, wstages=2),
     64: ConvConfig(BM=32, BK=32, warps=8, stages=2, WBM=32, WBO=32, wwarps=8, wstages=2),
-    128: ConvConfig(BM=32, BK=32, warps=8, stages=2, WBM=32, WBO=32, wwarps=8, wstages=2),
+    128: ConvConfig(BM=32, BK=16, warps=8, stages=2, WBM=32, WBO=32, wwarps=8, wstages=2),
 }
 IEEE_CONFIGS = {80: _IEEE, 90: _IEEE}
 
@@ -396,6 +547,11 @@ CANDIDATES = {
                                    wstages=3),
         "bm64_w2|w32_s4_sp8": _C(BM=64, BK=16, warps=2, stages=3, WBM=32, WBO=16, wwarps=2,
                                   wstages=4, wsplit=8),
+        # one stage: plain ld.global loads, cached in L1, instead of pipelined cp.async.cg
+        # (which bypasses L1): neighbouring taps read overlapping pixels, so with the taps of
+        # one block in consecutive steps most of a 3×3 layer's X reads may hit L1
+        "bm128_s1|w64_s1": _C(BM=128, BK=16, warps=4, stages=1, WBM=64, WBO=16, wwarps=4,
+                               wstages=1),
     },
     32: {
         "bk16_s4|w128": _C(BM=128, BK=16, warps=4, stages=4, WBM=128, WBO=32, wwarps=4, wstages=3),
@@ -407,6 +563,8 @@ CANDIDATES = {
                               wstages=3),
         "bm256_bk16_w8_s4|w256_w8_s2": _C(BM=256, BK=16, warps=8, stages=4, WBM=256, WBO=32,
                                            wwarps=8, wstages=2),
+        "bm128_s1|w64_s1": _C(BM=128, BK=32, warps=4, stages=1, WBM=64, WBO=32, wwarps=4,
+                               wstages=1),   # L1-cached loads, as for block 16
     },
 }
 del _C
@@ -416,6 +574,8 @@ del _C
 ROUTES_1X1 = ("conv", "gemm", "gemm_fwd_dx")
 WGRAD_REDUCES = ("triton", "torch")
 WGRAD_KERNELS = ("per_tap", "taps")
+# the kernels the forward and dgrad can run: a tap (and BK slice) per loop step, or taps stacked
+TAP_KERNELS = ("per_tap", "taps")
 
 
 @dataclass(frozen=True)
@@ -437,6 +597,11 @@ class ConvOptions:
     - ``wgrad_reduce``: how the wgrad's fp32 partial sums become ``dW`` in the input dtype:
       ``"triton"`` one kernel (sum over the splits and cast), ``"torch"`` ``ws.sum(0)`` then
       ``.to(dtype)`` (two launches and an fp32 round trip through memory).
+    - ``fwd_kernel`` / ``dgrad_kernel``: ``"per_tap"`` (each loop step one tap and one ``BK``
+      slice of a block: an MMA ``BK`` deep) or ``"taps"`` (each loop step ``fwd_taps`` /
+      ``dgrad_taps`` taps of a block stacked: an MMA ``taps·BS`` deep, at most 128; fewer,
+      fuller steps, the last group of a block padded with masked taps; pixel tile, warps and
+      stages from :func:`stacked_tiles`). Kernels with one tap (1×1) use ``"per_tap"``.
     """
 
     route_1x1: str = "conv"
@@ -444,6 +609,10 @@ class ConvOptions:
     wgrad_reduce: str = "triton"
     wgrad_kernel: str = "per_tap"
     wgrad_taps: int = 4
+    fwd_kernel: str = "per_tap"
+    fwd_taps: int = 4
+    dgrad_kernel: str = "per_tap"
+    dgrad_taps: int = 4
 
 
 OPTIONS = ConvOptions()
@@ -473,8 +642,12 @@ def set_options(**changes) -> ConvOptions:
         raise ValueError(f"route_1x1 must be one of {ROUTES_1X1}, got {new.route_1x1!r}")
     if new.wgrad_kernel not in WGRAD_KERNELS:
         raise ValueError(f"wgrad_kernel must be one of {WGRAD_KERNELS}, got {new.wgrad_kernel!r}")
-    if new.wgrad_taps not in (1, 2, 4, 8):
-        raise ValueError(f"wgrad_taps must be 1, 2, 4 or 8, got {new.wgrad_taps!r}")
+    for name in ("fwd_kernel", "dgrad_kernel"):
+        if getattr(new, name) not in TAP_KERNELS:
+            raise ValueError(f"{name} must be one of {TAP_KERNELS}, got {getattr(new, name)!r}")
+    for name in ("wgrad_taps", "fwd_taps", "dgrad_taps"):
+        if getattr(new, name) not in (1, 2, 4, 8):
+            raise ValueError(f"{name} must be 1, 2, 4 or 8, got {getattr(new, name)!r}")
     if new.wgrad_reduce not in WGRAD_REDUCES:
         raise ValueError(f"wgrad_reduce must be one of {WGRAD_REDUCES}, got {new.wgrad_reduce!r}")
     if new.config is not None and not isinstance(new.config, ConvConfig):
@@ -618,13 +791,19 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
     values = _aligned(values)
-    grid = (cdiv(M, cfg.BM) * (out_channels // block_size),)
-    _launch(_conv_fwd_kernel, grid,
-            (x, values, bias if bias is not None else values, y, row_ptr, col_idx,
-             N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
-             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]),
-            {"HAS_BIAS": bias is not None, "BS": block_size, "BM": cfg.BM, "BK": cfg.BK,
-             "PRECISION": prec}, cfg.warps, cfg.stages)
+    args = (x, values, bias if bias is not None else values, y, row_ptr, col_idx,
+            N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    tg = _tap_kernel("fwd", block_size, KH * KW, x.dtype, prec)
+    if tg > 1:
+        bm, warps, stages = stacked_tiles(block_size, tg)
+        _launch(_conv_fwd_taps_kernel, (cdiv(M, bm) * (out_channels // block_size),), args,
+                {"HAS_BIAS": bias is not None, "BS": block_size, "BM": bm, "TG": tg,
+                 "PRECISION": prec}, warps, stages)
+    else:
+        _launch(_conv_fwd_kernel, (cdiv(M, cfg.BM) * (out_channels // block_size),), args,
+                {"HAS_BIAS": bias is not None, "BS": block_size, "BM": cfg.BM, "BK": cfg.BK,
+                 "PRECISION": prec}, cfg.warps, cfg.stages)
     return _in_format(y, memory_format)
 
 
@@ -653,21 +832,48 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     # One pixel space per stride phase, sized for phase 0 (the largest).
     sh, sw = stride
     mq = N * cdiv(H, sh) * cdiv(W, sw)
-    grid = (sh * sw * cdiv(mq, cfg.BM) * (Cin // block_size),)
-    _launch(_conv_dgrad_kernel, grid,
-            (dy, values, dx, col_ptr, t_row_idx, t_block_idx,
-             N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
-             sh, sw, padding[0], padding[1], dilation[0], dilation[1],
-             sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw)),
-            {"BS": block_size, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
-            cfg.warps, cfg.stages)
+    args = (dy, values, dx, col_ptr, t_row_idx, t_block_idx,
+            N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
+            sh, sw, padding[0], padding[1], dilation[0], dilation[1],
+            sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw))
+    tg = _tap_kernel("dgrad", block_size, KH * KW, dy.dtype, prec)
+    if tg > 1:
+        bm, warps, stages = stacked_tiles(block_size, tg)
+        _launch(_conv_dgrad_taps_kernel, (sh * sw * cdiv(mq, bm) * (Cin // block_size),), args,
+                {"BS": block_size, "BM": bm, "TG": tg, "PRECISION": prec}, warps, stages)
+    else:
+        _launch(_conv_dgrad_kernel, (sh * sw * cdiv(mq, cfg.BM) * (Cin // block_size),), args,
+                {"BS": block_size, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
+                cfg.warps, cfg.stages)
     return _in_format(dx, memory_format)
 
 
-def _stacked_taps(block_size: int) -> int:
-    """Taps per program of the stacked-taps wgrad: ``OPTIONS.wgrad_taps``, at most
-    ``128 / block_size`` (an accumulator of at most 128 × BS rows: no spills)."""
-    return max(1, min(OPTIONS.wgrad_taps, 128 // block_size))
+def _stacked_taps(block_size: int, taps: Optional[int] = None) -> int:
+    """Taps stacked per MMA: ``taps`` (default ``OPTIONS.wgrad_taps``), at most
+    ``128 / block_size`` (the wgrad's accumulator, and the forward's and dgrad's reduction
+    depth, at most 128 rows: no spills)."""
+    return max(1, min(OPTIONS.wgrad_taps if taps is None else taps, 128 // block_size))
+
+
+def stacked_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
+    """``(BM, warps, stages)`` of the stacked-taps forward and dgrad (``fwd_kernel`` /
+    ``dgrad_kernel`` ``"taps"``): 128 pixels, 8 warps, 3 stages while the stacked operand is at
+    most 64 deep and 2 at 128 (shared memory: 2 × 48 KB for block 64, so two programs fit an
+    SM). Every block size and group size compiles without spills for sm_80 and sm_90
+    (``aot_cases``), with wgmma on sm_90."""
+    return 128, 8, (3 if taps * block_size <= 64 else 2)
+
+
+def _tap_kernel(kind: str, block_size: int, taps_total: int, dtype: torch.dtype,
+                precision: str) -> int:
+    """Taps stacked per loop step of the ``kind`` (``"fwd"`` or ``"dgrad"``) kernel: 1 for the
+    per-tap kernel, which runs for 1×1 kernels, IEEE fp32 (whose FMA path holds the operands in
+    registers) and when ``OPTIONS.<kind>_kernel`` is ``"per_tap"``."""
+    if getattr(OPTIONS, f"{kind}_kernel") != "taps" or taps_total == 1:
+        return 1
+    if dtype == torch.float32 and precision == "ieee":
+        return 1
+    return _stacked_taps(block_size, getattr(OPTIONS, f"{kind}_taps"))
 
 
 def _taps_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
@@ -782,11 +988,37 @@ def _kernel_cases(name: str, cfg: ConvConfig, bs: int, ptr: str, prec: str,
     return cases
 
 
+def _stacked_cases(name: str, bs: int, tg: int, ptr: str, prec: str) -> list:
+    """The stacked-taps forward (with and without bias) and dgrad compile cases, with the
+    tiles of :func:`stacked_tiles`."""
+    from .compile_check import AotCase
+
+    bm, warps, stages = stacked_tiles(bs, tg)
+    cases = []
+    for has_bias in (True, False):
+        sig = {"x_ptr": ptr, "v_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr,
+               "row_ptr": "*i32", "col_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+               "HAS_BIAS": "constexpr", "BS": "constexpr", "BM": "constexpr",
+               "TG": "constexpr", "PRECISION": "constexpr"}
+        cases.append(AotCase(name.format(kernel="fwd") + ("_bias" if has_bias else ""),
+                             _conv_fwd_taps_kernel, sig,
+                             {"HAS_BIAS": has_bias, "BS": bs, "BM": bm, "TG": tg,
+                              "PRECISION": prec}, warps, stages))
+    sig = {"dy_ptr": ptr, "v_ptr": ptr, "dx_ptr": ptr, "col_ptr": "*i32",
+           "t_row_idx": "*i32", "t_block_idx": "*i32", **_ints(_GEOM), **_ints(_CONV),
+           **_ints(["step_h", "step_w"]), "BS": "constexpr", "BM": "constexpr",
+           "TG": "constexpr", "PRECISION": "constexpr"}
+    cases.append(AotCase(name.format(kernel="dgrad"), _conv_dgrad_taps_kernel, sig,
+                         {"BS": bs, "BM": bm, "TG": tg, "PRECISION": prec}, warps, stages))
+    return cases
+
+
 def aot_cases(arch: int) -> list:
     """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
-    (fp32 with TF32 and with IEEE dots; the forward with and without bias), then every tuning
-    candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without bias),
-    and the wgrad reduction for each output dtype."""
+    (fp32 with TF32 and with IEEE dots; the forward with and without bias), the stacked-taps
+    wgrad (bf16) and forward and dgrad (bf16 and TF32) at every group size, then every tuning
+    candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without
+    bias)."""
     from .compile_check import AotCase
 
     cases = []
@@ -804,6 +1036,11 @@ def aot_cases(arch: int) -> list:
             cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16", _conv_wgrad_taps_kernel,
                                  sig, {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
                                  twarps, tstages))
+    for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps forward and dgrad, every group size
+        for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+            for dname, ptr, prec in _KINDS[1:3]:   # bf16 (fp16 compiles alike) and TF32
+                cases += _stacked_cases(f"conv_{{kernel}}_taps{tg}_bs{bs}_{dname}", bs, tg,
+                                        ptr, prec)
     for bs, cands in CANDIDATES.items():
         for cname, cfg in cands.items():
             cases += _kernel_cases(f"conv_cand[{cname}]_{{kernel}}_bs{bs}_bf16", cfg, bs, "*bf16",

@@ -342,9 +342,11 @@ def _sweep_table() -> dict:
                dataclasses.replace(shipped[128], ordered=True)]
     dx[64] = dx[64] + [dataclasses.replace(shipped[64], ordered=True)]
     common = {"fwd": fwd, "dx": dx, "dw": dw}
-    # sm_90 only (sm_80 has no TMA): operand tiles through TMA descriptors. TMA takes the address
-    # arithmetic out of the registers (58-162 instead of 218-255 on sm_90), so tiles that spilled
-    # with pointer loads are candidates: bm128 w4 and bm256 at block 64, bk128 at block 128.
+    # sm_90 only (sm_80 has no TMA): operand tiles through TMA descriptors, which take the
+    # address arithmetic and the per-thread cp.async instructions out of the loop. As launched
+    # (aligned operands) the pointer tiles hold about as many registers (60-124 against
+    # 58-94), but bm128 w4 and bm256 at block 64 and bk128 at block 128 spill in the pointer
+    # kernel's unaligned fallback, so only their TMA versions are candidates.
     tma = {
         32: [C(128, 32, 4, 3, tma=True)],
         64: [C(128, 64, 8, 3, tma=True), C(128, 64, 4, 3, tma=True), C(256, 64, 8, 3, tma=True)],
@@ -422,33 +424,34 @@ def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.devic
 
 
 # --------------------------------------------------------------------------- wrappers
-_TMA_WARNED = False
+_ALIGN_WARNED = False
 
 
-def _tma_misfit(**tensors: torch.Tensor) -> str:
-    """Why TMA cannot read these tensors (``""`` when it can): each needs a 16-byte aligned
-    base, 16-byte aligned row strides and a contiguous last dimension."""
-    for name, t in tensors.items():
-        if t.data_ptr() % 16:
-            return f"{name} is not 16-byte aligned (data_ptr % 16 = {t.data_ptr() % 16})"
-        if t.stride(-1) != 1 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
-            return f"{name} has strides {tuple(t.stride())} (TMA needs 16-byte row strides)"
-    return ""
+def _operand(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` contiguous with a 16-byte aligned base, as every kernel here wants it: the pointer
+    kernels then load 16-byte vectors through ``cp.async`` (Triton specializes on the alignment;
+    a misaligned base compiles a kernel that loads each element on its own), and TMA needs
+    aligned bases. A contiguous tensor with a misaligned base (a view at an odd offset) is
+    copied, with a warning once per process: the copy is one extra pass over it."""
+    global _ALIGN_WARNED
+    t = t.contiguous()
+    if t.data_ptr() % 16:
+        if not _ALIGN_WARNED:
+            _ALIGN_WARNED = True
+            warnings.warn(f"itop_kernels: {name} is not 16-byte aligned (data_ptr % 16 = "
+                          f"{t.data_ptr() % 16}); the block-sparse linear copies it to an aligned "
+                          "buffer (one extra pass over it; warned once)", RuntimeWarning,
+                          stacklevel=3)
+        t = t.clone()
+    return t
 
 
-def _use_tma(cfg: _Cfg, rows: int, nnz: int, **tensors: torch.Tensor) -> bool:
-    """Whether ``cfg`` runs its TMA kernel on these operands. Nothing to read (``rows`` or
-    ``nnz`` zero) takes the pointer kernel quietly; misaligned operands take it too, with a
-    warning once per process (the config then times the pointer kernel)."""
-    global _TMA_WARNED
-    if not cfg.tma or rows == 0 or nnz == 0:
-        return False
-    why = _tma_misfit(**tensors)
-    if why and not _TMA_WARNED:
-        _TMA_WARNED = True
-        warnings.warn(f"itop_kernels: TMA config [{cfg.tag()}] falls back to pointer loads: {why}",
-                      RuntimeWarning, stacklevel=3)
-    return not why
+def _use_tma(cfg: _Cfg, rows: int, nnz: int) -> bool:
+    """Whether ``cfg`` runs its TMA kernel: a TMA config with something to read (with ``rows``
+    or ``nnz`` zero, where a descriptor of zero rows would be invalid, the pointer kernel runs).
+    The operands are contiguous and aligned (:func:`_operand`), and their rows are multiples of
+    16 elements (block sizes are), so TMA can always read them."""
+    return bool(cfg.tma and rows and nnz)
 
 
 def _desc(t: torch.Tensor, rows: int, cols: int, block: tuple) -> TensorDescriptor:
@@ -466,15 +469,17 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                    out_features: int, *, config: Optional[_Cfg] = None) -> torch.Tensor:
     """``Y = X·Wᵀ (+ bias)``: ``x [M, K]``, ``values [nnz, bs, bs]`` -> ``[M, N]``, x's dtype.
     ``config`` overrides the table (benchmarks)."""
-    x = x.contiguous()
-    values = values.contiguous()
+    x = _operand(x, "x")
+    values = _operand(values, "values")
+    if bias is not None:
+        bias = _operand(bias, "bias")
     M, K = x.shape
     N = out_features
     cfg = config or _config("fwd", x.device, block_size, x.dtype)
     y = empty_output((M, N), x.dtype, x.device)
     grid = _grid(cdiv(N // block_size, cfg.wide), cdiv(M, cfg.tile_m), cfg)
     order = _by_nnz(row_ptr) if cfg.ordered else row_ptr
-    tma = _use_tma(cfg, M, values.shape[0], x=x, values=values)
+    tma = _use_tma(cfg, M, values.shape[0])
     xa, va = x, values
     if tma:
         xa = _desc(x, M, K, (cfg.tile_m, cfg.tile_k))
@@ -493,15 +498,15 @@ def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Ten
                       in_features: int, *, config: Optional[_Cfg] = None) -> torch.Tensor:
     """``dX = dY·W``: ``dy [M, N]`` -> ``[M, K]`` in dy's dtype, via the transpose metadata.
     ``config`` overrides the table (benchmarks)."""
-    dy = dy.contiguous()
-    values = values.contiguous()
+    dy = _operand(dy, "dy")
+    values = _operand(values, "values")
     M, N = dy.shape
     K = in_features
     cfg = config or _config("dx", dy.device, block_size, dy.dtype)
     dx = empty_output((M, K), dy.dtype, dy.device)
     grid = _grid(cdiv(K // block_size, cfg.wide), cdiv(M, cfg.tile_m), cfg)
     order = _by_nnz(col_ptr) if cfg.ordered else col_ptr
-    tma = _use_tma(cfg, M, values.shape[0], dy=dy, values=values)
+    tma = _use_tma(cfg, M, values.shape[0])
     dya, va = dy, values
     if tma:
         dya = _desc(dy, M, N, (cfg.tile_m, cfg.tile_k))
@@ -522,8 +527,8 @@ def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     With a split config the reduction over M runs in ``splits`` parallel ranges into an fp32
     workspace, summed afterwards in a fixed order (deterministic, one rounding).
     ``config`` overrides the table (benchmarks)."""
-    dy = dy.contiguous()
-    x = x.contiguous()
+    dy = _operand(dy, "dy")
+    x = _operand(x, "x")
     M, N = dy.shape
     K = x.shape[1]
     nnz = row_idx.numel()
@@ -533,7 +538,7 @@ def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     splits = _dw_splits(cfg, M, nnz, block_size, dy.device) if nnz else 1
     if nnz == 0:
         return empty_output((0, block_size, block_size), dy.dtype, dy.device)
-    tma = _use_tma(cfg, M, nnz, dy=dy, x=x)
+    tma = _use_tma(cfg, M, nnz)
     consts = dict(BS=block_size, BT=cfg.tile_k, BKM=cfg.tile_m, PRECISION=prec, TMA=tma)
     dya, xa = dy, x
     if tma:
@@ -613,7 +618,8 @@ def _case(kernel: str, bs: int, cfg: _Cfg, dt: str, prec: str, has_bias, prefix:
     name = f"{prefix}_{kernel} bs={bs} {dt} {prec}"
     name += f" bias={has_bias}" if has_bias is not None else ""
     name += f" [{cfg.tag()}]"
-    return AotCase(name, fn, sig, const, cfg.num_warps, cfg.num_stages)
+    # M (the rows: a batch) can be anything; K and N are whole blocks, multiples of 16
+    return AotCase(name, fn, sig, const, cfg.num_warps, cfg.num_stages, ragged=("M",))
 
 
 def aot_cases(arch: int) -> list:

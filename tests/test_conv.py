@@ -653,6 +653,71 @@ def test_triton_wgrad_stacked_taps(taps, triton_device, no_cpu_path, monkeypatch
     assert spies["_conv_wgrad_kernel"].calls == []
 
 
+STACKED_CASES = [
+    # 9 taps in groups of 2/4/8 (the last group padded); stride 2 in h: two dgrad phases with
+    # different tap counts; padding and dilation; a block-row with no blocks
+    Case(32, 48, (9, 7), (3, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2), batch=1,
+         mask="empty_rows", id="strided_dilated"),
+    # a 1×3 kernel at stride 2 in h: odd input rows get no tap at all (a dgrad phase with zero
+    # groups writes zeros), odd batch, channels-last input
+    Case(32, 32, (7, 6), (1, 3), stride=(2, 1), padding=(0, 1), batch=3, layout_in="cl",
+         id="phase_without_taps"),
+    Case(32, 32, (5, 5), (3, 3), padding=1, batch=1, mask="dense", bias=False, id="dense"),
+    Case(32, 32, (5, 4), (3, 3), padding=1, batch=1, mask="one", layout_in="strided",
+         id="one_block_strided"),
+    Case(64, 64, (5, 5), (3, 3), padding=1, bs=32, batch=1, id="bs32"),
+]
+
+
+@pytest.mark.parametrize("taps", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("c", STACKED_CASES, ids=lambda c: c.id)
+def test_triton_fwd_dgrad_stacked_taps(c, dtype, taps, triton_device, no_cpu_path, monkeypatch):
+    """``fwd_kernel="taps"`` / ``dgrad_kernel="taps"``: groups of taps stacked into one MMA
+    (capped at 128 / block size taps), against the float64 reference with poisoned outputs; the
+    stacked kernels, not the per-tap ones, ran."""
+    from itop_kernels import triton_conv
+
+    spies = spy_launches(monkeypatch, triton_conv, (
+        "_conv_fwd_taps_kernel", "_conv_fwd_kernel", "_conv_dgrad_taps_kernel",
+        "_conv_dgrad_kernel"))
+    with triton_conv.options(fwd_kernel="taps", fwd_taps=taps, dgrad_kernel="taps",
+                             dgrad_taps=taps):
+        check_case(c, dtype, triton_device)
+    assert spies["_conv_fwd_kernel"].calls == [] and spies["_conv_dgrad_kernel"].calls == []
+    assert len(spies["_conv_fwd_taps_kernel"].calls) >= 1
+    assert len(spies["_conv_dgrad_taps_kernel"].calls) >= 1
+    stacked = {call["TG"] for call in spies["_conv_fwd_taps_kernel"].calls}
+    assert stacked == {min(taps, 128 // c.bs)}
+
+
+def test_triton_stacked_taps_leave_1x1_and_ieee_fp32_per_tap(triton_device, no_cpu_path,
+                                                              monkeypatch, tf32_switch):
+    """A 1×1 kernel has one tap, and IEEE fp32 (cuDNN's TF32 switch off) holds its operands in
+    registers on the FMA path: both keep the per-tap kernels, and stay correct."""
+    from itop_kernels import triton_conv
+
+    spies = spy_launches(monkeypatch, triton_conv, (
+        "_conv_fwd_taps_kernel", "_conv_fwd_kernel", "_conv_dgrad_taps_kernel",
+        "_conv_dgrad_kernel"))
+    with triton_conv.options(fwd_kernel="taps", dgrad_kernel="taps"):
+        check_case(Case(32, 32, (5, 5), (1, 1), batch=1, id="1x1"), torch.float16, triton_device)
+        tf32_switch("conv", "legacy", False)
+        check_case(Case(32, 32, (5, 5), (3, 3), padding=1, batch=1, id="ieee"), torch.float32,
+                   triton_device)
+    assert spies["_conv_fwd_taps_kernel"].calls == [] == spies["_conv_dgrad_taps_kernel"].calls
+    assert len(spies["_conv_fwd_kernel"].calls) == 2 == len(spies["_conv_dgrad_kernel"].calls)
+
+
+def test_conv_options_reject_bad_tap_kernels():
+    from itop_kernels import triton_conv
+
+    with pytest.raises(ValueError, match="fwd_kernel must be one of"):
+        triton_conv.set_options(fwd_kernel="stacked")
+    with pytest.raises(ValueError, match="dgrad_taps must be 1, 2, 4 or 8"):
+        triton_conv.set_options(dgrad_taps=3)
+
+
 def _gpu_option_sets() -> list:
     from itop_kernels import triton_conv
 
@@ -660,7 +725,9 @@ def _gpu_option_sets() -> list:
             ("wgrad_torch_reduce", 16, {"wgrad_reduce": "torch"})]
     for bs in (16, 32):
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
-            sets.append((f"taps{tg}_bs{bs}", bs, {"wgrad_kernel": "taps", "wgrad_taps": tg}))
+            sets.append((f"taps{tg}_bs{bs}", bs, {"wgrad_kernel": "taps", "wgrad_taps": tg,
+                                                  "fwd_kernel": "taps", "fwd_taps": tg,
+                                                  "dgrad_kernel": "taps", "dgrad_taps": tg}))
         for name, cfg in triton_conv.CANDIDATES[bs].items():
             sets.append((f"cand_{name}_bs{bs}", bs, {"config": cfg}))
     return sets
@@ -671,7 +738,8 @@ def _gpu_option_sets() -> list:
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_triton_gpu_options_bf16(name, bs, opts, guard_bands, poison, monkeypatch):
     """On a GPU, bf16: every option the benchmark measures (cached launch, torch reduce,
-    stacked-taps wgrad, each tuning candidate) at a ResNet-like 3×3 shape, stride 1 and 2."""
+    stacked-taps wgrad, forward and dgrad, each tuning candidate) at a ResNet-like 3×3 shape,
+    stride 1 and 2."""
     from itop_kernels import triton_conv
 
     with triton_conv.options(**opts):

@@ -2,8 +2,8 @@
 
 Under the interpreter (fp32/fp16, float64 reference, NaN-poisoned outputs in guard bands):
 each kernel with ``tma=True`` and the features it composes with, odd ``M``, one block, empty
-block-rows, a fully dense layout, and inputs TMA cannot read (a misaligned base: pointer
-kernel with one warning; strided: copied contiguous, then TMA). That the sm_90 build really
+block-rows, a fully dense layout, and inputs TMA cannot read as they are (a misaligned base:
+copied to an aligned buffer with one warning, then TMA; strided: copied contiguous, then TMA). That the sm_90 build really
 loads through TMA (``cp.async.bulk.tensor`` in its PTX) is asserted on every TMA sweep case by
 ``tests/test_compile_check.py``; a GPU-only test runs the TMA configs in bf16.
 """
@@ -26,7 +26,7 @@ C = tl_mod._Cfg
 @pytest.fixture
 def descs(monkeypatch):
     """Records the block shape of every TMA descriptor the wrappers build (proof the TMA
-    kernel, not the pointer one, ran), and re-arms the once-per-process fallback warning."""
+    kernel, not the pointer one, ran), and re-arms the once-per-process alignment warning."""
     made = []
     real = tl_mod._desc
 
@@ -34,7 +34,7 @@ def descs(monkeypatch):
         made.append(tuple(block))
         return real(t, rows, cols, block)
     monkeypatch.setattr(tl_mod, "_desc", spy)
-    monkeypatch.setattr(tl_mod, "_TMA_WARNED", False)
+    monkeypatch.setattr(tl_mod, "_ALIGN_WARNED", False)
     return made
 
 
@@ -80,14 +80,15 @@ def test_empty_layout_takes_the_pointer_kernel_quietly(triton_device, gen, descs
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         out = _run(kernel, cfg, lay, x, dy, b, values, 16)
-    assert not _fallback_warnings(seen) and descs == []
+    assert not _alignment_warnings(seen) and descs == []
     assert out.shape == ref[kernel].shape
     assert torch.equal(out.double().cpu(), ref[kernel].cpu())
 
 
-def _fallback_warnings(seen: list) -> list:
-    """The TMA fallback warnings among ``seen`` (triton 3.6's interpreter warns on its own)."""
-    return [w for w in seen if "falls back to pointer loads" in str(w.message)]
+def _alignment_warnings(seen: list) -> list:
+    """The wrappers' alignment warnings among ``seen`` (triton 3.6's interpreter warns on its
+    own)."""
+    return [w for w in seen if "not 16-byte aligned" in str(w.message)]
 
 
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -99,26 +100,36 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("kernel,operand", [("fwd", "x"), ("fwd", "values"), ("dx", "dy"),
                                             ("dw", "x")])
-def test_misaligned_operand_falls_back_with_one_warning(triton_device, gen, descs, kernel,
-                                                        operand):
-    """TMA needs a 16-byte aligned base: a misaligned operand runs the pointer kernel (correct),
-    with a RuntimeWarning naming the operand, given once per process."""
-    cfg = C(16, 16, 4, 2, tma=True)
+def test_misaligned_operand_is_copied_with_one_warning(triton_device, gen, descs, monkeypatch,
+                                                       kernel, operand, tma):
+    """The kernels want 16-byte aligned operands (TMA needs them; the pointer kernels load
+    16-byte vectors only when Triton knows the base is aligned): a misaligned operand is copied
+    to an aligned buffer, with a RuntimeWarning naming it, given once per process. The TMA
+    kernel still runs, the pointer kernel gets an aligned pointer, and the result is right."""
+    cfg = C(16, 16, 4, 2, tma=tma)
     mask = random_mask(3, 2, 0.5, "empty_rows", gen)
     lay, x, dy, b, values, ref = _operands(mask, 16, 37, torch.float16, triton_device, gen)
     ops = {"x": x, "dy": dy, "values": values}
     ops[operand] = _misaligned(ops[operand])
-    with pytest.warns(RuntimeWarning, match=f"falls back to pointer loads: {operand} is not "
-                                            "16-byte aligned"):
+    bases = []
+    real_launch = tl_mod.launch
+
+    def spy(kernel_fn, grid, args, consts, warps, stages):
+        bases.extend(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
+        return real_launch(kernel_fn, grid, args, consts, warps, stages)
+    monkeypatch.setattr(tl_mod, "launch", spy)
+    with pytest.warns(RuntimeWarning, match=f"{operand} is not 16-byte aligned"):
         out = _run(kernel, cfg, lay, ops["x"], ops["dy"], b, ops["values"], 16)
     assert rel_err(out, ref[kernel]) <= tol_for(torch.float16, triton_device)
-    assert descs == []
+    assert len(descs) == (2 if tma else 0)
+    assert bases and not any(bases), "a kernel got a misaligned pointer"
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         again = _run(kernel, cfg, lay, ops["x"], ops["dy"], b, ops["values"], 16)
-    assert not _fallback_warnings(seen), "the second fallback must be quiet"
+    assert not _alignment_warnings(seen), "the second copy must be quiet"
     assert torch.equal(again, out)
 
 
@@ -134,15 +145,6 @@ def test_strided_input_is_copied_then_read_by_tma(triton_device, gen, descs):
     out = _run("fwd", C(16, 16, 4, 2, tma=True), lay, strided, dy, b, values, 16)
     assert rel_err(out, ref["fwd"]) <= tol_for(torch.float32, triton_device)
     assert descs == [(16, 16), (16, 16)]
-
-
-def test_tma_misfit_names_the_operand_and_the_rule():
-    ok = torch.zeros(4, 16, dtype=torch.float16)
-    assert tl_mod._tma_misfit(x=ok) == ""
-    assert "x is not 16-byte aligned" in tl_mod._tma_misfit(x=_misaligned(ok))
-    narrow = torch.zeros(4, 12, dtype=torch.float16)            # 24-byte rows
-    assert "values has strides (12, 1)" in tl_mod._tma_misfit(x=ok, values=narrow)
-    assert "strides" in tl_mod._tma_misfit(x=ok.t())            # last dim not contiguous
 
 
 def test_tma_is_an_sm90_candidate_only():

@@ -181,6 +181,19 @@ def test_conv_plan_tables_and_targets(render, smoke, tmp_path):
     assert target_row(text, "the full sweep").endswith("| missed |")   # VGG/ResNet-34 absent
 
 
+def test_conv_smoke_times_every_kernel_variant(smoke):
+    """The candidate timings hold, for the shipped config, every variant the offline choice
+    reads: the torch-reduced wgrad and the stacked-taps wgrad, forward and dgrad at every group
+    size block 16 allows."""
+    shipped = [c for c in smoke["conv"]["candidates"] if c["candidate"] == "shipped"]
+    assert shipped and all(c["block_size"] == 16 for c in shipped)
+    want = {"fwd", "dgrad", "wgrad", "wgrad_torch_reduce"} | {
+        f"{k}_taps{t}" for k in ("fwd", "dgrad", "wgrad") for t in (2, 4, 8)}
+    for c in shipped:
+        assert set(c["kernels"]) == want
+        assert all(v["s"] > 0 for v in c["kernels"].values())
+
+
 # ----------------------------------------------------------------------------- training steps
 def test_train_gpu_fragment_and_targets(render, smoke, tmp_path):
     d = as_gpu("train", smoke["train"])
