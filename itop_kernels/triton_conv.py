@@ -791,18 +791,19 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
     values = _aligned(values)
-    args = (x, values, bias if bias is not None else values, y, row_ptr, col_idx,
+    has_bias = bias is not None
+    args = (x, values, _aligned(bias) if has_bias else values, y, row_ptr, col_idx,
             N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     tg = _tap_kernel("fwd", block_size, KH * KW, x.dtype, prec)
     if tg > 1:
         bm, warps, stages = stacked_tiles(block_size, tg)
         _launch(_conv_fwd_taps_kernel, (cdiv(M, bm) * (out_channels // block_size),), args,
-                {"HAS_BIAS": bias is not None, "BS": block_size, "BM": bm, "TG": tg,
+                {"HAS_BIAS": has_bias, "BS": block_size, "BM": bm, "TG": tg,
                  "PRECISION": prec}, warps, stages)
     else:
         _launch(_conv_fwd_kernel, (cdiv(M, cfg.BM) * (out_channels // block_size),), args,
-                {"HAS_BIAS": bias is not None, "BS": block_size, "BM": cfg.BM, "BK": cfg.BK,
+                {"HAS_BIAS": has_bias, "BS": block_size, "BM": cfg.BM, "BK": cfg.BK,
                  "PRECISION": prec}, cfg.warps, cfg.stages)
     return _in_format(y, memory_format)
 
