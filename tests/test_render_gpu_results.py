@@ -194,6 +194,22 @@ def test_conv_smoke_times_every_kernel_variant(smoke):
         assert all(v["s"] > 0 for v in c["kernels"].values())
 
 
+def test_pick_conv_configs_reads_the_smoke_json(smoke, tmp_path, capsys):
+    """``pick_conv_configs.py`` on the schema the GPU run writes: a ConvConfig per block size."""
+    import sys
+    sys.path.insert(0, str(BENCH))
+    try:
+        pick = importlib.import_module("pick_conv_configs")
+    finally:
+        sys.path.remove(str(BENCH))
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps(smoke["conv"]))
+    assert pick.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "block 16" in out and "CONFIGS[90][16] = ConvConfig(BM=" in out
+    assert "fwd: best variant fwd_taps" in out
+
+
 # ----------------------------------------------------------------------------- training steps
 def test_train_gpu_fragment_and_targets(render, smoke, tmp_path):
     d = as_gpu("train", smoke["train"])
