@@ -597,12 +597,17 @@ def measure_dense(layer: Layer, timer: Timer, device, dtype, gen) -> dict:
 def shipped_variants(bs: int) -> dict:
     """``{name: (kernel, conv options)}`` timed beside the shipped config's kernels: the wgrad's
     split sums reduced by torch (sum, cast), and the stacked-taps wgrad, forward and dgrad at
-    every group size block ``bs`` allows (``taps·bs <= 128``)."""
+    every group size block ``bs`` allows (``taps·bs <= 128``), the largest also with one
+    pipeline stage (``_s1``: plain loads, cached in L1)."""
     variants = {"wgrad_torch_reduce": ("wgrad", {"wgrad_reduce": "torch"})}
+    groups = [t for t in (2, 4, 8) if t * bs <= 128]
     for kname in ("wgrad", "fwd", "dgrad"):
-        for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+        for tg in groups:
             variants[f"{kname}_taps{tg}"] = (kname, {f"{kname}_kernel": "taps",
                                                      f"{kname}_taps": tg})
+        if groups:   # the largest group again with one stage: L1-cached loads (taps_stages)
+            variants[f"{kname}_taps{groups[-1]}_s1"] = (kname, {
+                f"{kname}_kernel": "taps", f"{kname}_taps": groups[-1], "taps_stages": 1})
     return variants
 
 

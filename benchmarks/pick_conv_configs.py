@@ -51,7 +51,7 @@ def ways(candidates: list) -> dict:
                 continue
             if name in KERNELS:
                 kernel, way = name, f"config:{row['candidate']}"
-            else:   # fwd_taps4, dgrad_taps2, wgrad_taps8, wgrad_torch_reduce
+            else:   # fwd_taps4, dgrad_taps2, wgrad_taps8_s1, wgrad_torch_reduce
                 kernel, way = name.split("_", 1)[0], f"variant:{name}"
             out.setdefault((row["block_size"], kernel), {}).setdefault(way, {})[case] = s
     return out

@@ -96,7 +96,7 @@ for part in "${PARTS[@]}"; do
     conv)
       run_part conv-host 40 python3 benchmarks/bench_conv.py --host-overhead \
         --out "$WORK/host_overhead_conv_gpu.json"
-      run_part conv 150 python3 benchmarks/bench_conv.py $QUICK --budget-s 135 \
+      run_part conv 160 python3 benchmarks/bench_conv.py $QUICK --budget-s 145 \
         --out "$WORK/conv_gpu.json" ;;
     train)
       run_part train 170 python3 benchmarks/bench_train_gpu.py $QUICK --budget-s 150 \

@@ -602,6 +602,10 @@ class ConvOptions:
       ``dgrad_taps`` taps of a block stacked: an MMA ``taps·BS`` deep, at most 128; fewer,
       fuller steps, the last group of a block padded with masked taps; pixel tile, warps and
       stages from :func:`stacked_tiles`). Kernels with one tap (1×1) use ``"per_tap"``.
+    - ``taps_stages``: ``num_stages`` of the three stacked-taps kernels instead of their tiles'
+      own; ``1`` loads with plain ``ld.global``, which is cached in L1 (Triton's pipelined
+      ``cp.async`` copies bypass it), so the overlapping pixels of the taps in one stacked load
+      are read from L2 once. ``None``: the tiles' own.
     """
 
     route_1x1: str = "conv"
@@ -613,6 +617,7 @@ class ConvOptions:
     fwd_taps: int = 4
     dgrad_kernel: str = "per_tap"
     dgrad_taps: int = 4
+    taps_stages: Optional[int] = None
 
 
 OPTIONS = ConvOptions()
@@ -648,6 +653,8 @@ def set_options(**changes) -> ConvOptions:
     for name in ("wgrad_taps", "fwd_taps", "dgrad_taps"):
         if getattr(new, name) not in (1, 2, 4, 8):
             raise ValueError(f"{name} must be 1, 2, 4 or 8, got {getattr(new, name)!r}")
+    if new.taps_stages not in (None, 1, 2, 3, 4):
+        raise ValueError(f"taps_stages must be None or 1 to 4, got {new.taps_stages!r}")
     if new.wgrad_reduce not in WGRAD_REDUCES:
         raise ValueError(f"wgrad_reduce must be one of {WGRAD_REDUCES}, got {new.wgrad_reduce!r}")
     if new.config is not None and not isinstance(new.config, ConvConfig):
@@ -860,9 +867,9 @@ def stacked_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
     """``(BM, warps, stages)`` of the stacked-taps forward and dgrad (``fwd_kernel`` /
     ``dgrad_kernel`` ``"taps"``): 128 pixels, 8 warps, 3 stages while the stacked operand is at
     most 64 deep and 2 at 128 (shared memory: 2 × 48 KB for block 64, so two programs fit an
-    SM). Every block size and group size compiles without spills for sm_80 and sm_90
-    (``aot_cases``), with wgmma on sm_90."""
-    return 128, 8, (3 if taps * block_size <= 64 else 2)
+    SM), or ``OPTIONS.taps_stages``. Every block size and group size compiles without spills
+    for sm_80 and sm_90 (``aot_cases``), with wgmma on sm_90."""
+    return 128, 8, OPTIONS.taps_stages or (3 if taps * block_size <= 64 else 2)
 
 
 def _tap_kernel(kind: str, block_size: int, taps_total: int, dtype: torch.dtype,
@@ -879,9 +886,9 @@ def _tap_kernel(kind: str, block_size: int, taps_total: int, dtype: torch.dtype,
 
 def _taps_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
     """``(BM, warps, stages)`` of the stacked-taps wgrad: 8 warps, 64 pixels per step for a
-    64-row accumulator and 32 for 128 rows (every group size compiles without spills for sm_80
-    and sm_90, with wgmma on sm_90)."""
-    return (64 if taps * block_size <= 64 else 32), 8, 3
+    64-row accumulator and 32 for 128 rows, 3 stages or ``OPTIONS.taps_stages`` (every group
+    size compiles without spills for sm_80 and sm_90, with wgmma on sm_90)."""
+    return (64 if taps * block_size <= 64 else 32), 8, OPTIONS.taps_stages or 3
 
 
 def wgrad_splits(tiles: int, pixels: int, cfg: ConvConfig, sm_count: int) -> tuple[int, int]:
@@ -989,6 +996,14 @@ def _kernel_cases(name: str, cfg: ConvConfig, bs: int, ptr: str, prec: str,
     return cases
 
 
+def _wgrad_taps_signature() -> dict:
+    """The stacked-taps wgrad's argument types (bf16 operands, fp32 workspace)."""
+    return {"dy_ptr": "*bf16", "x_ptr": "*bf16", "ws_ptr": "*fp32", "row_idx": "*i32",
+            "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
+            **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "TG": "constexpr",
+            "PRECISION": "constexpr"}
+
+
 def _stacked_cases(name: str, bs: int, tg: int, ptr: str, prec: str) -> list:
     """The stacked-taps forward (with and without bias) and dgrad compile cases, with the
     tiles of :func:`stacked_tiles`."""
@@ -1017,7 +1032,8 @@ def _stacked_cases(name: str, bs: int, tg: int, ptr: str, prec: str) -> list:
 def aot_cases(arch: int) -> list:
     """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
     (fp32 with TF32 and with IEEE dots; the forward with and without bias), the stacked-taps
-    wgrad (bf16) and forward and dgrad (bf16 and TF32) at every group size, then every tuning
+    wgrad (bf16) and forward and dgrad (bf16 and TF32) at every group size, the three of them
+    again with one stage (``taps_stages=1``, bf16), then every tuning
     candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without
     bias)."""
     from .compile_check import AotCase
@@ -1030,18 +1046,25 @@ def aot_cases(arch: int) -> list:
     for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps wgrad, every group size it allows
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
             tbm, twarps, tstages = _taps_tiles(bs, tg)
-            sig = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "ws_ptr": "*fp32", "row_idx": "*i32",
-                   "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
-                   **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "TG": "constexpr",
-                   "PRECISION": "constexpr"}
             cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16", _conv_wgrad_taps_kernel,
-                                 sig, {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
+                                 _wgrad_taps_signature(),
+                                 {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
                                  twarps, tstages))
     for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps forward and dgrad, every group size
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
             for dname, ptr, prec in _KINDS[1:3]:   # bf16 (fp16 compiles alike) and TF32
                 cases += _stacked_cases(f"conv_{{kernel}}_taps{tg}_bs{bs}_{dname}", bs, tg,
                                         ptr, prec)
+    with options(taps_stages=1):   # the three stacked-taps kernels with L1-cached loads
+        for bs in SUPPORTED_BLOCK_SIZES:
+            for tg in (t for t in (2, 4, 8) if t * bs <= 128):
+                cases += [dataclasses.replace(c, name=c.name + "_s1") for c in _stacked_cases(
+                    f"conv_{{kernel}}_taps{tg}_bs{bs}_bf16", bs, tg, "*bf16", "ieee")]
+                tbm, twarps, tstages = _taps_tiles(bs, tg)
+                cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16_s1",
+                                     _conv_wgrad_taps_kernel, _wgrad_taps_signature(),
+                                     {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
+                                     twarps, tstages))
     for bs, cands in CANDIDATES.items():
         for cname, cfg in cands.items():
             cases += _kernel_cases(f"conv_cand[{cname}]_{{kernel}}_bs{bs}_bf16", cfg, bs, "*bf16",

@@ -758,6 +758,25 @@ def test_conv_options_reject_bad_tap_kernels():
         triton_conv.set_options(fwd_kernel="stacked")
     with pytest.raises(ValueError, match="dgrad_taps must be 1, 2, 4 or 8"):
         triton_conv.set_options(dgrad_taps=3)
+    with pytest.raises(ValueError, match="taps_stages must be None or 1 to 4"):
+        triton_conv.set_options(taps_stages=0)
+
+
+def test_taps_stages_sets_the_stacked_kernels_stages(triton_device, no_cpu_path, monkeypatch):
+    """``taps_stages=1`` launches all three stacked-taps kernels with one pipeline stage (plain,
+    L1-cached loads), the per-tap kernels keep theirs; results stay right."""
+    from itop_kernels import triton_conv
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 16)
+    names = ("_conv_fwd_taps_kernel", "_conv_dgrad_taps_kernel", "_conv_wgrad_taps_kernel")
+    spies = spy_launches(monkeypatch, triton_conv, names)
+    with triton_conv.options(fwd_kernel="taps", dgrad_kernel="taps", wgrad_kernel="taps",
+                             taps_stages=1):
+        check_case(Case(32, 32, (6, 5), (3, 3), padding=1, batch=1, id="s1"), torch.float16,
+                   triton_device)
+    assert [spies[n].calls[0]["num_stages"] for n in names] == [1, 1, 1]
+    with triton_conv.options(fwd_kernel="taps", dgrad_kernel="taps", wgrad_kernel="taps"):
+        assert triton_conv.stacked_tiles(16, 4)[2] == 3 and triton_conv.stacked_tiles(16, 8)[2] == 2
 
 
 def _gpu_option_sets() -> list:

@@ -184,11 +184,12 @@ def test_conv_plan_tables_and_targets(render, smoke, tmp_path):
 def test_conv_smoke_times_every_kernel_variant(smoke):
     """The candidate timings hold, for the shipped config, every variant the offline choice
     reads: the torch-reduced wgrad and the stacked-taps wgrad, forward and dgrad at every group
-    size block 16 allows."""
+    size block 16 allows, the largest also with one stage."""
     shipped = [c for c in smoke["conv"]["candidates"] if c["candidate"] == "shipped"]
     assert shipped and all(c["block_size"] == 16 for c in shipped)
     want = {"fwd", "dgrad", "wgrad", "wgrad_torch_reduce"} | {
-        f"{k}_taps{t}" for k in ("fwd", "dgrad", "wgrad") for t in (2, 4, 8)}
+        f"{k}_taps{t}" for k in ("fwd", "dgrad", "wgrad") for t in (2, 4, 8)} | {
+        f"{k}_taps8_s1" for k in ("fwd", "dgrad", "wgrad")}
     for c in shipped:
         assert set(c["kernels"]) == want
         assert all(v["s"] > 0 for v in c["kernels"].values())
