@@ -614,7 +614,8 @@ def shipped_variants(bs: int) -> dict:
 def measure_candidates(layer: Layer, bs: int, density: float, timer: Timer, device, dtype,
                        gen) -> list[dict]:
     """Each kernel (forward, dgrad, wgrad) of the shipped config and of every candidate, timed
-    alone (CUDA graph on a GPU), so that each kernel's config can be chosen offline."""
+    alone (CUDA graph on a GPU) on the per-tap kernels, and the shipped config's variants
+    (:func:`shipped_variants`), so that each kernel's config can be chosen offline."""
     from itop_kernels import triton_conv, triton_launch
     x, w, layout = _operands(layer, bs, density, device, dtype, gen)
     values = layout.gather(w)
@@ -637,7 +638,8 @@ def measure_candidates(layer: Layer, bs: int, density: float, timer: Timer, devi
     rows = []
     for name, cfg in configs.items():
         times = {}
-        with triton_conv.options(config=cfg), triton_launch.launching("cached"):
+        per_tap = dict(fwd_kernel="per_tap", dgrad_kernel="per_tap", wgrad_kernel="per_tap")
+        with triton_conv.options(config=cfg, **per_tap), triton_launch.launching("cached"):
             for kname, fn in kernels.items():
                 res = timer.graph(fn)
                 times[kname] = res if device.type == "cuda" else {"s": timer.eager(fn)}

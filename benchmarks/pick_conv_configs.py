@@ -12,7 +12,7 @@ fastest way in that case (1.0 = fastest everywhere), and prints:
   ``stages``, shared by the two per-tap kernels, so chosen on their summed time) and the wgrad
   tile (``WBM``, ``WBO``, ``wwarps``, ``wstages``, ``wsplit``);
 - per kernel, whether a stacked-taps variant beats the per-tap kernel with that config, and by
-  how much;
+  how much, as the ``STACKED_TAPS`` entry to ship (1: the per-tap kernel);
 - from the sweep ``rows``: the 1×1 route (conv kernels or one of the GEMM routes, from CUDA
   graphs) and the launch mode (cached against plain, eager), counted over the rows.
 
@@ -111,6 +111,13 @@ def variant_gain(block: int, kernel: str, table: dict, config_way: str) -> tuple
     return best
 
 
+def stacked_taps_of(variant: str) -> int:
+    """The group size of a stacked-taps variant (``fwd_taps4`` -> 4, ``wgrad_taps8_s1`` -> 8);
+    0 for another variant (``wgrad_torch_reduce``)."""
+    parts = variant.split("_")
+    return int(parts[1][4:]) if len(parts) > 1 and parts[1].startswith("taps") else 0
+
+
 def route_and_launch(rows: list) -> dict:
     """From the sweep rows: how often each 1×1 route is fastest from a CUDA graph (rows of 1×1,
     stride-1 layers that timed the GEMM routes), and how often the cached launch beats the
@@ -152,13 +159,22 @@ def report(result: dict) -> str:
         fields = ", ".join(f"{k}={cfg[k]}" for k in FWD_FIELDS + WGRAD_FIELDS)
         lines.append(f"  CONFIGS[90][{block}] = ConvConfig({fields})"
                      f"   # fwd/dgrad from {cfg['fwd_dgrad_from']}, wgrad from {cfg['wgrad_from']}")
+        stacked = {}
         for kernel, way in (("fwd", cfg["fwd_dgrad_from"]), ("dgrad", cfg["fwd_dgrad_from"]),
                             ("wgrad", cfg["wgrad_from"])):
             gain = variant_gain(block, kernel, table, way)
+            stacked[kernel] = 1
             if gain:
                 verdict = "use it" if gain[1] < 1.0 else "keep the per-tap kernel"
                 lines.append(f"  {kernel}: best variant {gain[0]} at {gain[1]:.2f}× the per-tap "
                              f"time with that config: {verdict}")
+                taps = stacked_taps_of(gain[0])
+                if gain[1] < 1.0 and taps:
+                    stacked[kernel] = taps
+                if gain[1] < 1.0 and gain[0].endswith("_s1"):
+                    lines.append(f"    ({gain[0]} needs one pipeline stage: ConvOptions.taps_stages"
+                                 " is one setting for all block sizes)")
+        lines.append(f"  STACKED_TAPS[90][{block}] = {json.dumps(stacked)}")
     rl = route_and_launch(result.get("rows", []))
     lines.append(f"\n1×1 route wins (CUDA graphs): {rl['route_1x1_wins'] or 'none timed'}")
     lines.append(f"launch wins (eager): {rl['launch_wins']}")

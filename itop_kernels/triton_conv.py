@@ -65,7 +65,7 @@ from .dot_precision import dot_precision
 __all__ = ["conv_forward", "conv_grad_input", "conv_grad_weight", "aot_cases", "CONFIGS",
            "IEEE_CONFIGS", "CANDIDATES", "SUPPORTED_BLOCK_SIZES", "ConvConfig", "ConvOptions",
            "OPTIONS", "options", "set_options", "wgrad_splits", "WGRAD_REDUCES", "WGRAD_KERNELS",
-           "TAP_KERNELS", "stacked_tiles"]
+           "TAP_KERNELS", "STACKED_TAPS", "stacked_tiles"]
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -573,9 +573,16 @@ del _C
 # --------------------------------------------------------------------------- run-time options
 ROUTES_1X1 = ("conv", "gemm", "gemm_fwd_dx")
 WGRAD_REDUCES = ("triton", "torch")
-WGRAD_KERNELS = ("per_tap", "taps")
-# the kernels the forward and dgrad can run: a tap (and BK slice) per loop step, or taps stacked
-TAP_KERNELS = ("per_tap", "taps")
+# the kernels each of the forward, dgrad and wgrad can run: the table's choice for the block size
+# (STACKED_TAPS), a tap (and BK slice) per loop step, or taps stacked
+TAP_KERNELS = ("auto", "per_tap", "taps")
+WGRAD_KERNELS = TAP_KERNELS
+
+# STACKED_TAPS[arch][block_size][kernel]: taps stacked per loop step of the forward, dgrad and
+# wgrad when their option is "auto" (1: the per-tap kernel). Chosen from the GPU run's per-kernel
+# timings (benchmarks/pick_conv_configs.py); per-tap everywhere until one is measured.
+STACKED_TAPS = {arch: {bs: {"fwd": 1, "dgrad": 1, "wgrad": 1} for bs in SUPPORTED_BLOCK_SIZES}
+                for arch in (80, 90)}
 
 
 @dataclass(frozen=True)
@@ -590,18 +597,21 @@ class ConvOptions:
       (the linear kernels follow the matmul switch).
     - ``config``: a :class:`ConvConfig` used instead of ``CONFIGS`` for 16-bit and TF32 dots
       (IEEE fp32 keeps ``IEEE_CONFIGS``), e.g. one of ``CANDIDATES``.
-    - ``wgrad_kernel``: ``"per_tap"`` (a program per (block, tap, out-slice), ``WBM``/``WBO``
-      tiles) or ``"taps"`` (a program per block and group of ``wgrad_taps`` taps: one dY load
-      for the group and a ``wgrad_taps·BS``-row MMA, the shape Hopper's wgmma wants; pixel
-      tile ``WBM``; at most ``128 / BS`` taps). Kernels with one tap (1×1) use ``"per_tap"``.
+    - ``wgrad_kernel``: ``"auto"`` (``STACKED_TAPS`` of the GPU and block size), ``"per_tap"``
+      (a program per (block, tap, out-slice), ``WBM``/``WBO`` tiles) or ``"taps"`` (a program
+      per block and group of ``wgrad_taps`` taps: one dY load for the group and a
+      ``wgrad_taps·BS``-row MMA, the shape Hopper's wgmma wants; pixel tile ``WBM``; at most
+      ``128 / BS`` taps).
     - ``wgrad_reduce``: how the wgrad's fp32 partial sums become ``dW`` in the input dtype:
       ``"triton"`` one kernel (sum over the splits and cast), ``"torch"`` ``ws.sum(0)`` then
       ``.to(dtype)`` (two launches and an fp32 round trip through memory).
-    - ``fwd_kernel`` / ``dgrad_kernel``: ``"per_tap"`` (each loop step one tap and one ``BK``
-      slice of a block: an MMA ``BK`` deep) or ``"taps"`` (each loop step ``fwd_taps`` /
-      ``dgrad_taps`` taps of a block stacked: an MMA ``taps·BS`` deep, at most 128; fewer,
-      fuller steps, the last group of a block padded with masked taps; pixel tile, warps and
-      stages from :func:`stacked_tiles`). Kernels with one tap (1×1) use ``"per_tap"``.
+    - ``fwd_kernel`` / ``dgrad_kernel``: ``"auto"`` (``STACKED_TAPS``), ``"per_tap"`` (each
+      loop step one tap and one ``BK`` slice of a block: an MMA ``BK`` deep) or ``"taps"``
+      (each loop step ``fwd_taps`` / ``dgrad_taps`` taps of a block stacked: an MMA ``taps·BS``
+      deep, at most 128; fewer, fuller steps, the last group of a block padded with masked
+      taps; pixel tile, warps and stages from :func:`stacked_tiles`).
+      Kernels with one tap (1×1) and IEEE fp32 (whose FMA path holds the operands in registers)
+      always run the per-tap kernels.
     - ``taps_stages``: ``num_stages`` of the three stacked-taps kernels instead of their tiles'
       own; ``1`` loads with plain ``ld.global``, which is cached in L1 (Triton's pipelined
       ``cp.async`` copies bypass it), so the overlapping pixels of the taps in one stacked load
@@ -611,11 +621,11 @@ class ConvOptions:
     route_1x1: str = "conv"
     config: Optional[ConvConfig] = None
     wgrad_reduce: str = "triton"
-    wgrad_kernel: str = "per_tap"
+    wgrad_kernel: str = "auto"
     wgrad_taps: int = 4
-    fwd_kernel: str = "per_tap"
+    fwd_kernel: str = "auto"
     fwd_taps: int = 4
-    dgrad_kernel: str = "per_tap"
+    dgrad_kernel: str = "auto"
     dgrad_taps: int = 4
     taps_stages: Optional[int] = None
 
@@ -645,9 +655,7 @@ def set_options(**changes) -> ConvOptions:
     new = dataclasses.replace(OPTIONS, **changes)
     if new.route_1x1 not in ROUTES_1X1:
         raise ValueError(f"route_1x1 must be one of {ROUTES_1X1}, got {new.route_1x1!r}")
-    if new.wgrad_kernel not in WGRAD_KERNELS:
-        raise ValueError(f"wgrad_kernel must be one of {WGRAD_KERNELS}, got {new.wgrad_kernel!r}")
-    for name in ("fwd_kernel", "dgrad_kernel"):
+    for name in ("fwd_kernel", "dgrad_kernel", "wgrad_kernel"):
         if getattr(new, name) not in TAP_KERNELS:
             raise ValueError(f"{name} must be one of {TAP_KERNELS}, got {getattr(new, name)!r}")
     for name in ("wgrad_taps", "fwd_taps", "dgrad_taps"):
@@ -802,7 +810,7 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     args = (x, values, _aligned(bias) if has_bias else values, y, row_ptr, col_idx,
             N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
-    tg = _tap_kernel("fwd", block_size, KH * KW, x.dtype, prec)
+    tg = _tap_kernel("fwd", block_size, KH * KW, x.dtype, prec, x.device)
     if tg > 1:
         bm, warps, stages = stacked_tiles(block_size, tg)
         _launch(_conv_fwd_taps_kernel, (cdiv(M, bm) * (out_channels // block_size),), args,
@@ -844,7 +852,7 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
             N, H, W, Ho, Wo, KH, KW, Cin // block_size, Cout // block_size,
             sh, sw, padding[0], padding[1], dilation[0], dilation[1],
             sh // math.gcd(dilation[0], sh), sw // math.gcd(dilation[1], sw))
-    tg = _tap_kernel("dgrad", block_size, KH * KW, dy.dtype, prec)
+    tg = _tap_kernel("dgrad", block_size, KH * KW, dy.dtype, prec, dy.device)
     if tg > 1:
         bm, warps, stages = stacked_tiles(block_size, tg)
         _launch(_conv_dgrad_taps_kernel, (sh * sw * cdiv(mq, bm) * (Cin // block_size),), args,
@@ -856,11 +864,10 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     return _in_format(dx, memory_format)
 
 
-def _stacked_taps(block_size: int, taps: Optional[int] = None) -> int:
-    """Taps stacked per MMA: ``taps`` (default ``OPTIONS.wgrad_taps``), at most
-    ``128 / block_size`` (the wgrad's accumulator, and the forward's and dgrad's reduction
-    depth, at most 128 rows: no spills)."""
-    return max(1, min(OPTIONS.wgrad_taps if taps is None else taps, 128 // block_size))
+def _stacked_taps(block_size: int, taps: int) -> int:
+    """Taps stacked per MMA: ``taps``, at most ``128 / block_size`` (the wgrad's accumulator,
+    and the forward's and dgrad's reduction depth, at most 128 rows: no spills)."""
+    return max(1, min(taps, 128 // block_size))
 
 
 def stacked_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
@@ -873,15 +880,20 @@ def stacked_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
 
 
 def _tap_kernel(kind: str, block_size: int, taps_total: int, dtype: torch.dtype,
-                precision: str) -> int:
-    """Taps stacked per loop step of the ``kind`` (``"fwd"`` or ``"dgrad"``) kernel: 1 for the
-    per-tap kernel, which runs for 1×1 kernels, IEEE fp32 (whose FMA path holds the operands in
-    registers) and when ``OPTIONS.<kind>_kernel`` is ``"per_tap"``."""
-    if getattr(OPTIONS, f"{kind}_kernel") != "taps" or taps_total == 1:
+                precision: str, device: torch.device) -> int:
+    """Taps stacked per loop step (per program, for the wgrad) of the ``kind`` (``"fwd"``,
+    ``"dgrad"`` or ``"wgrad"``) kernel: 1 for the per-tap kernel, which runs for 1×1 kernels,
+    IEEE fp32 (whose FMA path holds the operands in registers) and when
+    ``OPTIONS.<kind>_kernel`` is ``"per_tap"``; ``"taps"`` takes ``OPTIONS.<kind>_taps``,
+    ``"auto"`` the ``STACKED_TAPS`` entry of the device's arch and the block size."""
+    choice = getattr(OPTIONS, f"{kind}_kernel")
+    if choice == "per_tap" or taps_total == 1 or (dtype == torch.float32 and precision == "ieee"):
         return 1
-    if dtype == torch.float32 and precision == "ieee":
-        return 1
-    return _stacked_taps(block_size, getattr(OPTIONS, f"{kind}_taps"))
+    if choice == "taps":
+        taps = getattr(OPTIONS, f"{kind}_taps")
+    else:
+        taps = STACKED_TAPS[_arch(device)][block_size][kind]
+    return _stacked_taps(block_size, taps) if taps > 1 else 1
 
 
 def _taps_tiles(block_size: int, taps: int) -> tuple[int, int, int]:
@@ -921,8 +933,8 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     if _gemm_1x1((KH, KW), stride, padding, dy.dtype, wgrad=True):
         dv = _linear().linear_grad_weight(_pixels(dy), _pixels(x), row_idx, col_idx, bs)
         return dv.view(nnz, 1, 1, bs, bs)
-    tg = _stacked_taps(bs)
-    taps = OPTIONS.wgrad_kernel == "taps" and KH * KW > 1 and tg > 1
+    tg = _tap_kernel("wgrad", bs, KH * KW, dy.dtype, prec, dy.device)
+    taps = tg > 1
     if taps:
         tiles = nnz * cdiv(KH * KW, tg)
     else:
@@ -996,9 +1008,9 @@ def _kernel_cases(name: str, cfg: ConvConfig, bs: int, ptr: str, prec: str,
     return cases
 
 
-def _wgrad_taps_signature() -> dict:
-    """The stacked-taps wgrad's argument types (bf16 operands, fp32 workspace)."""
-    return {"dy_ptr": "*bf16", "x_ptr": "*bf16", "ws_ptr": "*fp32", "row_idx": "*i32",
+def _wgrad_taps_signature(ptr: str = "*bf16") -> dict:
+    """The stacked-taps wgrad's argument types (``ptr`` operands, fp32 workspace)."""
+    return {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
             "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
             **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "TG": "constexpr",
             "PRECISION": "constexpr"}
@@ -1032,7 +1044,7 @@ def _stacked_cases(name: str, bs: int, tg: int, ptr: str, prec: str) -> list:
 def aot_cases(arch: int) -> list:
     """Every shipped config for ``sm_<arch>``: the three kernels × block sizes × fp16/bf16/fp32
     (fp32 with TF32 and with IEEE dots; the forward with and without bias), the stacked-taps
-    wgrad (bf16) and forward and dgrad (bf16 and TF32) at every group size, the three of them
+    wgrad, forward and dgrad (bf16 and TF32) at every group size, the three of them
     again with one stage (``taps_stages=1``, bf16), then every tuning
     candidate of ``CANDIDATES`` in bf16 (what the GPU benchmark runs; the forward without
     bias)."""
@@ -1046,10 +1058,11 @@ def aot_cases(arch: int) -> list:
     for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps wgrad, every group size it allows
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
             tbm, twarps, tstages = _taps_tiles(bs, tg)
-            cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16", _conv_wgrad_taps_kernel,
-                                 _wgrad_taps_signature(),
-                                 {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
-                                 twarps, tstages))
+            for dname, ptr, prec in _KINDS[1:3]:   # bf16 (fp16 compiles alike) and TF32
+                cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_{dname}",
+                                     _conv_wgrad_taps_kernel, _wgrad_taps_signature(ptr),
+                                     {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": prec},
+                                     twarps, tstages))
     for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps forward and dgrad, every group size
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
             for dname, ptr, prec in _KINDS[1:3]:   # bf16 (fp16 compiles alike) and TF32

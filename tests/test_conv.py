@@ -691,22 +691,49 @@ def test_triton_fwd_dgrad_stacked_taps(c, dtype, taps, triton_device, no_cpu_pat
     assert stacked == {min(taps, 128 // c.bs)}
 
 
+_KERNEL_PAIRS = {"fwd": ("_conv_fwd_taps_kernel", "_conv_fwd_kernel"),
+                 "dgrad": ("_conv_dgrad_taps_kernel", "_conv_dgrad_kernel"),
+                 "wgrad": ("_conv_wgrad_taps_kernel", "_conv_wgrad_kernel")}
+
+
 def test_triton_stacked_taps_leave_1x1_and_ieee_fp32_per_tap(triton_device, no_cpu_path,
                                                               monkeypatch, tf32_switch):
     """A 1×1 kernel has one tap, and IEEE fp32 (cuDNN's TF32 switch off) holds its operands in
     registers on the FMA path: both keep the per-tap kernels, and stay correct."""
     from itop_kernels import triton_conv
 
-    spies = spy_launches(monkeypatch, triton_conv, (
-        "_conv_fwd_taps_kernel", "_conv_fwd_kernel", "_conv_dgrad_taps_kernel",
-        "_conv_dgrad_kernel"))
-    with triton_conv.options(fwd_kernel="taps", dgrad_kernel="taps"):
+    spies = spy_launches(monkeypatch, triton_conv, sum(_KERNEL_PAIRS.values(), ()))
+    with triton_conv.options(fwd_kernel="taps", dgrad_kernel="taps", wgrad_kernel="taps"):
         check_case(Case(32, 32, (5, 5), (1, 1), batch=1, id="1x1"), torch.float16, triton_device)
         tf32_switch("conv", "legacy", False)
         check_case(Case(32, 32, (5, 5), (3, 3), padding=1, batch=1, id="ieee"), torch.float32,
                    triton_device)
-    assert spies["_conv_fwd_taps_kernel"].calls == [] == spies["_conv_dgrad_taps_kernel"].calls
-    assert len(spies["_conv_fwd_kernel"].calls) == 2 == len(spies["_conv_dgrad_kernel"].calls)
+    for stacked, per_tap in _KERNEL_PAIRS.values():
+        assert spies[stacked].calls == [] and len(spies[per_tap].calls) == 2
+
+
+def test_auto_follows_the_stacked_taps_table(triton_device, no_cpu_path, monkeypatch):
+    """``"auto"`` (the default) runs what ``STACKED_TAPS`` says for the arch and block size:
+    the per-tap kernels while the table holds 1, the stacked kernels with the table's group
+    sizes (capped at 128 / block size) once it holds more; correct either way."""
+    from itop_kernels import triton_conv
+
+    assert triton_conv.OPTIONS.fwd_kernel == "auto" == triton_conv.OPTIONS.wgrad_kernel
+    arch = triton_conv._arch(torch.device(triton_device))
+    case = Case(32, 32, (6, 5), (3, 3), padding=1, batch=1, id="auto")
+    spies = spy_launches(monkeypatch, triton_conv, sum(_KERNEL_PAIRS.values(), ()))
+    check_case(case, torch.float16, triton_device)
+    for stacked, per_tap in _KERNEL_PAIRS.values():
+        assert spies[stacked].calls == [] and len(spies[per_tap].calls) == 1
+    table = {a: {bs: dict(row) for bs, row in rows.items()}
+             for a, rows in triton_conv.STACKED_TAPS.items()}
+    table[arch][16] = {"fwd": 4, "dgrad": 2, "wgrad": 16}
+    monkeypatch.setattr(triton_conv, "STACKED_TAPS", table)
+    spies = spy_launches(monkeypatch, triton_conv, sum(_KERNEL_PAIRS.values(), ()))
+    check_case(case, torch.float16, triton_device)
+    got = {k: [c["TG"] for c in spies[stacked].calls] for k, (stacked, _) in _KERNEL_PAIRS.items()}
+    assert got == {"fwd": [4], "dgrad": [2], "wgrad": [8]}   # 16 taps capped at 128 / 16
+    assert not any(spies[per_tap].calls for _, per_tap in _KERNEL_PAIRS.values())
 
 
 def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:

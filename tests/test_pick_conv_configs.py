@@ -71,6 +71,9 @@ def test_ranking_config_and_variants(pick):
     assert "ConvConfig(BM=256, BK=16, warps=4, stages=3, WBM=32," in text
     assert "fwd: best variant fwd_taps4 at 0.50× the per-tap time with that config: use it" in text
     assert "dgrad: best variant dgrad_taps4 at 2.67× the per-tap time with that config: keep" in text
+    assert 'STACKED_TAPS[90][16] = {"fwd": 4, "dgrad": 1, "wgrad": 1}' in text
+    assert [pick.stacked_taps_of(v) for v in ("fwd_taps4", "wgrad_taps8_s1",
+                                              "wgrad_torch_reduce")] == [4, 8, 0]
 
 
 def test_a_way_missing_a_case_is_not_ranked(pick):
