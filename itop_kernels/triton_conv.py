@@ -81,6 +81,39 @@ _DGRAD_INTS = _FWD_INTS + ["step_h", "step_w"]
 _WGRAD_INTS = _FWD_INTS + ["nnz", "m_per_split"]
 
 
+@triton.jit
+def _fwd_tile(pid, N, Ho, Wo, CB_OUT, stride_h, stride_w, pad_h, pad_w, BM: tl.constexpr):
+    """What forward program ``pid`` owns: out-channel block-row ``r`` and a tile of ``BM`` output
+    pixels (``offs_m``, ``m_ok`` for pixels that exist, their image ``n``), with the input row
+    ``h0`` and column ``w0`` that tap (0, 0) reads for each. 1-D grid, block-row fastest, so the
+    programs that run together share one tile of pixels and read its input rows from L2:
+    ``pid = pid_m*CB_OUT + r``."""
+    r = pid % CB_OUT                        # out-channel block-row
+    pid_m = pid // CB_OUT                   # tile of output pixels
+    offs_m = pid_m * BM + tl.arange(0, BM)  # flat output pixel m = (n*Ho + ho)*Wo + wo
+    m_ok = offs_m < N * Ho * Wo
+    wo = offs_m % Wo
+    ho = (offs_m // Wo) % Ho
+    n = offs_m // (Wo * Ho)
+    h0 = ho * stride_h - pad_h              # input row read by tap row 0
+    w0 = wo * stride_w - pad_w              # input column read by tap column 0
+    return r, offs_m, m_ok, n, h0, w0
+
+
+@triton.jit
+def _fwd_store(acc, b_ptr, y_ptr, r, offs_m, m_ok, COUT, HAS_BIAS: tl.constexpr,
+               BS: tl.constexpr):
+    """The forward epilogue: ``acc [BM, BS]`` (+ the bias of block-row ``r``) into
+    ``y[m, r*BS + o]`` at ``m*COUT + r*BS + o``. Empty block-rows still write (zeros or the
+    bias)."""
+    offs_o = tl.arange(0, BS)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + r * BS + offs_o).to(tl.float32)[None, :]
+    y_row = tl.multiple_of(y_ptr + (offs_m * COUT + r * BS), 16)
+    tl.store(y_row[:, None] + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None])
+
+
 @triton.jit(do_not_specialize=_FWD_INTS)
 def _conv_fwd_kernel(
     x_ptr, v_ptr, b_ptr, y_ptr, row_ptr, col_idx,
@@ -90,21 +123,10 @@ def _conv_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     # x: NHWC [N, H, W, CB_IN*BS], y: NHWC [N, Ho, Wo, CB_OUT*BS], both contiguous.
-    # 1-D grid, block-row fastest: the programs that run together share one tile of pixels,
-    # so its input rows are read from L2 rather than memory. pid = pid_m*CB_OUT + r.
-    pid = tl.program_id(0)
-    r = pid % CB_OUT                        # out-channel block-row
-    pid_m = pid // CB_OUT                   # tile of output pixels
+    r, offs_m, m_ok, n, h0, w0 = _fwd_tile(tl.program_id(0), N, Ho, Wo, CB_OUT, stride_h,
+                                           stride_w, pad_h, pad_w, BM)
     CIN = CB_IN * BS                        # a multiple of BS: pixel offsets stay aligned
     COUT = CB_OUT * BS
-    M = N * Ho * Wo
-    offs_m = pid_m * BM + tl.arange(0, BM)  # flat output pixel m = (n*Ho + ho)*Wo + wo
-    m_ok = offs_m < M
-    wo = offs_m % Wo
-    ho = (offs_m // Wo) % Ho
-    n = offs_m // (Wo * Ho)
-    h0 = ho * stride_h - pad_h              # input row read by tap row 0
-    w0 = wo * stride_w - pad_w              # input column read by tap column 0
     offs_o = tl.arange(0, BS)               # out-channels within block-row r
     offs_k = tl.arange(0, BK)               # in-channels within one BK slice of a block
     NK: tl.constexpr = BS // BK             # slices per block
@@ -135,12 +157,7 @@ def _conv_fwd_kernel(
         wt = tl.load(w_blk + offs_o[None, :] * BS + offs_k[:, None])
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         c = tl.load(col_idx + start + (t + 1) // (NK * KHW), mask=t + 1 < T, other=0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + r * BS + offs_o).to(tl.float32)[None, :]
-    # y[m, r*BS + o] at m*COUT + r*BS + o. Empty block-rows still write (zeros or the bias).
-    y_row = tl.multiple_of(y_ptr + (offs_m * COUT + r * BS), 16)
-    tl.store(y_row[:, None] + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None])
+    _fwd_store(acc, b_ptr, y_ptr, r, offs_m, m_ok, COUT, HAS_BIAS, BS)
 
 
 @triton.jit(do_not_specialize=_FWD_INTS)
@@ -157,20 +174,11 @@ def _conv_fwd_taps_kernel(
     # loop's index arithmetic, barriers and pipeline waits are paid once per TG taps (at block
     # 16 a 16-deep step is mostly overhead). The last group of a block is padded with masked
     # taps (KHW = 9 in groups of 4: 12 slots) whose loads read nothing.
-    # Grid and layouts as _conv_fwd_kernel: pid = pid_m*CB_OUT + r; x, y NHWC, contiguous.
-    pid = tl.program_id(0)
-    r = pid % CB_OUT                        # out-channel block-row
-    pid_m = pid // CB_OUT                   # tile of output pixels
+    # Grid and layouts as _conv_fwd_kernel; x, y NHWC, contiguous.
+    r, offs_m, m_ok, n, h0, w0 = _fwd_tile(tl.program_id(0), N, Ho, Wo, CB_OUT, stride_h,
+                                           stride_w, pad_h, pad_w, BM)
     CIN = CB_IN * BS
     COUT = CB_OUT * BS
-    M = N * Ho * Wo
-    offs_m = pid_m * BM + tl.arange(0, BM)  # flat output pixel m = (n*Ho + ho)*Wo + wo
-    m_ok = offs_m < M
-    wo = offs_m % Wo
-    ho = (offs_m // Wo) % Ho
-    n = offs_m // (Wo * Ho)
-    h0 = ho * stride_h - pad_h              # input row read by tap row 0
-    w0 = wo * stride_w - pad_w              # input column read by tap column 0
     offs_o = tl.arange(0, BS)               # out-channels within block-row r
     cols = tl.arange(0, TG * BS)            # stacked reduction index u*BS + k:
     u = cols // BS                          #   tap u of the group,
@@ -205,12 +213,7 @@ def _conv_fwd_taps_kernel(
                      other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         c = tl.load(col_idx + start + (t + 1) // G, mask=t + 1 < T, other=0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + r * BS + offs_o).to(tl.float32)[None, :]
-    # y[m, r*BS + o] at m*COUT + r*BS + o. Empty block-rows still write (zeros or the bias).
-    y_row = tl.multiple_of(y_ptr + (offs_m * COUT + r * BS), 16)
-    tl.store(y_row[:, None] + offs_o[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None])
+    _fwd_store(acc, b_ptr, y_ptr, r, offs_m, m_ok, COUT, HAS_BIAS, BS)
 
 
 @triton.jit

@@ -1,5 +1,6 @@
-"""Test helpers around the Triton kernel launches: record their arguments, and flip torch's TF32
-switches through either of torch's APIs."""
+"""Test helpers around the Triton kernel launches: record their arguments, make operands the
+kernels must not get as they are (misaligned), and flip torch's TF32 switches through either of
+torch's APIs."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -31,6 +32,16 @@ def spy_launches(monkeypatch, module, names) -> Dict[str, LaunchSpy]:
         spies[name] = LaunchSpy(getattr(module, name))
         monkeypatch.setattr(module, name, spies[name])
     return spies
+
+
+def at_odd_offset(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (same shape, contiguous) whose data starts 2 elements past a 16-byte
+    boundary: Triton specializes on 16-byte alignment, and the kernels are compiled for it."""
+    buf = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
+    out = buf[2:2 + t.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out
 
 
 class TF32Switches:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from block_masks import add_transposing_blocks, assert_real_transpose
 from itop_kernels import BlockLayout, block_sparse_conv2d
 from itop_kernels.cpu_conv import output_memory_format
-from kernel_launches import spy_launches
+from kernel_launches import at_odd_offset, spy_launches
 from numerics import TOL, TOL_TF32, rel_err, tol_for
 
 CL = torch.channels_last
@@ -736,15 +736,6 @@ def test_auto_follows_the_stacked_taps_table(triton_device, no_cpu_path, monkeyp
     assert not any(spies[per_tap].calls for _, per_tap in _KERNEL_PAIRS.values())
 
 
-def _at_odd_offset(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` (same strides) whose data starts 2 elements past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
-    out = buf[2:2 + t.numel()].view(t.shape)
-    out.copy_(t)
-    assert out.data_ptr() % 16 != 0
-    return out
-
-
 @pytest.mark.parametrize("taps", ["per_tap", "taps"])
 def test_triton_misaligned_operands_reach_the_kernels_aligned(taps, triton_device, no_cpu_path,
                                                               monkeypatch):
@@ -770,7 +761,7 @@ def test_triton_misaligned_operands_reach_the_kernels_aligned(taps, triton_devic
     b = torch.randn(cout, generator=gen, dtype=torch.float64)
     ref = F.conv2d(x, dense, b, padding=1)
     dt = torch.float16
-    xs, vs, bs_ = (_at_odd_offset(t.to(triton_device, dt))
+    xs, vs, bs_ = (at_odd_offset(t.to(triton_device, dt))
                    for t in (x, layout.gather(w.to(triton_device)), b))
     with triton_conv.options(fwd_kernel=taps):
         y = block_sparse_conv2d(xs, vs, layout, bs_, padding=1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from block_masks import random_mask
-from kernel_launches import FakeKernel, fake_cuda_cached_launches
+from kernel_launches import FakeKernel, at_odd_offset, fake_cuda_cached_launches
 from itop_kernels import triton_launch as L
 from itop_kernels import triton_linear as tl_mod
 from numerics import rel_err, tol_for
@@ -91,15 +91,6 @@ def _alignment_warnings(seen: list) -> list:
     return [w for w in seen if "not 16-byte aligned" in str(w.message)]
 
 
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``t`` whose base is 2 elements past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
-    out = buf[2:2 + t.numel()].view(t.shape)
-    out.copy_(t)
-    assert out.is_contiguous() and out.data_ptr() % 16 != 0
-    return out
-
-
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("kernel,operand", [("fwd", "x"), ("fwd", "values"), ("dx", "dy"),
                                             ("dw", "x")])
@@ -113,7 +104,7 @@ def test_misaligned_operand_is_copied_with_one_warning(triton_device, gen, descs
     mask = random_mask(3, 2, 0.5, "empty_rows", gen)
     lay, x, dy, b, values, ref = _operands(mask, 16, 37, torch.float16, triton_device, gen)
     ops = {"x": x, "dy": dy, "values": values}
-    ops[operand] = _misaligned(ops[operand])
+    ops[operand] = at_odd_offset(ops[operand])
     bases = []
     real_launch = tl_mod.launch
 
