@@ -390,7 +390,8 @@ def _conv_wgrad_kernel(
     BS: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dy: NHWC [N, Ho, Wo, CB_OUT*BS], x: NHWC [N, H, W, CB_IN*BS], both contiguous;
-    # ws: fp32 [splits, nnz, KH*KW, BS, BS].
+    # ws: [splits, nnz, KH*KW, BS, BS], fp32 partial sums (or, with one split, dW itself in its
+    # own dtype: the sum of one split needs no reduction).
     pid = tl.program_id(0)                  # pid = (i*KHW + tap)*NO + q: block, tap, out-slice
     split = tl.program_id(1)                # which range of output pixels to reduce over
     NO: tl.constexpr = BS // BO             # out-channel slices per block
@@ -428,7 +429,8 @@ def _conv_wgrad_kernel(
         acc = tl.dot(dyt, xt, acc, input_precision=PRECISION)
     # ws[split, i, tap, q*BO + o, k] at ((split*nnz + i)*KHW + tap)*BS*BS + (q*BO + o)*BS + k
     ws_blk = ((split * nnz + i) * KHW + tap) * (BS * BS) + q * BO * BS
-    tl.store(ws_ptr + ws_blk + offs_o[:, None] * BS + offs_i[None, :], acc)
+    tl.store(ws_ptr + ws_blk + offs_o[:, None] * BS + offs_i[None, :],
+             acc.to(ws_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=_WGRAD_INTS)
@@ -482,7 +484,8 @@ def _conv_wgrad_taps_kernel(
         acc = tl.dot(xt, dyt, acc, input_precision=PRECISION)
     # ws[split, i, tap, o, k] at ((split*nnz + i)*KHW + tap)*BS*BS + o*BS + k  (acc[row, o])
     ws_off = ((split * nnz + i) * KHW + tap) * (BS * BS) + k
-    tl.store(ws_ptr + ws_off[:, None] + offs_o[None, :] * BS, acc, mask=tap_ok[:, None])
+    tl.store(ws_ptr + ws_off[:, None] + offs_o[None, :] * BS, acc.to(ws_ptr.dtype.element_ty),
+             mask=tap_ok[:, None])
 
 
 # --------------------------------------------------------------------------- configs
@@ -607,7 +610,8 @@ class ConvOptions:
       ``128 / BS`` taps).
     - ``wgrad_reduce``: how the wgrad's fp32 partial sums become ``dW`` in the input dtype:
       ``"triton"`` one kernel (sum over the splits and cast), ``"torch"`` ``ws.sum(0)`` then
-      ``.to(dtype)`` (two launches and an fp32 round trip through memory).
+      ``.to(dtype)`` (two launches and an fp32 round trip through memory). With one split
+      there is nothing to reduce: the wgrad kernel writes ``dW`` in the input dtype itself.
     - ``fwd_kernel`` / ``dgrad_kernel``: ``"auto"`` (``STACKED_TAPS``), ``"per_tap"`` (each
       loop step one tap and one ``BK`` slice of a block: an MMA ``BK`` deep) or ``"taps"``
       (each loop step ``fwd_taps`` / ``dgrad_taps`` taps of a block stacked: an MMA ``taps·BS``
@@ -943,7 +947,10 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     else:
         tiles = nnz * KH * KW * (bs // cfg.WBO)
     splits, m_per_split = wgrad_splits(tiles, M, cfg, _sm_count(dy.device))
-    ws = empty_output((splits, nnz, KH, KW, bs, bs), torch.float32, dy.device)
+    # fp32 partial sums per split; one split writes dW in dy's dtype directly (rounded once
+    # either way), with no reduction launch
+    ws = empty_output((splits, nnz, KH, KW, bs, bs),
+                      dy.dtype if splits == 1 else torch.float32, dy.device)
     args = (dy, x, ws, row_idx, col_idx,
             N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
@@ -955,10 +962,10 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
         _launch(_conv_wgrad_kernel, (tiles, splits), args,
                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
                 cfg.wwarps, cfg.wstages)
-    if splits == 1 and dy.dtype == torch.float32:
+    if splits == 1:
         return ws[0]
     if OPTIONS.wgrad_reduce == "torch":
-        dv = ws[0] if splits == 1 else ws.sum(0)
+        dv = ws.sum(0)
         return dv if dv.dtype == dy.dtype else dv.to(dy.dtype)
     dv = empty_output((nnz, KH, KW, bs, bs), dy.dtype, dy.device)
     sum_splits(ws, dv)
@@ -1001,19 +1008,26 @@ def _kernel_cases(name: str, cfg: ConvConfig, bs: int, ptr: str, prec: str,
     cases.append(AotCase(name.format(kernel="dgrad"), _conv_dgrad_kernel, sig,
                          {"BS": bs, "BM": cfg.BM, "BK": cfg.BK, "PRECISION": prec},
                          cfg.warps, cfg.stages))
-    sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
-           "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
-           **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr",
-           "PRECISION": "constexpr"}
-    cases.append(AotCase(name.format(kernel="wgrad"), _conv_wgrad_kernel, sig,
-                         {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
-                         cfg.wwarps, cfg.wstages))
+    for ws, tag in _wgrad_outputs(ptr):
+        sig = {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": ws, "row_idx": "*i32",
+               "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
+               **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "BO": "constexpr",
+               "PRECISION": "constexpr"}
+        cases.append(AotCase(name.format(kernel="wgrad") + tag, _conv_wgrad_kernel, sig,
+                             {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
+                             cfg.wwarps, cfg.wstages))
     return cases
 
 
-def _wgrad_taps_signature(ptr: str = "*bf16") -> dict:
-    """The stacked-taps wgrad's argument types (``ptr`` operands, fp32 workspace)."""
-    return {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": "*fp32", "row_idx": "*i32",
+def _wgrad_outputs(ptr: str) -> list:
+    """``(ws_ptr type, name suffix)`` the wgrad kernels are launched with for operands of type
+    ``ptr``: the fp32 workspace, and for 16-bit operands also dW itself (one split)."""
+    return [("*fp32", "")] + ([(ptr, "_direct")] if ptr != "*fp32" else [])
+
+
+def _wgrad_taps_signature(ptr: str = "*bf16", ws: str = "*fp32") -> dict:
+    """The stacked-taps wgrad's argument types (``ptr`` operands, ``ws`` output)."""
+    return {"dy_ptr": ptr, "x_ptr": ptr, "ws_ptr": ws, "row_idx": "*i32",
             "col_idx": "*i32", **_ints(_GEOM), **_ints(["nnz", "m_per_split"]),
             **_ints(_CONV), "BS": "constexpr", "BM": "constexpr", "TG": "constexpr",
             "PRECISION": "constexpr"}
@@ -1062,10 +1076,12 @@ def aot_cases(arch: int) -> list:
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
             tbm, twarps, tstages = _taps_tiles(bs, tg)
             for dname, ptr, prec in _KINDS[1:3]:   # bf16 (fp16 compiles alike) and TF32
-                cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_{dname}",
-                                     _conv_wgrad_taps_kernel, _wgrad_taps_signature(ptr),
-                                     {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": prec},
-                                     twarps, tstages))
+                for ws, tag in _wgrad_outputs(ptr):
+                    cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_{dname}{tag}",
+                                         _conv_wgrad_taps_kernel,
+                                         _wgrad_taps_signature(ptr, ws),
+                                         {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": prec},
+                                         twarps, tstages))
     for bs in SUPPORTED_BLOCK_SIZES:   # the stacked-taps forward and dgrad, every group size
         for tg in (t for t in (2, 4, 8) if t * bs <= 128):
             for dname, ptr, prec in _KINDS[1:3]:   # bf16 (fp16 compiles alike) and TF32
@@ -1077,10 +1093,12 @@ def aot_cases(arch: int) -> list:
                 cases += [dataclasses.replace(c, name=c.name + "_s1") for c in _stacked_cases(
                     f"conv_{{kernel}}_taps{tg}_bs{bs}_bf16", bs, tg, "*bf16", "ieee")]
                 tbm, twarps, tstages = _taps_tiles(bs, tg)
-                cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16_s1",
-                                     _conv_wgrad_taps_kernel, _wgrad_taps_signature(),
-                                     {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
-                                     twarps, tstages))
+                for ws, tag in _wgrad_outputs("*bf16"):
+                    cases.append(AotCase(f"conv_wgrad_taps{tg}_bs{bs}_bf16{tag}_s1",
+                                         _conv_wgrad_taps_kernel,
+                                         _wgrad_taps_signature("*bf16", ws),
+                                         {"BS": bs, "BM": tbm, "TG": tg, "PRECISION": "ieee"},
+                                         twarps, tstages))
     for bs, cands in CANDIDATES.items():
         for cname, cfg in cands.items():
             cases += _kernel_cases(f"conv_cand[{cname}]_{{kernel}}_bs{bs}_bf16", cfg, bs, "*bf16",

@@ -633,6 +633,31 @@ def test_triton_wgrad_reduce(reduce, dtype, triton_device, no_cpu_path, monkeypa
     assert len(spies["_sum_splits_kernel"].calls) == (reduce == "triton")
 
 
+@pytest.mark.parametrize("kernel", ["per_tap", "taps"])
+@pytest.mark.parametrize("reduce", ["triton", "torch"])
+def test_triton_wgrad_one_split_writes_dw_directly(kernel, reduce, triton_device, no_cpu_path,
+                                                   monkeypatch):
+    """With one split there is nothing to reduce: the wgrad kernel writes dW in the input dtype
+    itself (fp16 here), and no reduction runs, whichever ``wgrad_reduce``; correct."""
+    from itop_kernels import triton_conv, triton_split_sum
+
+    monkeypatch.setattr(triton_conv, "_sm_count", lambda device: 1)
+    outputs = []
+    real = triton_conv._launch
+
+    def spy(kern, grid, args, consts, warps, stages):
+        if "wgrad" in getattr(kern, "__name__", str(kern)):
+            outputs.append((grid[1], args[2].dtype))
+        return real(kern, grid, args, consts, warps, stages)
+    monkeypatch.setattr(triton_conv, "_launch", spy)
+    sums = spy_launches(monkeypatch, triton_split_sum, ("_sum_splits_kernel",))
+    with triton_conv.options(wgrad_kernel=kernel, wgrad_reduce=reduce):
+        check_case(Case(32, 48, (5, 6), (3, 3), padding=1, batch=1, mask="empty_rows",
+                        id="one_split"), torch.float16, triton_device)
+    assert outputs == [(1, torch.float16)]
+    assert sums["_sum_splits_kernel"].calls == []
+
+
 @pytest.mark.parametrize("taps", [2, 4, 8])
 def test_triton_wgrad_stacked_taps(taps, triton_device, no_cpu_path, monkeypatch):
     """``wgrad_kernel="taps"``: groups of taps stacked into one MMA, the last group ragged
