@@ -569,8 +569,10 @@ CANDIDATES = {
                               wstages=3),
         "bm256_bk16_w8_s4|w256_w8_s2": _C(BM=256, BK=16, warps=8, stages=4, WBM=256, WBO=32,
                                            wwarps=8, wstages=2),
-        "bm128_s1|w64_s1": _C(BM=128, BK=32, warps=4, stages=1, WBM=64, WBO=32, wwarps=4,
-                               wstages=1),   # L1-cached loads, as for block 16
+        # L1-cached loads, as for block 16; the wgrad with 8 warps (with 4, triton 3.6 spills
+        # 12 B on sm_90 when it writes bf16 directly)
+        "bm128_s1|w64_w8_s1": _C(BM=128, BK=32, warps=4, stages=1, WBM=64, WBO=32, wwarps=8,
+                                  wstages=1),
     },
 }
 del _C
