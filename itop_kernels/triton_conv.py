@@ -58,7 +58,7 @@ import triton.language as tl
 
 from .dispatch import empty_output
 from . import triton_launch
-from .triton_launch import cdiv, cuda_facts
+from .triton_launch import aligned, cdiv, cuda_facts
 from .triton_split_sum import sum_splits
 from .dot_precision import dot_precision
 
@@ -724,19 +724,11 @@ def _kernel_input(t: torch.Tensor, name: str) -> torch.Tensor:
     """``[N, C, H, W]`` as a contiguous channels-last tensor whose data starts 16-byte aligned
     (the kernels promise the compiler aligned, vectorizable channel runs). No copy for an
     aligned channels-last tensor."""
-    t = t.contiguous(memory_format=torch.channels_last)
-    if t.data_ptr() % 16:
-        t = t.clone(memory_format=torch.channels_last)
+    t = aligned(t, torch.channels_last)
     if t.numel() > _INT32_MAX:
         raise ValueError(f"{name} has {t.numel()} elements; the Triton conv kernels index with "
                          "int32 (at most 2**31 - 1 elements): split the batch")
     return t
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` contiguous with 16-byte aligned data (copied only if it is not)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _empty_nhwc(shape, dtype, device) -> torch.Tensor:
@@ -814,9 +806,9 @@ def conv_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
     if M == 0 or out_channels == 0:
         return _in_format(y, memory_format)
     x = _kernel_input(x, "x")
-    values = _aligned(values)
+    values = aligned(values)
     has_bias = bias is not None
-    args = (x, values, _aligned(bias) if has_bias else values, y, row_ptr, col_idx,
+    args = (x, values, aligned(bias) if has_bias else values, y, row_ptr, col_idx,
             N, H, W, Ho, Wo, KH, KW, Cin // block_size, out_channels // block_size,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
     tg = _tap_kernel("fwd", block_size, KH * KW, x.dtype, prec, x.device)
@@ -853,7 +845,7 @@ def conv_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Tenso
     if M == 0 or Cin == 0:
         return _in_format(dx, memory_format)
     dy = _kernel_input(dy, "dy")
-    values = _aligned(values)
+    values = aligned(values)
     # One pixel space per stride phase, sized for phase 0 (the largest).
     sh, sw = stride
     mq = N * cdiv(H, sh) * cdiv(W, sw)

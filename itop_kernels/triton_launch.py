@@ -25,7 +25,7 @@ import contextlib
 import functools
 import os
 import warnings
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -35,7 +35,7 @@ except ImportError:  # no Triton (a CPU-only install): no descriptors can be pas
     TensorDescriptor = None
 
 __all__ = ["LAUNCH_MODES", "launch", "launch_mode", "set_launch_mode", "launching", "cdiv",
-           "cuda_facts"]
+           "cuda_facts", "aligned"]
 
 LAUNCH_MODES = ("cached", "plain")
 _mode = os.environ.get("ITOP_TRITON_LAUNCH", "cached")
@@ -44,6 +44,7 @@ if _mode not in LAUNCH_MODES:
     _mode = "plain"
 _handles: Dict[tuple, Tuple[Any, tuple]] = {}   # key -> (compiled kernel, constexpr tail)
 _failed = False
+_ALIGN_WARNED = False
 
 
 def cdiv(a: int, b: int) -> int:
@@ -102,6 +103,25 @@ def _arg_key(a: Any) -> Any:
         width = 0 if -2**31 <= a < 2**31 else (1 if -2**63 <= a < 2**63 else 2)
         return (width, a % 16 == 0, a == 1)
     return type(a)
+
+
+def aligned(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format,
+            warn_as: Optional[str] = None) -> torch.Tensor:
+    """``t`` contiguous in ``memory_format`` with 16-byte aligned data, as the kernels are
+    compiled for (Triton specializes on a pointer's alignment: with a misaligned base it builds
+    a kernel that loads each element on its own, and TMA needs aligned bases). No copy for such
+    a tensor. A misaligned one (a view at an odd offset) is copied; when ``warn_as`` names the
+    operand, the copy is announced with a RuntimeWarning, once per process."""
+    global _ALIGN_WARNED
+    t = t.contiguous(memory_format=memory_format)
+    if t.data_ptr() % 16:
+        if warn_as is not None and not _ALIGN_WARNED:
+            _ALIGN_WARNED = True
+            warnings.warn(f"itop_kernels: {warn_as} is not 16-byte aligned (data_ptr % 16 = "
+                          f"{t.data_ptr() % 16}); copied to an aligned buffer (one extra pass "
+                          "over it; warned once)", RuntimeWarning, stacklevel=3)
+        t = t.clone(memory_format=memory_format)
+    return t
 
 
 def _interpreting() -> bool:

@@ -22,7 +22,6 @@ ahead-of-time compile check (``python -m itop_kernels.compile_check``).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -34,7 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .dispatch import empty_output
 from .dot_precision import dot_precision
-from .triton_launch import cdiv, cuda_facts, launch
+from .triton_launch import aligned, cdiv, cuda_facts, launch
 from .triton_split_sum import sum_splits
 
 __all__ = ["linear_forward", "linear_grad_input", "linear_grad_weight", "aot_cases",
@@ -428,32 +427,11 @@ def _dw_splits(cfg: _Cfg, M: int, nnz: int, block_size: int, device: torch.devic
 
 
 # --------------------------------------------------------------------------- wrappers
-_ALIGN_WARNED = False
-
-
-def _operand(t: torch.Tensor, name: str) -> torch.Tensor:
-    """``t`` contiguous with a 16-byte aligned base, as every kernel here wants it: the pointer
-    kernels then load 16-byte vectors through ``cp.async`` (Triton specializes on the alignment;
-    a misaligned base compiles a kernel that loads each element on its own), and TMA needs
-    aligned bases. A contiguous tensor with a misaligned base (a view at an odd offset) is
-    copied, with a warning once per process: the copy is one extra pass over it."""
-    global _ALIGN_WARNED
-    t = t.contiguous()
-    if t.data_ptr() % 16:
-        if not _ALIGN_WARNED:
-            _ALIGN_WARNED = True
-            warnings.warn(f"itop_kernels: {name} is not 16-byte aligned (data_ptr % 16 = "
-                          f"{t.data_ptr() % 16}); the block-sparse linear copies it to an aligned "
-                          "buffer (one extra pass over it; warned once)", RuntimeWarning,
-                          stacklevel=3)
-        t = t.clone()
-    return t
-
-
 def _use_tma(cfg: _Cfg, rows: int, nnz: int) -> bool:
     """Whether ``cfg`` runs its TMA kernel: a TMA config with something to read (with ``rows``
     or ``nnz`` zero, where a descriptor of zero rows would be invalid, the pointer kernel runs).
-    The operands are contiguous and aligned (:func:`_operand`), and their rows are multiples of
+    The operands are contiguous and aligned (:func:`~itop_kernels.triton_launch.aligned`), and
+    their rows are multiples of
     16 elements (block sizes are), so TMA can always read them."""
     return bool(cfg.tma and rows and nnz)
 
@@ -473,10 +451,10 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                    out_features: int, *, config: Optional[_Cfg] = None) -> torch.Tensor:
     """``Y = X·Wᵀ (+ bias)``: ``x [M, K]``, ``values [nnz, bs, bs]`` -> ``[M, N]``, x's dtype.
     ``config`` overrides the table (benchmarks)."""
-    x = _operand(x, "x")
-    values = _operand(values, "values")
+    x = aligned(x, warn_as="x")
+    values = aligned(values, warn_as="values")
     if bias is not None:
-        bias = _operand(bias, "bias")
+        bias = aligned(bias, warn_as="bias")
     M, K = x.shape
     N = out_features
     cfg = config or _config("fwd", x.device, block_size, x.dtype)
@@ -502,8 +480,8 @@ def linear_grad_input(dy: torch.Tensor, values: torch.Tensor, col_ptr: torch.Ten
                       in_features: int, *, config: Optional[_Cfg] = None) -> torch.Tensor:
     """``dX = dY·W``: ``dy [M, N]`` -> ``[M, K]`` in dy's dtype, via the transpose metadata.
     ``config`` overrides the table (benchmarks)."""
-    dy = _operand(dy, "dy")
-    values = _operand(values, "values")
+    dy = aligned(dy, warn_as="dy")
+    values = aligned(values, warn_as="values")
     M, N = dy.shape
     K = in_features
     cfg = config or _config("dx", dy.device, block_size, dy.dtype)
@@ -531,8 +509,8 @@ def linear_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
     With a split config the reduction over M runs in ``splits`` parallel ranges into an fp32
     workspace, summed afterwards in a fixed order (deterministic, one rounding).
     ``config`` overrides the table (benchmarks)."""
-    dy = _operand(dy, "dy")
-    x = _operand(x, "x")
+    dy = aligned(dy, warn_as="dy")
+    x = aligned(x, warn_as="x")
     M, N = dy.shape
     K = x.shape[1]
     nnz = row_idx.numel()

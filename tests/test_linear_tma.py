@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from block_masks import random_mask
-from kernel_launches import FakeKernel, at_odd_offset, fake_cuda_cached_launches
+from kernel_launches import (FakeKernel, at_odd_offset, fake_cuda_cached_launches,
+                             record_operand_bases)
 from itop_kernels import triton_launch as L
 from itop_kernels import triton_linear as tl_mod
 from numerics import rel_err, tol_for
@@ -34,7 +35,7 @@ def descs(monkeypatch):
         made.append(tuple(block))
         return real(t, rows, cols, block)
     monkeypatch.setattr(tl_mod, "_desc", spy)
-    monkeypatch.setattr(tl_mod, "_ALIGN_WARNED", False)
+    monkeypatch.setattr(L, "_ALIGN_WARNED", False)
     return made
 
 
@@ -105,13 +106,7 @@ def test_misaligned_operand_is_copied_with_one_warning(triton_device, gen, descs
     lay, x, dy, b, values, ref = _operands(mask, 16, 37, torch.float16, triton_device, gen)
     ops = {"x": x, "dy": dy, "values": values}
     ops[operand] = at_odd_offset(ops[operand])
-    bases = []
-    real_launch = tl_mod.launch
-
-    def spy(kernel_fn, grid, args, consts, warps, stages):
-        bases.extend(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
-        return real_launch(kernel_fn, grid, args, consts, warps, stages)
-    monkeypatch.setattr(tl_mod, "launch", spy)
+    bases = record_operand_bases(monkeypatch, tl_mod, "launch")
     with pytest.warns(RuntimeWarning, match=f"{operand} is not 16-byte aligned"):
         out = _run(kernel, cfg, lay, ops["x"], ops["dy"], b, ops["values"], 16)
     assert rel_err(out, ref[kernel]) <= tol_for(torch.float16, triton_device)
