@@ -44,6 +44,20 @@ def at_odd_offset(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def record_operand_bases(monkeypatch, module, name: str) -> List[int]:
+    """Wrap ``module.<name>``, a launcher ``(kernel, grid, args, constexprs, warps, stages)``,
+    so that each launch appends ``data_ptr() % 16`` of every tensor argument to the returned
+    list (all zeros: every operand the kernels got was 16-byte aligned)."""
+    bases: List[int] = []
+    real = getattr(module, name)
+
+    def spy(kernel, grid, args, consts, warps, stages):
+        bases.extend(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
+        return real(kernel, grid, args, consts, warps, stages)
+    monkeypatch.setattr(module, name, spy)
+    return bases
+
+
 class TF32Switches:
     """Sets torch's TF32 switches for a test and puts them back afterwards (the ``tf32_switch``
     fixture). torch reads its switches through module ``__getattr__``, which ``monkeypatch``

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from block_masks import add_transposing_blocks, assert_real_transpose
 from itop_kernels import BlockLayout, block_sparse_conv2d
 from itop_kernels.cpu_conv import output_memory_format
-from kernel_launches import at_odd_offset, spy_launches
+from kernel_launches import at_odd_offset, record_operand_bases, spy_launches
 from numerics import TOL, TOL_TF32, rel_err, tol_for
 
 CL = torch.channels_last
@@ -769,13 +769,7 @@ def test_triton_misaligned_operands_reach_the_kernels_aligned(taps, triton_devic
     compiled and checked (``compile_check``) for aligned pointers. Correct against float64."""
     from itop_kernels import triton_conv
 
-    bases = []
-    real = triton_conv._launch
-
-    def spy(kernel, grid, args, consts, warps, stages):
-        bases.extend(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
-        return real(kernel, grid, args, consts, warps, stages)
-    monkeypatch.setattr(triton_conv, "_launch", spy)
+    bases = record_operand_bases(monkeypatch, triton_conv, "_launch")
     gen = torch.Generator().manual_seed(3)
     bs, cin, cout = 16, 32, 48
     mask = make_mask("random", cout // bs, cin // bs, gen)

@@ -2,23 +2,16 @@
 a GPU run's per-kernel candidate timings, on synthetic timings where the answer is known (the
 CPU smoke run's JSON, the schema the GPU run writes, is picked in
 ``tests/test_render_gpu_results.py``, which has it at hand)."""
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_scripts import bench_module
 
 
 @pytest.fixture(scope="module")
 def pick():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("pick_conv_configs")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("pick_conv_configs")
 
 
 def _cfg(bm, wbm):

@@ -4,25 +4,20 @@ marked as measured on a GPU (the renderer ignores CPU runs), put in a results di
 ``tmp_path``, and rendered; the tests check that the tables carry the JSON's numbers and that
 each issue's targets flip between met and missed with them."""
 import copy
-import importlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from bench_scripts import bench_module
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def render():
-    import sys
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("render_docs")
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("render_docs")
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +25,11 @@ def smoke(tmp_path_factory):
     """``{kind: parsed JSON}`` of the three benchmarks' CPU smoke runs (about 30 s in all; the
     linear and conv ones through Triton's interpreter, the training steps on the CPU path)."""
     import os
-    import sys
     out = tmp_path_factory.mktemp("smoke")
-    sys.path.insert(0, str(BENCH))
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        lin, conv, train = (importlib.import_module(m) for m in
+        lin, conv, train = (bench_module(m) for m in
                             ("bench_linear", "bench_conv", "bench_train_gpu"))
         assert lin.main(["--device", "cpu", "--sweep", "--smoke", "--blocks", "16",
                          "--densities", "0.5", "--K", "32", "--N", "32", "--M", "16",
@@ -45,7 +38,6 @@ def smoke(tmp_path_factory):
         os.environ.pop("TRITON_INTERPRET")   # the CPU path, as the tiny run is meant to take
         assert train.main(["--tiny", "--no-plot", "--out-dir", str(out)]) == 0
     finally:
-        sys.path.remove(str(BENCH))
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
@@ -69,7 +61,7 @@ def as_gpu(kind: str, d: dict, time: str = "2030-01-01T00:00:00Z") -> dict:
 def results_dir(tmp_path: Path, files: dict) -> Path:
     """A results directory: the committed JSON plus ``files`` (``{name: dict}``)."""
     res = tmp_path / "results"
-    shutil.copytree(BENCH / "results", res, ignore=shutil.ignore_patterns("*.png", "*.txt"))
+    shutil.copytree(ROOT / "benchmarks" / "results", res, ignore=shutil.ignore_patterns("*.png", "*.txt"))
     for name, d in files.items():
         (res / name).write_text(json.dumps(d))
     return res
@@ -197,12 +189,7 @@ def test_conv_smoke_times_every_kernel_variant(smoke):
 
 def test_pick_conv_configs_reads_the_smoke_json(smoke, tmp_path, capsys):
     """``pick_conv_configs.py`` on the schema the GPU run writes: a ConvConfig per block size."""
-    import sys
-    sys.path.insert(0, str(BENCH))
-    try:
-        pick = importlib.import_module("pick_conv_configs")
-    finally:
-        sys.path.remove(str(BENCH))
+    pick = bench_module("pick_conv_configs")
     path = tmp_path / "conv.json"
     path.write_text(json.dumps(smoke["conv"]))
     assert pick.main([str(path)]) == 0

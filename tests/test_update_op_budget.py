@@ -19,12 +19,9 @@ GPT-2 toy's gradient ceiling set just above its count once same-shape linear lay
 together (``itop.topology._BATCH_SCORES``: 532 -> 424 ops per update, 268 -> 200 launching, on
 the CPU, where each layer keeps its own GEMM and casts; ``GPT2_TOY_BMM_CEILING``: the stacked,
 batched-GEMM variant a GPU runs for small layers, 364 and 172)."""
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from bench_scripts import bench_module
 
 # per layer, per update: (all aten ops, ops that launch a kernel on a GPU)
 CEILING = {("linear", "random"): (36, 28), ("linear", "gradient"): (54, 37),
@@ -50,12 +47,7 @@ def per_layer(monkeypatch):
 
 @pytest.fixture(scope="module")
 def update_ops():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import update_ops
-        yield update_ops
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module("update_ops")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
