@@ -511,7 +511,7 @@ CONFIGS = {
     80: {
         16: ConvConfig(BM=128, BK=16, warps=4, stages=3, WBM=64, WBO=16, wwarps=4, wstages=3),
         32: ConvConfig(BM=128, BK=32, warps=4, stages=3, WBM=64, WBO=32, wwarps=4, wstages=3),
-        64: ConvConfig(BM=128, BK=32, warps=4, stages=3, WBM=64, WBO=64, wwarps=4, wstages=3),
+        64: ConvConfig(BM=128, BK=32, warps=8, stages=3, WBM=64, WBO=64, wwarps=4, wstages=3),
         128: ConvConfig(BM=64, BK=32, warps=4, stages=3, WBM=32, WBO=64, wwarps=4, wstages=3),
     },
     90: {
