@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from itop_kernels import BlockLayout, block_sparse_conv2d  # noqa: E402
 from budget import Budget  # noqa: E402
+from host_route import gpu_route_without_kernels  # noqa: E402
 from provenance import OUT_DIR_HELP, results_path  # noqa: E402
 
 
@@ -708,7 +709,7 @@ def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -
             return None
 
     result["host_overhead"] = guarded("host overhead", lambda: host_overhead_rows(
-        device, dtype, stub=args.smoke, calls=20))
+        device, dtype, fake=args.smoke, calls=20))
     save()
     result["profile_table"] = guarded("profile", lambda: profile_table(
         plan["profile"], 32 if not args.smoke else 16, 0.1, device, dtype, gen))
@@ -768,35 +769,17 @@ def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -
 
 
 # --------------------------------------------------------------------------- host overhead
-class _StubKernel:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` launches nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-_KERNEL_NAMES = {"triton_conv": ("_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"),
-                 "triton_linear": ("_bsl_fwd_kernel", "_bsl_dx_kernel", "_bsl_dw_kernel"),
-                 "triton_split_sum": ("_sum_splits_kernel",)}
-
-
-def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200) -> list[dict]:
+def host_overhead_rows(device: torch.device, dtype, fake: bool, calls: int = 200) -> list[dict]:
     """Host µs per eager call of ``block_sparse_conv2d``: forward (inputs requiring grad) and
     fwd+bwd, through the custom ops (``EAGER_FAST_PATH`` off: the code before the fast path)
     and through the eager Function, with plain and cached Triton launches, at a tiny 3×3 and a
-    1×1 shape, next to ``F.conv2d``. On the CPU the Triton kernels are stubs (``stub``: the
-    interpreter would run them), so only the host work is timed; on a GPU the kernels run and
-    ``calls`` calls are issued without a sync in between (host time per call, as long as the
-    host is slower than the device)."""
+    1×1 shape, next to ``F.conv2d``. ``fake`` (on the CPU): the GPU route with every kernel a
+    stand-in that launches nothing (:func:`host_route.gpu_route_without_kernels`), so only
+    our host work is timed, the cached launch's key and replay included; on a GPU the kernels
+    run and ``calls`` calls are issued without a sync in between (host time per call, as long
+    as the host is slower than the device)."""
     from itop_kernels import conv as conv_mod
-    from itop_kernels import triton_conv, triton_launch, triton_linear, triton_split_sum
-    saved = {}
-    if stub:
-        os.environ["TRITON_INTERPRET"] = "1"
-        for mod in (triton_conv, triton_linear, triton_split_sum):
-            for name in _KERNEL_NAMES[mod.__name__.rsplit(".", 1)[1]]:
-                saved[(mod, name)] = getattr(mod, name)
-                setattr(mod, name, _StubKernel())
+    from itop_kernels import triton_launch
     rows = []
     try:
         gen = torch.Generator().manual_seed(0)
@@ -812,8 +795,6 @@ def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200
             variants = {"dense F.conv2d": (lambda: F.conv2d(x, dense_w, **conv), None)}
             for path in ("custom_ops", "eager"):
                 for launch in ("plain", "cached"):
-                    if launch == "cached" and device.type != "cuda":
-                        continue
                     variants[f"{path}, {launch} launch"] = (
                         lambda: block_sparse_conv2d(x, values, layout, **conv), (path, launch))
             dy = torch.randn_like(variants["dense F.conv2d"][0]().detach())
@@ -821,7 +802,9 @@ def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200
             for rep in range(6):   # the variants interleaved in each round (a shared machine)
                 for name, (make, setting) in variants.items():
                     conv_mod.EAGER_FAST_PATH = setting is None or setting[0] == "eager"
-                    with triton_launch.launching(setting[1] if setting else "plain"):
+                    launch = setting[1] if setting else "plain"
+                    with (gpu_route_without_kernels(launch) if fake and setting
+                          else triton_launch.launching(launch)):
                         for mode in ("fwd", "fwd+bwd"):
                             fn = make if mode == "fwd" else _fwd_bwd(make, dy)
                             for _ in range(3 if rep else 10):   # warm-up
@@ -844,8 +827,6 @@ def host_overhead_rows(device: torch.device, dtype, stub: bool, calls: int = 200
                       f"fwd+bwd {res['fwd+bwd']:8.1f} µs")
     finally:
         conv_mod.EAGER_FAST_PATH = True
-        for (mod, name), kernel in saved.items():
-            setattr(mod, name, kernel)
     return rows
 
 
@@ -902,8 +883,8 @@ def main(argv=None) -> int:
                    help="the GPU run's code paths on the CPU through Triton's interpreter at "
                         "tiny shapes (no timings worth reading)")
     p.add_argument("--host-overhead", action="store_true",
-                   help="only the host µs per eager call (stubbed kernels on the CPU) -> "
-                        "host_overhead_conv_<cpu|gpu>.json")
+                   help="only the host µs per eager call (on the CPU: the GPU route in bf16 "
+                        "with kernels that launch nothing) -> host_overhead_conv_<cpu|gpu>.json")
     p.add_argument("--plan", action="store_true",
                    help="print the GPU run's plan and its time estimate, and exit")
     args = p.parse_args(argv)
@@ -961,10 +942,13 @@ def main(argv=None) -> int:
     }
 
     if args.host_overhead:
-        result.update(benchmark="bench_conv --host-overhead",
-                      timer=("host wall clock per call, no sync between calls"
-                             if gpu else "host wall clock per call, Triton launches stubbed"),
-                      rows=host_overhead_rows(device, dtype, stub=not gpu))
+        dtype = torch.bfloat16   # the GPU run's dtype; on the CPU no kernel computes anything
+        result.update(benchmark="bench_conv --host-overhead", dtype=str(dtype),
+                      timer=("host wall clock per call, no sync between calls" if gpu else
+                             "host wall clock per call, median of 5 rounds; the GPU route on CPU "
+                             "tensors with every kernel a stand-in that launches nothing "
+                             "(benchmarks/host_route.py)"),
+                      rows=host_overhead_rows(device, dtype, fake=not gpu))
         result["complete"] = True
         result["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
         with open(out, "w") as f:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from itop_kernels import BlockLayout, block_sparse_linear  # noqa: E402
 from budget import Budget  # noqa: E402
+from host_route import gpu_route_without_kernels  # noqa: E402
 from provenance import OUT_DIR_HELP, results_path  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -308,27 +309,23 @@ def host_overhead(device: torch.device, dtype: torch.dtype, calls: int = 200,
         cases["impl direct fwd+bwd"] = impl_fwdbwd
     us = {k: _per_call_us(fn, device, calls, rounds) for k, fn in cases.items()}
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        us.update(_stubbed_triton_route(fwd(lin._linear_eager), fwdbwd(lin._linear_eager),
-                                        device, calls, rounds))
+        us.update(_gpu_route_without_kernels(fwd(lin._linear_eager), fwdbwd(lin._linear_eager),
+                                             device, calls, rounds))
     return {"shape": s, "dtype": str(dtype).replace("torch.", ""), "calls_per_round": calls,
             "rounds": rounds, "us_per_call": us,
             "timer": "median over rounds of the mean perf_counter µs per call"}
 
 
-def _stubbed_triton_route(fwd, fwdbwd, device, calls: int, rounds: int) -> dict:
-    """On a CPU: the eager path routed to the Triton wrappers with every kernel launch replaced
-    by a no-op, i.e. our own Python cost per call on the GPU route, without Triton's launch."""
-    from itop_kernels import linear as lin
-    from itop_kernels import triton_linear as T
-    saved = (lin.use_triton, T.launch)
-    lin.use_triton = lambda t: True
-    T.launch = lambda *a, **k: None
-    try:
-        return {"triton route, launches stubbed fwd": _per_call_us(fwd, device, calls, rounds),
-                "triton route, launches stubbed fwd+bwd": _per_call_us(fwdbwd, device, calls,
-                                                                        rounds)}
-    finally:
-        lin.use_triton, T.launch = saved
+def _gpu_route_without_kernels(fwd, fwdbwd, device, calls: int, rounds: int) -> dict:
+    """On a CPU: the eager path on its GPU route with every kernel a stand-in that launches
+    nothing (:func:`host_route.gpu_route_without_kernels`), cached launches: our own Python per
+    call on the way to a GPU, the launch's specialization key and replay included, without
+    Triton's C launcher."""
+    with gpu_route_without_kernels("cached"):
+        return {"gpu route, cached launches, no kernels fwd": _per_call_us(fwd, device, calls,
+                                                                          rounds),
+                "gpu route, cached launches, no kernels fwd+bwd": _per_call_us(fwdbwd, device,
+                                                                              calls, rounds)}
 
 
 def run_host_overhead(args) -> dict:

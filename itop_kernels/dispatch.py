@@ -24,9 +24,11 @@ def poison_enabled() -> bool:
     return os.environ.get("ITOP_POISON_OUTPUTS", "0") not in ("", "0")
 
 
-def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.empty`` for a kernel's output, filled with NaN when poisoning is on."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+def empty_output(shape, dtype: torch.dtype, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output (in ``memory_format``), filled with NaN when
+    poisoning is on."""
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if poison_enabled():
         out.fill_(float("nan"))
     return out

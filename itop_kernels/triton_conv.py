@@ -737,7 +737,7 @@ def _empty_nhwc(shape, dtype, device) -> torch.Tensor:
     if n * ch * h * w > _INT32_MAX:
         raise ValueError(f"an output of shape {tuple(shape)} has more than 2**31 - 1 elements; "
                          "the Triton conv kernels index with int32: split the batch")
-    return empty_output((n, h, w, ch), dtype, device).permute(0, 3, 1, 2)
+    return empty_output(shape, dtype, device, torch.channels_last)
 
 
 def _in_format(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -942,9 +942,12 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
         tiles = nnz * KH * KW * (bs // cfg.WBO)
     splits, m_per_split = wgrad_splits(tiles, M, cfg, _sm_count(dy.device))
     # fp32 partial sums per split; one split writes dW in dy's dtype directly (rounded once
-    # either way), with no reduction launch
-    ws = empty_output((splits, nnz, KH, KW, bs, bs),
-                      dy.dtype if splits == 1 else torch.float32, dy.device)
+    # either way), with no reduction launch: the kernel's split 0 starts at ws's base, so dW is
+    # allocated in its own shape
+    if splits == 1:
+        ws = empty_output((nnz, KH, KW, bs, bs), dy.dtype, dy.device)
+    else:
+        ws = empty_output((splits, nnz, KH, KW, bs, bs), torch.float32, dy.device)
     args = (dy, x, ws, row_idx, col_idx,
             N, H, W, Ho, Wo, KH, KW, Cin // bs, Cout // bs, nnz, m_per_split,
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
@@ -957,7 +960,7 @@ def conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor,
                 {"BS": bs, "BM": cfg.WBM, "BO": cfg.WBO, "PRECISION": prec},
                 cfg.wwarps, cfg.wstages)
     if splits == 1:
-        return ws[0]
+        return ws
     if OPTIONS.wgrad_reduce == "torch":
         dv = ws.sum(0)
         return dv if dv.dtype == dy.dtype else dv.to(dy.dtype)

@@ -33,6 +33,10 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # no Triton (a CPU-only install): no descriptors can be passed
     TensorDescriptor = None
+try:
+    from triton import knobs as _knobs   # where Triton keeps its launch hooks (_hooked)
+except ImportError:
+    _knobs = None
 
 __all__ = ["LAUNCH_MODES", "launch", "launch_mode", "set_launch_mode", "launching", "cdiv",
            "cuda_facts", "aligned"]
@@ -90,9 +94,16 @@ def launching(mode: str) -> Iterator[None]:
         _mode = old
 
 
+def _int_key(a: int) -> tuple:
+    """What Triton specializes an int on: its type (i32, i64 or u64, from its range),
+    divisibility by 16 and equality to 1."""
+    width = 0 if -2**31 <= a < 2**31 else (1 if -2**63 <= a < 2**63 else 2)
+    return (width, a % 16 == 0, a == 1)
+
+
 def _arg_key(a: Any) -> Any:
     """What Triton specializes a runtime argument on: a tensor's dtype and 16-byte alignment;
-    an int's type (i32, i64 or u64, from its range), divisibility by 16 and equality to 1."""
+    an int's :func:`_int_key`."""
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
     if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
@@ -100,9 +111,29 @@ def _arg_key(a: Any) -> Any:
     if isinstance(a, bool) or a is None:
         return a
     if isinstance(a, int):
-        width = 0 if -2**31 <= a < 2**31 else (1 if -2**63 <= a < 2**63 else 2)
-        return (width, a % 16 == 0, a == 1)
+        return _int_key(int(a))
     return type(a)
+
+
+_INT_TAIL_KEYS: Dict[tuple, tuple] = {}   # a launch's trailing ints -> their keys
+_INT_TAIL_KEYS_MAX = 4096
+
+
+def _args_key(args: tuple) -> tuple:
+    """``_arg_key`` of every argument. The kernels take their pointers first and their ints
+    (shapes, strides) last: the run of plain ints at the end is looked up as one tuple in a
+    memo (a conv launch passes about 17 ints; their keys cost more to compute than to find),
+    the rest is computed."""
+    i = len(args)
+    while i and type(args[i - 1]) is int:   # exact ints only: True == 1 must not share a key
+        i -= 1
+    tail = args[i:]
+    keys = _INT_TAIL_KEYS.get(tail)
+    if keys is None:
+        keys = tuple(map(_int_key, tail))
+        if len(_INT_TAIL_KEYS) < _INT_TAIL_KEYS_MAX:
+            _INT_TAIL_KEYS[tail] = keys
+    return (tuple(map(_arg_key, args[:i])), keys)
 
 
 def aligned(t: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format,
@@ -138,14 +169,16 @@ def launch(kernel: Any, grid: tuple, args: tuple, constexprs: dict, num_warps: i
     if TensorDescriptor is not None and isinstance(t0, TensorDescriptor):
         t0 = t0.base
     if (_mode != "cached" or _failed or not isinstance(t0, torch.Tensor) or not t0.is_cuda
-            or _interpreting() or _hooked()):
+            or _hooked()):
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
     dev = t0.device.index if t0.device.index is not None else torch.cuda.current_device()
-    key = (id(kernel), dev, tuple(constexprs.items()), num_warps, num_stages,
-           tuple(_arg_key(a) for a in args))
+    key = (id(kernel), dev, tuple(constexprs.items()), num_warps, num_stages, _args_key(args))
     hit = _handles.get(key)
     if hit is None:
+        if _interpreting():   # an interpreted kernel has no compiled handle to replay
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            return
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         if hasattr(compiled, "result"):   # triton 3.6 may hand back a future of the compile
             compiled = compiled.result()
@@ -174,9 +207,9 @@ def _hooked() -> bool:
     see every launch, so :func:`launch` then launches plainly. Triton 3.6 and 3.8 keep each hook
     as a ``HookChain``, never ``None``: an empty chain means no hook."""
     try:
-        from triton import knobs
-        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    except (ImportError, AttributeError):
+        runtime = _knobs.runtime
+        hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    except AttributeError:
         return True  # a Triton without knobs: do not replay
     for hook in hooks:
         if hook is None:

@@ -28,9 +28,12 @@ class GuardBands:
     def __init__(self) -> None:
         self.outputs: List[Tuple[torch.Tensor, int, int, tuple]] = []  # (buffer, band, numel, shape)
 
-    def empty_output(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Stands in for ``itop_kernels.dispatch.empty_output``: a contiguous NaN tensor of
-        ``shape`` in the middle of a NaN buffer."""
+    def empty_output(self, shape, dtype: torch.dtype, device: torch.device,
+                     memory_format: torch.memory_format = torch.contiguous_format
+                     ) -> torch.Tensor:
+        """Stands in for ``itop_kernels.dispatch.empty_output``: a NaN tensor of ``shape``,
+        dense in ``memory_format`` (contiguous, or channels-last for a 4-D shape), in the middle
+        of a NaN buffer."""
         if not dtype.is_floating_point:
             raise TypeError(f"guard bands need a float output (NaN sentinel), got {dtype}")
         shape = tuple(int(s) for s in shape)
@@ -38,7 +41,14 @@ class GuardBands:
         band = -(-max(_MIN_BAND, numel) // _ALIGN) * _ALIGN
         buf = torch.full((band + numel + band,), float("nan"), dtype=dtype, device=device)
         self.outputs.append((buf, band, numel, shape))
-        return buf[band:band + numel].view(shape)
+        inner = buf[band:band + numel]
+        if memory_format == torch.channels_last:
+            n, c, h, w = shape
+            return inner.view(n, h, w, c).permute(0, 3, 1, 2)
+        if memory_format != torch.contiguous_format:
+            raise ValueError(f"guard bands take contiguous or channels-last outputs, got "
+                             f"{memory_format}")
+        return inner.view(shape)
 
     @property
     def shapes(self) -> List[tuple]:

@@ -233,3 +233,14 @@ def test_train_gpu_fragment_and_targets(render, smoke, tmp_path):
     text = render.frag_train_gpu(results_dir(tmp_path / "4", {"train_gpu_h200.json": d}))
     assert target_row(text, "a layout rebuild").endswith("| met |")
     assert "200 µs, host sync: no" in text
+
+
+def test_conv_smoke_runs_every_section_without_errors(smoke):
+    """The conv run's sections catch their own errors (a GPU run must not lose the rest to one
+    failure), so a broken section shows only in ``errors``: the smoke must have none, and its
+    host-overhead section timed every variant on the GPU route."""
+    conv = smoke["conv"]
+    assert conv["errors"] == []
+    variants = {row["variant"] for row in conv["host_overhead"]}
+    assert {"eager, cached launch", "eager, plain launch", "custom_ops, cached launch",
+            "dense F.conv2d"} <= variants

@@ -99,3 +99,33 @@ def test_no_launch_hook_means_replay():
         finally:
             knobs.runtime.launch_enter_hook = chain
     assert not triton_launch._hooked()
+
+
+def test_launch_keys_follow_tritons_specialization(monkeypatch):
+    """The cached launch keys a call on what Triton specializes on, no more and no less: each
+    pointer's dtype and 16-byte alignment, each int's width (i32, i64, u64), divisibility by 16
+    and equality to 1. The trailing ints are looked up as one tuple in a bounded memo, which a
+    bool (equal to 1, and hashed like it) must not hit."""
+    from itop_kernels import triton_launch as L
+
+    t = torch.zeros(64)
+
+    def key(*args):
+        return L._args_key(args)
+
+    assert key(t, 16, 32) == key(t, 48, 64)                 # same facts about every argument
+    assert key(t, 16, 32) != key(t, 16, 33)                 # divisibility by 16
+    assert key(t, 1, 32) != key(t, 17, 32)                  # equality to 1
+    assert key(t, 2**31, 32) != key(t, 2**31 - 16, 32)      # i64 against i32
+    assert key(t, 2**63, 32) != key(t, 2**62, 32)           # u64 against i64
+    assert key(t, True, 32) != key(t, 1, 32)                # a bool is not the int 1
+    assert key(t[1:], 16) != key(t, 16)                     # pointer alignment
+    assert key(t.half(), 16) != key(t, 16)                  # pointer dtype
+    assert key(t, 16) == key(t, 16)                         # from the memo, the same key
+
+    monkeypatch.setattr(L, "_INT_TAIL_KEYS", {})
+    monkeypatch.setattr(L, "_INT_TAIL_KEYS_MAX", 2)
+    keys = [key(t, n) for n in (3, 1, 16, 5)]
+    assert len(L._INT_TAIL_KEYS) == 2                       # bounded
+    assert keys[0] == keys[3] and len(set(keys)) == 3       # 3 and 5: neither 1 nor × 16
+    assert [key(t, n) for n in (3, 1, 16, 5)] == keys       # memoized or not, the same
