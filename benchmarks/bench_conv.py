@@ -769,11 +769,31 @@ def run_device_plan(args, device: torch.device, dtype, out: str, result: dict) -
 
 
 # --------------------------------------------------------------------------- host overhead
+class AutogradFloor(torch.autograd.Function):
+    """The least host work an autograd op shaped like ``block_sparse_conv2d`` can do: the
+    forward allocates ``y`` (channels-last) and saves ``x`` and ``values``, the backward
+    allocates ``dx`` and ``dvalues``; no argument checks, no kernels. The host overhead section
+    times it beside ours, so that an eager-vs-graph ratio can be read against the host time
+    that no wrapper can remove."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, y_shape: torch.Size) -> torch.Tensor:
+        ctx.save_for_backward(x, values)
+        return torch.empty(y_shape, dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, values = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(values), None
+
+
 def host_overhead_rows(device: torch.device, dtype, fake: bool, calls: int = 200) -> list[dict]:
     """Host µs per eager call of ``block_sparse_conv2d``: forward (inputs requiring grad) and
     fwd+bwd, through the custom ops (``EAGER_FAST_PATH`` off: the code before the fast path)
     and through the eager Function, with plain and cached Triton launches, at a tiny 3×3 and a
-    1×1 shape, next to ``F.conv2d``. ``fake`` (on the CPU): the GPU route with every kernel a
+    1×1 shape, next to ``F.conv2d`` and :class:`AutogradFloor` (``"autograd floor"``). ``fake`` (on the CPU): the GPU route with every kernel a
     stand-in that launches nothing (:func:`host_route.gpu_route_without_kernels`), so only
     our host work is timed, the cached launch's key and replay included; on a GPU the kernels
     run and ``calls`` calls are issued without a sync in between (host time per call, as long
@@ -792,7 +812,9 @@ def host_overhead_rows(device: torch.device, dtype, fake: bool, calls: int = 200
             values = layout.gather(w).requires_grad_()
             conv = dict(stride=layer.stride, padding=layer.padding)
             dense_w = w.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
-            variants = {"dense F.conv2d": (lambda: F.conv2d(x, dense_w, **conv), None)}
+            variants = {"dense F.conv2d": (lambda: F.conv2d(x, dense_w, **conv), None),
+                        "autograd floor": (lambda: AutogradFloor.apply(x, values, dy.shape),
+                                           None)}
             for path in ("custom_ops", "eager"):
                 for launch in ("plain", "cached"):
                     variants[f"{path}, {launch} launch"] = (

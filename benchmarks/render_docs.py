@@ -573,6 +573,40 @@ def _all_layers(cs: List[dict], key: str, need: float) -> Optional[bool]:
     return None if not xs or any(x is None for x in xs) else all(x >= need for x in xs)
 
 
+def dense_eager_over_graph(rows: List[dict]) -> List[float]:
+    """cuDNN's eager / CUDA-graph fwd+bwd time ratio, once per layer of ``rows`` (the dense
+    timings repeat on every row of a layer): what the host costs a dense ``F.conv2d``."""
+    seen = {}
+    for r in rows:
+        dense = r.get("dense") or {}
+        ratio = _ratio(dense.get("eager_fwd_bwd_s"), (dense.get("graph_fwd_bwd") or {}).get("s"))
+        if ratio is not None:
+            seen.setdefault((r["net"], r["name"]), ratio)
+    return list(seen.values())
+
+
+def conv_host_table(d: dict) -> List[str]:
+    """The run's host-overhead section as a table: host µs per eager call (forward with inputs
+    that require grad, and fwd+bwd) of each variant at each layer, ``autograd floor`` being an
+    autograd op that only allocates its outputs (``bench_conv.AutogradFloor``)."""
+    rows = d.get("host_overhead") or []
+    if not rows:
+        return []
+    out = []
+    for r in rows:
+        lay = r["layer"]
+        shape = (f"{lay['name']} {lay['cin']}→{lay['cout']}, {lay['k']}×{lay['k']}, "
+                 f"{lay['hw']}×{lay['hw']}, batch {lay['batch']}")
+        out.append([shape, r["variant"], f"{r['host_us']['fwd']:.1f}",
+                    f"{r['host_us']['fwd+bwd']:.1f}"])
+    return ["Host time per eager call (µs; on the GPU the calls are issued without a sync, so "
+            "a row whose kernels outlast the host measures the kernels instead). `autograd "
+            "floor` is an autograd op that only allocates its outputs: no wrapper can cost "
+            "less, so an eager time near it is as close to the CUDA-graph time as a Python "
+            "call gets.", "",
+            table(["layer", "variant", "fwd", "fwd+bwd"], out), ""]
+
+
 def conv_targets(d: dict) -> List[List[str]]:
     """Rows ``[target, measured, outcome]`` of issue 15's targets: a target over several layers
     is met when every layer meets it."""
@@ -599,9 +633,12 @@ def conv_targets(d: dict) -> List[List[str]]:
                      verdict(_all_layers(cs, "best_eager_x", need),
                              _all_layers(cs, "best_graph_x", need))])
     eog = [c["eager_over_graph"] for c in map(conv_cell, r50) if c["eager_over_graph"]]
+    dense_eog = dense_eager_over_graph(r50)
     rows.append([f"ResNet-50, batch 64: eager ≤ {CONV_EAGER_OVER_GRAPH_MAX:g}× the CUDA-graph "
-                 "time", f"{len(eog)} rows: {min(eog):.2f}–{max(eog):.2f}×, median "
-                 f"{statistics.median(eog):.2f}×" if eog else "–",
+                 "time", (f"{len(eog)} rows: {min(eog):.2f}–{max(eog):.2f}×, median "
+                          f"{statistics.median(eog):.2f}×" if eog else "–")
+                 + (f" (cuDNN's own, {len(dense_eog)} layers: {min(dense_eog):.2f}–"
+                    f"{max(dense_eog):.2f}×)" if dense_eog else ""),
                  verdict(max(eog) <= CONV_EAGER_OVER_GRAPH_MAX if eog else None)])
     nets = sorted({r["net"] for r in d["rows"]})
     missing = [n for n in CONV_FULL_SWEEP_NETS if n not in nets]
@@ -668,6 +705,7 @@ def conv_plan_gpu(name: str, g: dict) -> List[str]:
         "",
         table(["target", "measured", "outcome"], conv_targets(g)),
         "",
+        *conv_host_table(g),
         source(f"bench_conv.py{quick}", name,
                f"{g['device_name']}, torch {g['torch']}, triton {g['triton']}; "
                f"{_run_state(g, 'skipped')}", commit_of(g["git_commit"])),

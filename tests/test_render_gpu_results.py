@@ -158,7 +158,14 @@ def test_conv_plan_tables_and_targets(render, smoke, tmp_path):
     assert "**ResNet-50 3×3 layers, batch 64**" in text and "**CPU**" in text
     assert target_row(text, "ResNet-50 3×3, block 16, 90 %").endswith("| met |")
     assert "eager 9.00×" in target_row(text, "ResNet-50 1×1")     # the GEMM route: 9 / 1
-    assert target_row(text, "ResNet-50, batch 64: eager").endswith("| missed |")
+    eager_row = target_row(text, "ResNet-50, batch 64: eager")
+    assert eager_row.endswith("| missed |")
+    layers = len({r["name"] for r in d["rows"]})
+    assert f"(cuDNN's own, {layers} layers: {9 / 8:.2f}–{9 / 8:.2f}×)" in eager_row
+    # the host-overhead section as a table, the autograd floor among its variants
+    host = [ln for ln in text.splitlines() if ln.startswith("| 3x3 64→64, 3×3, 8×8, batch 2 |")]
+    assert {ln.split(" | ")[1] for ln in host} >= {"autograd floor", "eager, cached launch",
+                                                   "dense F.conv2d"}
     for r in d["rows"]:
         r["ours_eager_fwd_bwd_s"]["cached"] = 2.2e-4          # 1.1× the graph time, 4.09×
     r3 = next(r for r in d["rows"] if r["k"] == 3 and r["stride"] == 2)
@@ -243,4 +250,4 @@ def test_conv_smoke_runs_every_section_without_errors(smoke):
     assert conv["errors"] == []
     variants = {row["variant"] for row in conv["host_overhead"]}
     assert {"eager, cached launch", "eager, plain launch", "custom_ops, cached launch",
-            "dense F.conv2d"} <= variants
+            "dense F.conv2d", "autograd floor"} <= variants
