@@ -793,11 +793,12 @@ def host_overhead_rows(device: torch.device, dtype, fake: bool, calls: int = 200
     """Host µs per eager call of ``block_sparse_conv2d``: forward (inputs requiring grad) and
     fwd+bwd, through the custom ops (``EAGER_FAST_PATH`` off: the code before the fast path)
     and through the eager Function, with plain and cached Triton launches, at a tiny 3×3 and a
-    1×1 shape, next to ``F.conv2d`` and :class:`AutogradFloor` (``"autograd floor"``). ``fake`` (on the CPU): the GPU route with every kernel a
-    stand-in that launches nothing (:func:`host_route.gpu_route_without_kernels`), so only
-    our host work is timed, the cached launch's key and replay included; on a GPU the kernels
-    run and ``calls`` calls are issued without a sync in between (host time per call, as long
-    as the host is slower than the device)."""
+    1×1 shape, next to ``F.conv2d`` and :class:`AutogradFloor` (``"autograd floor"``).
+    ``fake`` (on the CPU): the GPU route with every kernel a stand-in that launches nothing
+    (:func:`host_route.gpu_route_without_kernels`), so only our host work is timed, the cached
+    launch's key and replay included; on a GPU the kernels run and ``calls`` calls are issued
+    without a sync in between (host time per call, as long as the host is slower than the
+    device)."""
     from itop_kernels import conv as conv_mod
     from itop_kernels import triton_launch
     rows = []
