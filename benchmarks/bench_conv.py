@@ -48,7 +48,8 @@ sys.path.insert(0, ROOT)
 from itop_kernels import BlockLayout, block_sparse_conv2d  # noqa: E402
 from budget import Budget  # noqa: E402
 from host_route import gpu_route_without_kernels  # noqa: E402
-from provenance import OUT_DIR_HELP, results_path  # noqa: E402
+from results_files import (OUT_DIR_HELP, OVERWRITE_HELP, refuse_overwrite,  # noqa: E402
+                           results_path)
 
 
 @dataclass(frozen=True)
@@ -897,6 +898,7 @@ def main(argv=None) -> int:
                    help="GPU memory bandwidth for the roofline floor, TB/s (measured H100: ~3)")
     p.add_argument("--out", help="JSON path (the plot goes next to it as .png)")
     p.add_argument("--out-dir", help=OUT_DIR_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-graphs", action="store_true",
                    help="CPU sweep only (the GPU run always times CUDA graphs)")
     p.add_argument("--budget-s", type=float, default=150.0,
@@ -914,10 +916,8 @@ def main(argv=None) -> int:
     if args.plan:
         print(json.dumps(estimate_plan(run_plan(args.quick, False)), indent=1))
         return 0
-    if args.smoke:
-        if args.device == "cuda":
-            p.error("--smoke runs on the CPU")
-        os.environ["TRITON_INTERPRET"] = "1"   # before the Triton kernels are first imported
+    if args.smoke and args.device == "cuda":
+        p.error("--smoke runs on the CPU")
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -945,6 +945,10 @@ def main(argv=None) -> int:
     else:
         out = args.out or str(results_path(
             f"conv_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json", args.out_dir))
+    refuse_overwrite(p, args.overwrite, out,   # the host-overhead run writes no plot
+                     None if args.host_overhead else os.path.splitext(out)[0] + ".png")
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"   # before the Triton kernels are first imported
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
     try:

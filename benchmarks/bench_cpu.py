@@ -41,7 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from provenance import OUT_DIR_HELP, ROOT, cpu_model, git_state, package_versions, results_path
+from provenance import ROOT, cpu_model, git_state, package_versions
+from results_files import OUT_DIR_HELP, OVERWRITE_HELP, refuse_overwrite, results_path
 
 METHODS_ALL = ["dense", "ours_b1", "ours_b16", "ours_b32", "ours_b64", "sparseprop", "torch_csr",
                "torch_bsr_fwd", "dense_fwd"]
@@ -69,6 +70,7 @@ def parse_args(argv=None):
                    help="JSON path (default cpu_linear[_quick].json in --out-dir)")
     p.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     p.add_argument("--png", default=None, help="plot path (default: --out with .png)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--report", default=None, metavar="JSON",
                    help="print the tables (text and markdown) of an earlier run's JSON and exit")
@@ -79,6 +81,8 @@ def parse_args(argv=None):
         a.densities, a.reps = "0.02,0.10", 3
     if a.out is None:
         a.out = str(results_path(f"cpu_linear{'_quick' if a.quick else ''}.json", a.out_dir))
+    if a.report is None and a._child is None:   # the parent writes; a child only reports
+        refuse_overwrite(p, a.overwrite, a.out, a.png or Path(a.out).with_suffix(".png"))
     return a
 
 

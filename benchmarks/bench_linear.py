@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from itop_kernels import BlockLayout, block_sparse_linear  # noqa: E402
 from budget import Budget  # noqa: E402
 from host_route import gpu_route_without_kernels  # noqa: E402
-from provenance import OUT_DIR_HELP, results_path  # noqa: E402
+from results_files import (OUT_DIR_HELP, OVERWRITE_HELP, refuse_overwrite,  # noqa: E402
+                           results_path)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -326,6 +327,13 @@ def _gpu_route_without_kernels(fwd, fwdbwd, device, calls: int, rounds: int) -> 
                                                                           rounds),
                 "gpu route, cached launches, no kernels fwd+bwd": _per_call_us(fwdbwd, device,
                                                                               calls, rounds)}
+
+
+def host_overhead_labels(path: Path) -> list[str]:
+    """The labels of the ``--host-overhead`` entries in the JSON at ``path`` (none if absent)."""
+    if not path.exists():
+        return []
+    return [e.get("label") for e in json.loads(path.read_text()).get("entries", [])]
 
 
 def run_host_overhead(args) -> dict:
@@ -942,6 +950,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5, help="CPU samples per point (median)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/linear_<device>.json)")
     p.add_argument("--out-dir", type=Path, help=OUT_DIR_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help=OVERWRITE_HELP + "; with --host-overhead: replace the entry --label")
     p.add_argument("--markdown", action="store_true",
                    help="with --replot: also print a Markdown table per dtype (for README)")
     p.add_argument("--replot", type=Path, metavar="JSON",
@@ -990,11 +1000,15 @@ def parse_args(argv=None):
         if args.out is None:
             args.out = results_path(f"linear_sweep_{'gpu' if gpu else 'cpu_smoke'}.json",
                                     args.out_dir)
+        refuse_overwrite(p, args.overwrite, args.out, args.out.with_suffix(".png"))
         return args
     if args.host_overhead:
         if args.out is None:
             dev = "gpu" if args.device.startswith("cuda") else "cpu"
             args.out = results_path(f"host_overhead_linear_{dev}.json", args.out_dir)
+        if not args.overwrite and args.label in host_overhead_labels(args.out):
+            p.error(f"{args.out} already holds an entry --label {args.label!r}: pass "
+                    "--overwrite to replace it, or choose a new --label")
         return args
     if args.replot:
         return args
@@ -1015,6 +1029,7 @@ def parse_args(argv=None):
     if args.out is None:
         args.out = results_path(f"linear_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json",
                                 args.out_dir)
+    refuse_overwrite(p, args.overwrite, args.out, args.out.with_suffix(".png"))
     return args
 
 

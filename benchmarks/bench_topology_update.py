@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provenance import OUT_DIR_HELP, ROOT, cpu_model, git_state, package_versions, results_path
+from provenance import ROOT, cpu_model, git_state, package_versions
+from results_files import OUT_DIR_HELP, OVERWRITE_HELP, refuse_overwrite, results_path
 
 sys.path.insert(0, str(ROOT))
 import itop  # noqa: E402
@@ -269,6 +270,7 @@ def main(argv=None):
                     help="torch intra-op thread counts (default: 1 and all cores on the CPU)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: half the width, 2 pairs, 2 rounds, one thread count")
     ap.add_argument("--tiny", action="store_true",
@@ -280,13 +282,20 @@ def main(argv=None):
     ap.add_argument("--group-gemm", choices=["auto", "bmm", "mm"], default="auto",
                     help="how a group's gradient scores multiply (auto: bmm on CUDA, mm on CPU)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
+    suffix += "_per_layer" if args.per_layer else "_per_layer_scores" \
+        if args.per_layer_scores else ""
+    suffix += f"_gemm_{args.group_gemm}" if args.group_gemm != "auto" else ""
+    out = Path(args.out or results_path(f"topology_update_{device.type}{suffix}.json",
+                                        args.out_dir))
+    refuse_overwrite(ap, args.overwrite, out, out.with_suffix(".png"))
     from itop import topology
     from itop_kernels import block_norms
     topology._BATCH_LAYERS = not args.per_layer
     topology._BATCH_SCORES = not args.per_layer_scores
     block_norms._GROUP_GEMM = args.group_gemm
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
     if args.tiny:
         args.width, args.depth, args.batch, args.density = 256, 12, 32, 0.1
         args.threads = args.threads or [1]
@@ -318,12 +327,6 @@ def main(argv=None):
                                                        5 if args.quick else 30)
                                  if device.type == "cpu" else None),
     }
-    suffix = "_tiny" if args.tiny else "_quick" if args.quick else ""
-    suffix += "_per_layer" if args.per_layer else "_per_layer_scores" \
-        if args.per_layer_scores else ""
-    suffix += f"_gemm_{args.group_gemm}" if args.group_gemm != "auto" else ""
-    out = Path(args.out or results_path(f"topology_update_{device.type}{suffix}.json",
-                                        args.out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))

@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provenance import OUT_DIR_HELP, ROOT, cpu_model, git_state, package_versions, results_path
+from provenance import ROOT, cpu_model, git_state, package_versions
+from results_files import OUT_DIR_HELP, OVERWRITE_HELP, refuse_overwrite, results_path
 
 sys.path.insert(0, str(ROOT))
 import itop  # noqa: E402
@@ -73,11 +74,13 @@ def parse_args(argv=None):
                     help="JSON path (default train_cpu[_quick].json in --out-dir)")
     ap.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
     ap.add_argument("--png", default=None, help="default: the JSON path with .png")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = ap.parse_args(argv)
     if a.quick:
         a.repeats, a.window, a.rounds, a.threads = 1, 25, 1, [1]
     if a.out is None:
         a.out = str(results_path(f"train_cpu{'_quick' if a.quick else ''}.json", a.out_dir))
+    refuse_overwrite(ap, a.overwrite, a.out, a.png or Path(a.out).with_suffix(".png"))
     return a
 
 

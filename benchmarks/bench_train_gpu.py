@@ -74,7 +74,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from provenance import OUT_DIR_HELP, ROOT, cpu_model, git_state, package_versions, results_path
+from provenance import ROOT, cpu_model, git_state, package_versions
+from results_files import OUT_DIR_HELP, OVERWRITE_HELP, refuse_overwrite, results_path
 
 sys.path.insert(0, str(ROOT))
 import itop  # noqa: E402
@@ -735,7 +736,8 @@ class Plan:
     run: Callable[[], Optional[dict]]
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test)")
     ap.add_argument("--quick", action="store_true",
@@ -754,8 +756,9 @@ def parse_args(argv=None):
     ap.add_argument("--peak-tflops", type=float, default=700.0,
                     help="bf16 dense peak for the FLOP floor of the dense step")
     ap.add_argument("--out-dir", default=None, help=OUT_DIR_HELP)
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ap.add_argument("--no-plot", action="store_true")
-    return ap.parse_args(argv)
+    return ap
 
 
 class Runner:
@@ -981,7 +984,8 @@ def plot(rows: List[dict], path: Path, device_name: str) -> None:
 
 
 def main(argv=None) -> int:
-    a = parse_args(argv)
+    ap = build_parser()
+    a = ap.parse_args(argv)
     has_cuda = torch.cuda.is_available()
     tiny = a.tiny or (a.quick and not has_cuda)
     device = torch.device("cpu" if tiny or not has_cuda else "cuda")
@@ -1007,6 +1011,7 @@ def main(argv=None) -> int:
     else:
         tag = name.split()[1].lower() if name.startswith("NVIDIA") else "gpu"
     path = results_path(f"train_gpu_{tag}.json", a.out_dir)
+    refuse_overwrite(ap, a.overwrite, path, None if a.no_plot else path.with_suffix(".png"))
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "train_gpu", "device": device.type, "device_name": name,

@@ -17,8 +17,9 @@ forward + backward on this project's 2-core CPU) and ``benchmarks/results/linear
 Writes ``benchmarks/results/block_size_accuracy.json`` (every run, device, versions, commit),
 ``.png`` (accuracy against block size, one panel per sparsity) and ``.md``, and the generated
 section of ``docs/block-size.md`` (between its ``block-size-results`` markers) with the plot
-in ``docs/img/``. Finished runs in the JSON are kept (``--fresh`` starts over); ``--from-json``
-only re-renders.
+in ``docs/img/``. Finished runs in the JSON are kept (``--fresh`` starts over; a JSON made with
+other settings, or holding runs outside the grid asked for, is refused rather than replaced);
+``--from-json`` only re-renders.
 
     python benchmarks/block_size_accuracy.py [--epochs 30] [--seeds 2] [--jobs 2]
 """
@@ -41,6 +42,7 @@ sys.path.insert(0, HERE)
 
 from grid_runs import run_grid  # noqa: E402
 from provenance import cpu_model, git_state, package_versions  # noqa: E402
+from results_files import FRESH_HELP, resumable_runs  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 DOCS_PAGE = os.path.join(ROOT, "docs", "block-size.md")
@@ -306,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     p.add_argument("--update-every", type=int, default=25)
     p.add_argument("--jobs", type=int, default=1)
-    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     p.add_argument("--from-json", action="store_true")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args(argv)
@@ -323,13 +325,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "versions": {**package_versions("numpy"), "torch": torch.__version__},
                     "git": git_state("itop", "itop_kernels"), "argv": sys.argv},
             "settings": settings}
-    done: Dict[str, Dict[str, Any]] = {}
-    if os.path.exists(path) and not args.fresh:
-        old = json.load(open(path, encoding="utf-8"))
-        if (old["meta"]["settings"]["epochs"], old["meta"]["settings"]["update_every"]) == \
-                (args.epochs, args.update_every):
-            done = {r["key"]: r for r in old["results"]}
     specs = grid(args.blocks, args.sparsities, args.seeds)
+    done = resumable_runs(p, path, args.fresh, {key(s) for s in specs},
+                          lambda old: (old["epochs"], old["update_every"]) ==
+                          (args.epochs, args.update_every))
     results = [done[key(s)] for s in specs if key(s) in done]
     todo = [s for s in specs if key(s) not in done]
     print(f"{len(specs)} runs, {len(results)} done, {len(todo)} to run", flush=True)

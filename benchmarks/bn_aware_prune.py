@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from provenance import cpu_model, git_state, package_versions  # noqa: E402
+from results_files import OVERWRITE_HELP, RESULTS, refuse_overwrite  # noqa: E402
 
 
 def norm_aware_manager():
@@ -101,7 +102,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--update-every", type=int, nargs="+", default=[5, 25, 125])
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = p.parse_args(argv)
+    path = os.path.join(RESULTS, "bn_aware_prune.json")
+    refuse_overwrite(p, args.overwrite, path)
     specs = [{"prune": pr, "sparsity": 0.9, "block": 16, "update_every": ue, "seed": s,
               "epochs": args.epochs}
              for pr in ("magnitude", "magnitude_bn") for ue in args.update_every
@@ -119,7 +123,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{r['prune']:13s} ΔT {r['update_every']:3d} seed {r['seed']}: "
                   f"{100 * r['test_acc']:.1f} %", flush=True)
     meta["grid_seconds"] = time.time() - t0
-    path = os.path.join(HERE, "results", "bn_aware_prune.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     print("| prune score | ΔT | test acc. % (per seed) | mean | worst |\n|---|---|---|---|---|")

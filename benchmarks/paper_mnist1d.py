@@ -24,7 +24,8 @@ Each run's final test accuracy is reported beside its ITOP rate. Writes into ``-
 ``docs/paper-mnist1d.md`` is rebuilt from every grid of :data:`DOCS_GRIDS` present, with its
 plots in ``docs/img/``, unless ``--no-docs``. ``--from-json`` re-renders the outputs
 from an existing JSON without training. Finished runs already in the JSON are skipped
-(``--fresh`` starts over), so an interrupted grid continues where it stopped.
+(``--fresh`` starts over), so an interrupted grid continues where it stopped; a JSON made with
+other epochs, or holding runs outside the grid asked for, is refused rather than replaced.
 
     python benchmarks/paper_mnist1d.py [--epochs 30] [--jobs 2] [--fan-in any constant]
 """
@@ -50,6 +51,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from grid_runs import run_grid  # noqa: E402
+from results_files import FRESH_HELP, resumable_runs  # noqa: E402
 
 DOCS_PAGE = os.path.join(ROOT, "docs", "paper-mnist1d.md")
 DOCS_IMG_DIR = os.path.join(ROOT, "docs", "img")
@@ -525,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--from-json", action="store_true",
                    help="re-render the Markdown/plot from the existing JSON")
-    p.add_argument("--fresh", action="store_true", help="ignore finished runs in the JSON")
+    p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
     p.add_argument("--fan-in", nargs="+", choices=("any", "constant"),
                    default=["any", "constant"],
                    help="fan-in modes (constant: --fan-in constant --ablation, block > 1 only)")
@@ -550,12 +552,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = {"epochs": args.epochs, "seeds": args.seeds, "sparsities": args.sparsities,
                 "blocks": args.blocks, "update_every": args.update_every,
                 "fan_in": args.fan_in, "jobs": args.jobs}
-    done: Dict[str, Dict[str, Any]] = {}
-    if os.path.exists(json_path) and not args.fresh:
-        with open(json_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old["meta"]["settings"]["epochs"] == args.epochs:
-            done = {r["key"]: r for r in old["results"]}
+    done = resumable_runs(p, json_path, args.fresh, {run_key(s) for s in specs},
+                          lambda old: old["epochs"] == args.epochs)
     todo = [s for s in specs if run_key(s) not in done]
     print(f"{len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run "
           f"({args.jobs} at a time)", flush=True)

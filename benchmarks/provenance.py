@@ -10,21 +10,10 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Optional, Union
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The committed results the README cites; scripts write here only when no --out-dir is given.
-RESULTS = ROOT / "benchmarks" / "results"
-OUT_DIR_HELP = ("directory for the JSON and plot, under their default names (default "
-                "benchmarks/results/, the committed results; `itop bench` passes a new one)")
 
-__all__ = ["cpu_model", "package_versions", "git_state", "results_path", "RESULTS",
-           "OUT_DIR_HELP"]
-
-
-def results_path(name: str, out_dir: Optional[Union[str, Path]] = None) -> Path:
-    """``out_dir/name``, or ``benchmarks/results/name`` without ``out_dir``."""
-    return Path(out_dir) / name if out_dir else RESULTS / name
+__all__ = ["ROOT", "cpu_model", "package_versions", "git_state"]
 
 
 def cpu_model() -> str:

@@ -11,7 +11,9 @@
 #
 # Results: everything goes to $WORK (default /tmp/itop-gpu); after every part the lot is packed
 # into $OUT/results.tar.gz (so a run stopped at its limit still returns what it finished) and
-# the log is copied to $OUT/log.txt. The device tool returns at most 8 files from $OUT.
+# the log is copied to $OUT/log.txt. $WORK is this script's scratch, already returned by the
+# call that wrote it, so the benchmarks get --overwrite: a part rerun on a machine that is
+# still warm replaces its own earlier files. The device tool returns at most 8 files from $OUT.
 # stk (stanford-stk 0.7.1, pure Python) is read from .stk/ when present (carry it), and wheels
 # from .whl/ are installed to /tmp/site.
 set -uo pipefail
@@ -92,18 +94,18 @@ for part in "${PARTS[@]}"; do
         --ignore=tests/test_linear_candidates.py --ignore=tests/test_linear_tma.py --ignore=tests/test_conv.py --ignore=tests/test_conv_host.py --ignore=tests/test_layout.py ;;
     linear)
       run_part linear 140 python3 benchmarks/bench_linear.py --sweep $QUICK --budget-s 120 \
-        --out "$WORK/linear_gpu.json" ;;
+        --out "$WORK/linear_gpu.json" --overwrite ;;
     conv)
       run_part conv-host 40 python3 benchmarks/bench_conv.py --host-overhead \
-        --out "$WORK/host_overhead_conv_gpu.json"
+        --out "$WORK/host_overhead_conv_gpu.json" --overwrite
       run_part conv 160 python3 benchmarks/bench_conv.py $QUICK --budget-s 145 \
-        --out "$WORK/conv_gpu.json" ;;
+        --out "$WORK/conv_gpu.json" --overwrite ;;
     train)
       run_part train 170 python3 benchmarks/bench_train_gpu.py $QUICK --budget-s 150 \
-        --out-dir "$WORK" ;;
+        --out-dir "$WORK" --overwrite ;;
     topology)
       run_part topology 60 python3 benchmarks/bench_topology_update.py --device cuda \
-        --width 4096 --batch 4096 --rounds 4 --out "$WORK/topology_update_gpu.json" ;;
+        --width 4096 --batch 4096 --rounds 4 --out "$WORK/topology_update_gpu.json" --overwrite ;;
   esac
 done
 ls -la "$WORK" | tee -a "$LOG"

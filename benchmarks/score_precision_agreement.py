@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from provenance import ROOT, cpu_model, git_state, package_versions
+from results_files import OVERWRITE_HELP, refuse_overwrite
 
 sys.path.insert(0, str(ROOT))
 from itop.app.data import default_data_dir, load_mnist1d  # noqa: E402
@@ -40,7 +41,9 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 16, 32])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                          "score_precision_agreement.json"))
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
+    refuse_overwrite(ap, args.overwrite, args.out)
     torch.manual_seed(0)
     ds = load_mnist1d(default_data_dir())
     X = ds.train_x.float().reshape(len(ds.train_x), -1)

@@ -21,13 +21,17 @@ import time
 from pathlib import Path
 
 from provenance import ROOT, cpu_model, git_state, package_versions
+from results_files import OVERWRITE_HELP, refuse_overwrite
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/itop_train_default_cpu.json"))
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("extra", nargs="*", help="more `itop train` options (after --)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    refuse_overwrite(p, a.overwrite, a.out)
+    return a
 
 
 def main(argv=None) -> int:

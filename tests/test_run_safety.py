@@ -326,6 +326,7 @@ def test_repository_bench_scripts_take_quick_and_out_dir(tmp_path):
         if name.startswith("bench_") and name.endswith(".py"):
             text = open(os.path.join(bdir, name), encoding="utf-8").read()
             assert '"--quick"' in text and '"--out-dir"' in text, name
+            assert '"--overwrite"' in text, name   # `itop bench --overwrite` passes it on
     # one of them for real, at a toy size: its files land in --out-dir
     res = subprocess.run([sys.executable, os.path.join(bdir, "bench_topology_update.py"),
                           "--quick", "--width", "64", "--depth", "1", "--batch", "8",

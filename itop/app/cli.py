@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs/bench-<timestamp>); a directory that already holds files is "
                         "refused unless --overwrite")
     b.add_argument("--overwrite", action="store_true",
-                   help="allow --out to be a directory that already holds files")
+                   help="allow --out to be a directory that already holds files, and let "
+                        "the scripts replace theirs there (they get --overwrite)")
     b.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these scripts (e.g. bench_conv)")
     size = b.add_mutually_exclusive_group()
@@ -329,11 +330,11 @@ def default_benchmarks_dir() -> str:
     return os.path.join(checkout, "benchmarks")
 
 
-def _script_flags(path: str) -> Tuple[bool, bool]:
-    """Whether the script at ``path`` takes ``--quick`` and ``--out-dir``."""
+def _script_flags(path: str) -> Tuple[bool, bool, bool]:
+    """Whether the script at ``path`` takes ``--quick``, ``--out-dir`` and ``--overwrite``."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    return "--quick" in text, "--out-dir" in text
+    return "--quick" in text, "--out-dir" in text, "--overwrite" in text
 
 
 def _stream(cmd: List[str], env: dict) -> int:
@@ -382,10 +383,12 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     t_all = time.time()
     for i, name in enumerate(scripts, 1):
         path = os.path.join(bdir, name + ".py")
-        quick_ok, out_dir_ok = _script_flags(path)
+        quick_ok, out_dir_ok, overwrite_ok = _script_flags(path)
         cmd = [sys.executable, path] + (["--quick"] if quick_ok and not args.full else [])
         if out_dir_ok:
             cmd += ["--out-dir", out]
+        if args.overwrite and overwrite_ok:   # the user let the scripts replace their files
+            cmd += ["--overwrite"]
         print(f"=== [{i}/{len(scripts)}] {name} ({' '.join(cmd[2:]) or 'default settings'}) ===",
               flush=True)
         if not out_dir_ok:
