@@ -42,9 +42,8 @@ sys.path.insert(0, HERE)
 
 from grid_runs import run_grid  # noqa: E402
 from provenance import cpu_model, git_state, package_versions  # noqa: E402
-from results_files import FRESH_HELP, resumable_runs  # noqa: E402
+from results_files import FRESH_HELP, RESULTS, resumable_runs  # noqa: E402
 
-RESULTS = os.path.join(HERE, "results")
 DOCS_PAGE = os.path.join(ROOT, "docs", "block-size.md")
 DOCS_IMG = os.path.join(ROOT, "docs", "img", "block_size_accuracy.png")
 START, END = "<!-- block-size-results:start -->", "<!-- block-size-results:end -->"

@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from grid_runs import run_grid  # noqa: E402
-from results_files import FRESH_HELP, resumable_runs  # noqa: E402
+from results_files import FRESH_HELP, RESULTS, resumable_runs  # noqa: E402
 
 DOCS_PAGE = os.path.join(ROOT, "docs", "paper-mnist1d.md")
 DOCS_IMG_DIR = os.path.join(ROOT, "docs", "img")
@@ -524,7 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 16])
     p.add_argument("--update-every", type=int, nargs="+", default=[5, 25, 125])
     p.add_argument("--jobs", type=int, default=1, help="parallel runs (one thread each)")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--out-dir", default=str(RESULTS))
     p.add_argument("--from-json", action="store_true",
                    help="re-render the Markdown/plot from the existing JSON")
     p.add_argument("--fresh", action="store_true", help=FRESH_HELP)
